@@ -1,0 +1,164 @@
+"""Stage 2 input: stream batches of one source from a store onto the training device.
+
+Rows [0, n_train) are training rows; the last `eval_rows` rows of the store are held out (they
+come from the last sequences cached, so no held-out token's document is trained on, except at
+most one sequence that straddles the boundary). Per epoch:
+  * the training chunks are visited in a random order (seeded by (seed, epoch));
+  * `shuffle_chunks` chunks at a time are loaded, concatenated and permuted together;
+  * consecutive batches of `batch_size` rows are cut from that stream, carrying leftovers across
+    groups, so every training row is seen exactly once per epoch (the last batch may be short).
+A background thread reads and shuffles ahead (`prefetch` batches queued); the main thread moves
+each batch to the device and casts it to float32 once, dividing by the store's normalisation
+factor. The stream is deterministic given (seed, epoch), so `start_batch` resumes mid-epoch.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from cache.store import ActivationStore, StoreError
+
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    batch_size: int = 4096
+    """Rows per training batch."""
+    eval_rows: int = 50_000
+    """Rows at the end of the store held out from training (capped at a tenth of the store)."""
+    shuffle_chunks: int = 8
+    """Chunks loaded and shuffled together."""
+    prefetch: int = 8
+    """Batches read ahead by the background thread."""
+    seed: int = 0
+    """Seed of the chunk order and in-memory shuffles."""
+    normalise: bool = True
+    """Divide rows by the store's factor s = E‖x‖/√d (mean norm √d)."""
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.shuffle_chunks < 1 or self.prefetch < 1 or self.eval_rows < 0:
+            raise ValueError("batch_size, shuffle_chunks and prefetch must be positive, eval_rows ≥ 0")
+
+
+class ActivationStream:
+    """Batches of one source of a complete store, normalised, on `device`."""
+
+    def __init__(self, store: ActivationStore, source: str, cfg: StreamConfig, device: str | torch.device = "cpu"):
+        self.store = store
+        self.source = store.source(source).name
+        self.d = store.source(source).d
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.scale = store.norm_scale(self.source) if cfg.normalise else 1.0
+        self.n_eval = min(cfg.eval_rows, store.n_rows // 10)
+        self.n_train = store.n_rows - self.n_eval
+        if self.n_train < 1:
+            raise StoreError(f"store {store.path} has too few rows ({store.n_rows}) to train on")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.n_train / self.cfg.batch_size)
+
+    def chunk_ranges(self) -> list[tuple[int, int]]:
+        """Row range [start, stop) of every training chunk (the last one may be cut short)."""
+        size = self.store.chunk_rows
+        return [(a, min(a + size, self.n_train)) for a in range(0, self.n_train, size)]
+
+    def epoch_groups(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """This epoch's chunk ranges in visiting order, grouped `shuffle_chunks` at a time."""
+        ranges = self.chunk_ranges()
+        order = torch.randperm(len(ranges), generator=_generator(self.cfg.seed, epoch))
+        visited = [ranges[i] for i in order.tolist()]
+        k = self.cfg.shuffle_chunks
+        return [visited[i : i + k] for i in range(0, len(visited), k)]
+
+    def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """The epoch's batches from `start_batch` on.  → [B, D] float32 on device"""
+        for batch in _prefetched(self._cpu_batches(epoch, start_batch), self.cfg.prefetch):
+            yield self._to_device(batch)
+
+    def eval_batches(self, batch_size: int | None = None) -> Iterator[torch.Tensor]:
+        """The held-out rows in store order.  → [B, D] float32 on device"""
+        size = batch_size or self.cfg.batch_size
+        for start in range(self.n_train, self.store.n_rows, size):
+            yield self._to_device(self.store.read_rows(self.source, start, min(start + size, self.store.n_rows)))
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        x = batch.to(self.device, non_blocking=True).float()
+        return x.div_(self.scale) if self.scale != 1.0 else x
+
+    def _cpu_batches(self, epoch: int, start_batch: int) -> Iterator[torch.Tensor]:
+        """Batches in the storage dtype, cut from the shuffled groups with leftovers carried over."""
+        size = self.cfg.batch_size
+        skip = start_batch * size  # rows of this epoch already consumed
+        pending: list[torch.Tensor] = []
+        n_pending = 0
+        for g, group in enumerate(self.epoch_groups(epoch)):
+            group_rows = sum(b - a for a, b in group)
+            if skip >= group_rows:  # resume: this whole group was consumed before
+                skip -= group_rows
+                continue
+            rows = torch.cat([self.store.read_rows(self.source, a, b) for a, b in group])
+            rows = rows[torch.randperm(len(rows), generator=_generator(self.cfg.seed, epoch, g + 1))]
+            rows, skip = rows[skip:], 0
+            pending.append(rows)
+            n_pending += len(rows)
+            while n_pending >= size:
+                merged = torch.cat(pending) if len(pending) > 1 else pending[0]
+                yield merged[:size]
+                pending, n_pending = [merged[size:]], n_pending - size
+        if n_pending:
+            yield torch.cat(pending)
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    """A generator seeded by a tuple (seed, epoch[, group]), stable across runs and platforms."""
+    value = 0
+    for s in seeds:
+        value = (value * 1_000_003 + int(s)) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+def _prefetched(items: Iterator, depth: int) -> Iterator:
+    """Run `items` in a background thread, `depth` items ahead; errors surface in the caller."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer has gone
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as err:  # handed to the consumer, re-raised there
+            put(err)
+
+    thread = threading.Thread(target=produce, daemon=True, name="activation-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

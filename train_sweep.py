@@ -1,0 +1,53 @@
+"""Stage 2 CLI: train a sweep of sparse dictionaries on a cached activation store.
+
+    python train_sweep.py --cache caches/p70m-l2 --l1_min -4 --l1_max -2 --n_models 8 --ratio 8 \
+        --output_dir runs/l1-sweep
+
+All members train together as one ensemble on shared batches; each is exported as a SAELens
+directory under OUTPUT_DIR/members/, with sweep.json, sweep.csv and plots beside them.
+Rerunning the same command resumes from the last checkpoint.
+"""
+from __future__ import annotations
+
+import click
+
+from cache.cli_options import run_or_exit
+from training.trainer import SweepConfig, train_sweep
+
+
+def _int(value: str) -> int:
+    return int(str(value).replace("_", ""))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--cache", "--dataset_dir", "cache", default="caches/demo", help="Activation store written by generate_activations.py.")
+@click.option("--source", default=None, help="Source in the store to train on [default: the store's only source].")
+@click.option("--output_dir", default="runs/demo", help="Where checkpoints, members and the summary go.")
+@click.option("--l1_min", type=float, default=-4.0, help="log10 of the smallest L1 coefficient.")
+@click.option("--l1_max", type=float, default=-2.0, help="log10 of the largest L1 coefficient.")
+@click.option("--n_models", "--members", "n_models", type=int, default=8, help="Members, L1 log-spaced between the bounds.")
+@click.option("--ratio", type=float, default=8.0, help="d_sae = ratio × d_in.")
+@click.option("--d_sae", type=int, default=None, help="Number of latents (overrides --ratio).")
+@click.option("--batch_size", type=int, default=4096, help="Rows per step, shared by every member.")
+@click.option("--lr", type=float, default=1e-4, help="Adam learning rate.")
+@click.option("--n_epochs", type=int, default=1, help="Passes over the training rows.")
+@click.option("--n_tokens", type=_int, default=None, help="Train on this many rows instead of --n_epochs.")
+@click.option("--eval_tokens", type=_int, default=50_000, help="Rows held out for evaluation (at most a tenth of the store).")
+@click.option("--shuffle_chunks", type=int, default=8, help="Store chunks shuffled together in memory.")
+@click.option("--prefetch", type=int, default=8, help="Batches read ahead in the background.")
+@click.option("--dead_window", type=_int, default=1_000_000, help="Tokens without firing after which a latent counts as dead.")
+@click.option("--checkpoint_every", type=int, default=500, help="Steps between checkpoints.")
+@click.option("--device", default="cpu", help="Training device (cpu, cuda, cuda:1, mps).")
+@click.option("--seed", type=int, default=0, help="Seed of initialisation and data order.")
+@click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another run.")
+def main(**options) -> None:
+    """Train many sparse dictionaries at once on one cached source."""
+    rows = run_or_exit(lambda: train_sweep(SweepConfig(**options)))
+    click.echo(f"\n{'member':<16} {'l1':>9} {'L0':>8} {'FVU':>7} {'dead':>6}")
+    for r in rows:
+        click.echo(f"{r['name']:<16} {r['l1_coeff']:>9.2e} {r['l0']:>8.1f} {r['fvu']:>7.3f} {r['dead_fraction']:>6.1%}")
+    click.echo(f"\nmembers and sweep.csv in {options['output_dir']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Stage 2: train a sweep of dictionaries on one source of an activation store.
+
+    cfg = SweepConfig(cache="caches/p70m-l2", output_dir="runs/l1-sweep", l1_min=-4, l1_max=-2)
+    train_sweep(cfg)
+
+One loop, all members at once: every batch is read once and stepped by the whole ensemble.
+Checkpoints (ensemble, optimiser, stream position, dead-latent counters) are written every
+`checkpoint_every` steps, on Ctrl-C and at the end; rerunning the same command resumes from the
+last one. After training, the held-out rows are evaluated and every member is exported for
+SAELens with the normalisation folded in. Not here: LR/penalty schedules, resampling.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cache.store import ActivationStore, StoreError, json_normal
+from cache.stream import ActivationStream, StreamConfig
+from evaluation.export import saelens_cfg, save_saelens
+from evaluation.metrics import MetricAccumulator
+from evaluation.plots import plot_sweep
+from training.dictionary import LOSS_CONVENTION, MemberConfig
+from training.ensemble import Ensemble
+
+# Fields that do not change what is trained: they may differ when a run is resumed.
+_RUNTIME_FIELDS = ("output_dir", "device", "overwrite", "checkpoint_every", "prefetch")
+CHECKPOINT = "checkpoint.pt"
+
+
+class RunDirError(ValueError):
+    """An output directory that holds another run."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    cache: str
+    """Path of a complete activation store."""
+    output_dir: str
+    """Directory for checkpoints, exported members, sweep.json/csv and plots."""
+    source: str | None = None
+    """Source in the store to train on; default: the store's only source."""
+    l1_min: float = -4.0
+    """log10 of the smallest L1 coefficient."""
+    l1_max: float = -2.0
+    """log10 of the largest L1 coefficient."""
+    n_models: int = 8
+    """Members of the sweep, L1 coefficients log-spaced over [10^l1_min, 10^l1_max]."""
+    ratio: float = 8.0
+    """d_sae = ratio × d_in, unless d_sae is given."""
+    d_sae: int | None = None
+    """Number of latents of every member."""
+    batch_size: int = 4096
+    """Rows per step, shared by all members."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    n_epochs: int = 1
+    """Passes over the training rows (ignored when n_tokens is given)."""
+    n_tokens: int | None = None
+    """Train on this many rows (epochs repeat as needed)."""
+    eval_tokens: int = 50_000
+    """Rows held out at the end of the store for evaluation (at most a tenth of it)."""
+    shuffle_chunks: int = 8
+    """Store chunks shuffled together in memory."""
+    prefetch: int = 8
+    """Batches read ahead in the background."""
+    dead_window: int = 1_000_000
+    """A latent is dead in training once it has not fired for this many tokens."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints."""
+    device: str = "cpu"
+    """Training device."""
+    seed: int = 0
+    """Seed of the members' initialisation and of the data order."""
+    overwrite: bool = False
+    """Replace an output directory that holds another run."""
+
+    def __post_init__(self):
+        if self.l1_min > self.l1_max:
+            raise ValueError(f"--l1_min ({self.l1_min}) is larger than --l1_max ({self.l1_max})")
+        if self.n_models < 1:
+            raise ValueError(f"--n_models must be at least 1, got {self.n_models}")
+        if self.d_sae is not None and self.d_sae < 1:
+            raise ValueError(f"--d_sae must be positive, got {self.d_sae}")
+        if self.d_sae is None and self.ratio <= 0:
+            raise ValueError(f"--ratio must be positive, got {self.ratio}")
+        for name in ("batch_size", "n_epochs", "checkpoint_every", "dead_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.n_tokens is not None and self.n_tokens < 1:
+            raise ValueError(f"--n_tokens must be positive, got {self.n_tokens}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+
+    def identity(self) -> dict:
+        return json_normal({k: v for k, v in asdict(self).items() if k not in _RUNTIME_FIELDS})
+
+
+def l1_members(cfg: SweepConfig, d_in: int) -> list[MemberConfig]:
+    """The sweep's members: one per L1 coefficient, log-spaced, sharing width, lr and seed."""
+    d_sae = cfg.d_sae or int(round(cfg.ratio * d_in))
+    if d_sae < 1:
+        raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={d_in}")
+    coeffs = np.logspace(cfg.l1_min, cfg.l1_max, cfg.n_models) if cfg.n_models > 1 else [10**cfg.l1_min]
+    return [MemberConfig(d_in=d_in, d_sae=d_sae, l1_coeff=float(c), lr=cfg.lr, seed=cfg.seed) for c in coeffs]
+
+
+def resolve_source(store: ActivationStore, source: str | None) -> str:
+    names = [s.name for s in store.sources]
+    if source is None:
+        if len(names) > 1:
+            raise StoreError(f"store {store.path} holds several sources; choose one with --source: {', '.join(names)}")
+        return names[0]
+    return store.source(source).name
+
+
+def train_sweep(cfg: SweepConfig) -> list[dict]:
+    """Train, evaluate and export every member; return one row of results per member."""
+    store = ActivationStore.open(cfg.cache)
+    source = resolve_source(store, cfg.source)
+    out = Path(cfg.output_dir)
+    if _claim_output_dir(out, cfg):
+        print(f"{out} already holds this finished sweep; see {out / 'sweep.csv'}")
+        return json.loads((out / "sweep.json").read_text())["members"]
+    stream = ActivationStream(
+        store, source, StreamConfig(cfg.batch_size, cfg.eval_tokens, cfg.shuffle_chunks, cfg.prefetch, cfg.seed), cfg.device
+    )
+    members = l1_members(cfg, stream.d)
+    ensemble = Ensemble(members, cfg.device)
+    state = _TrainState.fresh(len(members), members[0].d_sae, cfg.device)
+    if (out / CHECKPOINT).exists():
+        state = _load_checkpoint(out / CHECKPOINT, ensemble, cfg.device)
+        print(f"resuming {out} at step {state.step}")
+    total_steps = _total_steps(cfg, stream)
+    _train(cfg, ensemble, stream, state, total_steps, out)
+    rows = _evaluate_and_export(cfg, ensemble, stream, store, source, state, out)
+    (out / CHECKPOINT).unlink(missing_ok=True)  # the exported members are the result now
+    return rows
+
+
+def _claim_output_dir(out: Path, cfg: SweepConfig) -> bool:
+    """Make `out` this run's directory; True if it already holds this run, finished."""
+    config_file = out / "sweep_config.json"
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        if not config_file.exists():
+            raise RunDirError(f"{out} is not empty and holds no sweep: choose another --output_dir or pass --overwrite")
+        theirs = json.loads(config_file.read_text())
+        if theirs != cfg.identity():
+            diff = sorted(k for k in set(theirs) | set(cfg.identity()) if theirs.get(k) != cfg.identity().get(k))
+            raise RunDirError(
+                f"{out} holds another run (differs in: {', '.join(diff)}): "
+                "choose another --output_dir or pass --overwrite"
+            )
+        return (out / "sweep.json").exists()
+    if cfg.overwrite and out.exists():
+        for name in (CHECKPOINT, "sweep.json", "sweep.csv"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(json.dumps(cfg.identity(), indent=2))
+    return False
+
+
+def _total_steps(cfg: SweepConfig, stream: ActivationStream) -> int:
+    if cfg.n_tokens is not None:
+        return math.ceil(cfg.n_tokens / cfg.batch_size)
+    return cfg.n_epochs * stream.batches_per_epoch
+
+
+@dataclass
+class _TrainState:
+    step: int
+    tokens_seen: int
+    since_fired_EF: torch.Tensor  # tokens since each latent last fired
+
+    @classmethod
+    def fresh(cls, n_members: int, d_sae: int, device) -> "_TrainState":
+        return cls(0, 0, torch.zeros(n_members, d_sae, dtype=torch.long, device=device))
+
+
+def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state: _TrainState, total: int, out: Path):
+    per_epoch = stream.batches_per_epoch
+    bar = tqdm(total=total, initial=state.step, unit="step", desc=f"training {len(ensemble)} dictionaries")
+    try:
+        while state.step < total:
+            epoch, start = divmod(state.step, per_epoch)
+            for x_BD in stream.train_batches(epoch, start):
+                result = ensemble.step(x_BD)
+                fired_EF = (result.f > 0).any(dim=1)
+                state.since_fired_EF.add_(len(x_BD)).masked_fill_(fired_EF, 0)
+                state.step += 1
+                state.tokens_seen += len(x_BD)
+                bar.update()
+                if state.step % 10 == 0 or state.step == total:
+                    bar.set_postfix_str(_progress(result))
+                if state.step % cfg.checkpoint_every == 0:
+                    _save_checkpoint(out / CHECKPOINT, ensemble, state)
+                if state.step >= total:
+                    break
+    except KeyboardInterrupt:
+        _save_checkpoint(out / CHECKPOINT, ensemble, state)
+        raise
+    finally:
+        bar.close()
+    _save_checkpoint(out / CHECKPOINT, ensemble, state)
+
+
+def _progress(result) -> str:
+    l0 = result.l0.detach()
+    return f"mse {result.mse.mean().item():.4f} L0 {l0.min().item():.1f}..{l0.max().item():.1f}"
+
+
+def _save_checkpoint(path: Path, ensemble: Ensemble, state: _TrainState) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"ensemble": ensemble.state_dict(), "state": asdict(state)}, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint
+
+
+def _load_checkpoint(path: Path, ensemble: Ensemble, device) -> _TrainState:
+    saved = torch.load(path, map_location=device, weights_only=False)
+    ensemble.load_state_dict(saved["ensemble"])
+    return _TrainState(**saved["state"])
+
+
+@torch.no_grad()
+def _evaluate_and_export(cfg, ensemble: Ensemble, stream, store, source: str, state: _TrainState, out: Path) -> list[dict]:
+    dictionary = ensemble.dictionary
+    members = ensemble.members
+    metrics = MetricAccumulator(len(members), stream.d, members[0].d_sae, cfg.device)
+    for x_BD in stream.eval_batches():
+        f_EBF = dictionary.encode(x_BD)
+        metrics.update(x_BD, dictionary.decode(f_EBF), f_EBF)
+    dead_train_E = (state.since_fired_EF >= cfg.dead_window).float().mean(-1)
+    density_EF = metrics.density()
+    rows = []
+    for e, (member, result) in enumerate(zip(members, metrics.results())):
+        name = f"{e:02d}_l1_{member.l1_coeff:.3g}"
+        member_info = {**member.to_dict(), "loss_convention": LOSS_CONVENTION, "source": source}
+        cfg_json = saelens_cfg(
+            arch_fields=dictionary.saelens_architecture(e),
+            d_in=member.d_in,
+            d_sae=member.d_sae,
+            store_info={**store.info, "context_length": store.attrs["context_length"]},
+            hook_name=store.source(source).hook,
+            member=member_info,
+        )
+        save_saelens(out / "members" / name, dictionary.member_tensors(e, stream.scale), cfg_json, density_EF[e])
+        rows.append(
+            {"name": name, "dir": f"members/{name}", **member_info, **result,
+             "dead_fraction_train": dead_train_E[e].item(), "train_tokens": state.tokens_seen}
+        )
+    _write_summary(out, cfg, store, source, stream.scale, rows)
+    return rows
+
+
+def _write_summary(out: Path, cfg: SweepConfig, store, source: str, scale: float, rows: list[dict]) -> None:
+    summary = {
+        "config": asdict(cfg),
+        "store": {"path": str(store.path), "source": source, "norm_scale": scale, "info": store.info},
+        "loss_convention": LOSS_CONVENTION,
+        "members": rows,
+    }
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_sweep(rows, out)
