@@ -228,18 +228,14 @@ def _write_blocks(cfg, model, hooks, sources, layout: Layout, store: ActivationS
     seq_start = store.sequences_written
     block_index = seq_start // layout.seqs_per_block
     sequences = islice(sequences, seq_start, layout.n_seqs)  # resume: skip the sequences already stored
-    bar = tqdm(total=store.n_rows, initial=store.rows_written, unit="tok", unit_scale=True, desc="caching")
-    while True:
-        block = list(islice(sequences, layout.seqs_per_block))
-        if not block:
-            break
-        tokens = torch.from_numpy(np.stack(block))  # [S, ctx]
-        rows = _block_rows(cfg, model, hooks, sources, layout, tokens, seq_start, block_index)
-        store.write_block(rows)
-        bar.update(len(rows.tokens))
-        seq_start += len(block)
-        block_index += 1
-    bar.close()
+    with tqdm(total=store.n_rows, initial=store.rows_written, unit="tok", unit_scale=True, desc="caching") as bar:
+        while block := list(islice(sequences, layout.seqs_per_block)):
+            tokens = torch.from_numpy(np.stack(block))  # [S, ctx]
+            rows = _block_rows(cfg, model, hooks, sources, layout, tokens, seq_start, block_index)
+            store.write_block(rows)
+            bar.update(len(rows.tokens))
+            seq_start += len(block)
+            block_index += 1
 
 
 def _block_rows(cfg, model, hooks, sources, layout: Layout, tokens: torch.Tensor, seq_start: int, block_index: int):

@@ -1,0 +1,92 @@
+"""Helpers shared by the benchmarks: wall-clock timing, peak-RSS sampling and plain-text tables.
+
+Imported by bench/train_throughput.py and bench/cache_throughput.py; not a script. Peak memory is
+the process's resident set size sampled by a background thread (psutil), so it includes
+everything the process holds, and the allocator may keep memory freed by an earlier
+measurement: read it as an upper bound per phase, not as an exact figure. Without psutil the
+memory column is left empty.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+try:
+    import psutil
+except ImportError:  # optional: memory columns stay empty
+    psutil = None
+
+
+@dataclass
+class RssPeak:
+    """Peak resident memory seen while a `track_rss` block ran (bytes; None without psutil)."""
+
+    start: int | None = None
+    peak: int | None = None
+
+    @property
+    def growth(self) -> int | None:
+        return None if self.start is None or self.peak is None else self.peak - self.start
+
+
+@dataclass
+class _Sampler:
+    interval_s: float
+    result: RssPeak = field(default_factory=RssPeak)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        process = psutil.Process()
+        while not self.stop.is_set():
+            self.result.peak = max(self.result.peak or 0, process.memory_info().rss)
+            self.stop.wait(self.interval_s)
+
+
+@contextmanager
+def track_rss(interval_s: float = 0.02) -> Iterator[RssPeak]:
+    """Sample this process's RSS every `interval_s` while the block runs; yields the running peak."""
+    if psutil is None:
+        yield RssPeak()
+        return
+    sampler = _Sampler(interval_s)
+    sampler.result.start = psutil.Process().memory_info().rss
+    thread = threading.Thread(target=sampler.run, daemon=True)
+    thread.start()
+    try:
+        yield sampler.result
+    finally:
+        sampler.stop.set()
+        thread.join()
+
+
+class Stopwatch:
+    """Accumulates wall-clock seconds over several `with watch:` blocks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds += time.perf_counter() - self._t0
+
+
+def mib(n_bytes: int | None) -> str:
+    return "n/a" if n_bytes is None else f"{n_bytes / 2**20:,.0f}"
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Right-aligned columns (first column left-aligned) with a rule under the header."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *(line(r) for r in cells[1:])])

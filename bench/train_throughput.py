@@ -1,0 +1,258 @@
+"""Training throughput of N ReLU+L1 SAEs, in token·SAEs/s, three ways on the same data.
+
+    python -m bench.train_throughput                  # d_in 512, d_sae 4096, batch 4096, N=8
+    python -m bench.train_throughput --quick          # tiny sizes, one step: a smoke test
+    python -m bench.train_throughput --n_members 16 --steps 5
+
+Every variant trains the same N members (same d_in, d_sae, batch size, fp32, learning rate, a
+different L1 coefficient per member) on the same in-memory batches of normalised Gaussian rows
+(mean norm √d_in), in this one process, one variant after another:
+
+  (a) vectorised   one `training.ensemble.Ensemble` of N members: one batched step trains all N;
+  (b) sequential   each member as an Ensemble of 1, trained one after another (same code, no batching);
+  (c) SAELens      each member as SAELens's `StandardTrainingSAE` (architecture "standard"),
+                   trained one after another by SAELens's own `SAETrainer` (skipped when sae_lens
+                   is not installed).
+
+Each model first takes `--warmup` untimed steps (first-step allocations, Adam state), then
+`--steps` timed ones; token·SAEs/s = timed steps × batch × N / timed seconds. Ratios between
+variants are printed because absolute numbers depend on the machine and its load.
+
+How (c) is driven: an `SAETrainer` is built per SAE exactly as SAELens's runner builds it
+(torch Adam, constant lr scheduler, L1 coefficient scheduler, no autocast, no wandb), and each
+step runs the body of `SAETrainer.fit()`'s loop: `maybe_reset_sparsity()`, the public
+`step(batch)` seam (activation scaler → `_train_step`: `training_forward_pass` with MSE + L1
+loss, firing statistics, backward, grad-norm clipping to 1, Adam step, zero_grad, scheduler
+steps), then `n_training_steps += 1`. Only `fit()`'s wandb logging, checkpointing and progress
+bar are left out (all of them off or no-ops in this configuration). For a like-for-like step:
+`normalize_activations="none"` (the data is already normalised, as ours is), the same Adam
+betas (0.9, 0.99) and lr, and SAELens's L1 coefficient set to λ·d_in, the same objective as
+ours up to the loss scale (SAELens sums the squared error over d, ours averages it). The two
+implementations still differ per step in what each library does: SAELens weights the L1 term
+by decoder row norms and clips the gradient norm; ours projects the decoder gradient and
+renormalises decoder rows. Those are part of what each library costs per step, so they stay.
+
+Peak memory is the process RSS sampled during each variant (psutil; an upper bound, since
+the allocator may keep memory of an earlier variant). This does not measure data loading
+(the batches are in memory), accuracy, or GPU throughput (it runs on whatever device
+`--device` names, CPU by default).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+import torch
+
+if not __package__:  # run as a file: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import RssPeak, Stopwatch, format_table, mib, track_rss  # noqa: E402
+from training.dictionary import MemberConfig  # noqa: E402
+from training.ensemble import Ensemble  # noqa: E402
+
+ADAM_BETAS = (0.9, 0.99)  # BatchedAdam's; SAELens is given the same
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    d_in: int
+    d_sae: int
+    batch_size: int
+    n_members: int
+    steps: int
+    warmup: int
+    lr: float
+    device: str
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    n_saes: int
+    batch_size: int
+    steps: int  # timed steps per SAE
+    seconds: float  # timed seconds, all SAEs together
+    rss: RssPeak
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Rows of data consumed per second (each SAE sees every row)."""
+        return self.steps * self.batch_size / self.seconds
+
+    @property
+    def token_saes_per_s(self) -> float:
+        return self.tokens_per_s * self.n_saes
+
+    @property
+    def seconds_per_step(self) -> float:
+        """Seconds for one batch through all N SAEs."""
+        return self.seconds / self.steps
+
+
+def make_batches(n: int, batch_size: int, d_in: int, device: str, seed: int = 0) -> list[torch.Tensor]:
+    """`n` batches of Gaussian rows scaled to mean norm √d_in (the store's normalisation), fp32."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        x = torch.randn(batch_size, d_in, generator=generator)
+        x *= math.sqrt(d_in) / x.norm(dim=1).mean()
+        batches.append(x.to(device))
+    return batches
+
+
+def make_members(cfg: BenchConfig) -> list[MemberConfig]:
+    """N members of one width with L1 coefficients spread geometrically over 1e-3 … 1e-1."""
+    n = cfg.n_members
+    l1s = [1e-3 * 100 ** (i / max(n - 1, 1)) for i in range(n)]
+    return [MemberConfig(cfg.d_in, cfg.d_sae, l1_coeff=l1, lr=cfg.lr, seed=i) for i, l1 in enumerate(l1s)]
+
+
+def timed_steps(step: Callable[[torch.Tensor], object], batches: list[torch.Tensor], warmup: int) -> float:
+    """Run `step` on every batch; seconds spent on the batches after the first `warmup`."""
+    watch = Stopwatch()
+    for i, x in enumerate(batches):
+        if i < warmup:
+            step(x)
+            continue
+        with watch:
+            step(x)
+    return watch.seconds
+
+
+def bench_vectorised(cfg: BenchConfig, members: list[MemberConfig], batches: list[torch.Tensor]) -> Result:
+    with track_rss() as rss:
+        ensemble = Ensemble(members, device=cfg.device)
+        seconds = timed_steps(ensemble.step, batches, cfg.warmup)
+        del ensemble
+    return Result("(a) ours, vectorised", len(members), cfg.batch_size, cfg.steps, seconds, rss)
+
+
+def bench_sequential(cfg: BenchConfig, members: list[MemberConfig], batches: list[torch.Tensor]) -> Result:
+    seconds = 0.0
+    with track_rss() as rss:
+        for member in members:
+            ensemble = Ensemble([member], device=cfg.device)
+            seconds += timed_steps(ensemble.step, batches, cfg.warmup)
+            del ensemble
+    return Result("(b) ours, sequential", len(members), cfg.batch_size, cfg.steps, seconds, rss)
+
+
+def saelens_step_fn(cfg: BenchConfig, member: MemberConfig) -> Callable[[torch.Tensor], object]:
+    """One SAELens `SAETrainer` for `member`, returned as the body of its `fit()` loop."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(member.seed)  # SAELens initialises from the global generator
+    sae = StandardTrainingSAE(
+        StandardTrainingSAEConfig(
+            d_in=member.d_in,
+            d_sae=member.d_sae,
+            dtype="float32",
+            device=cfg.device,
+            normalize_activations="none",
+            l1_coefficient=member.l1_coeff * member.d_in,  # SAELens sums the squared error over d
+        )
+    )
+    n_batches = cfg.warmup + cfg.steps
+    trainer = SAETrainer(
+        cfg=SAETrainerConfig(
+            total_training_samples=n_batches * cfg.batch_size,
+            train_batch_size_samples=cfg.batch_size,
+            lr=member.lr,
+            lr_end=member.lr / 10,  # what LanguageModelSAERunnerConfig fills in
+            adam_beta1=ADAM_BETAS[0],
+            adam_beta2=ADAM_BETAS[1],
+            device=cfg.device,
+        ),
+        sae=sae,
+        data_provider=iter(()),  # batches are handed to step() directly
+    )
+    sae.to(cfg.device)  # as fit() does
+
+    def step(x: torch.Tensor) -> object:
+        trainer.maybe_reset_sparsity()
+        out = trainer.step(x)
+        trainer.n_training_steps += 1
+        return out
+
+    return step
+
+
+def bench_saelens(cfg: BenchConfig, members: list[MemberConfig], batches: list[torch.Tensor]) -> Result:
+    seconds = 0.0
+    with track_rss() as rss:
+        for member in members:
+            step = saelens_step_fn(cfg, member)
+            seconds += timed_steps(step, batches, cfg.warmup)
+            del step
+    return Result("(c) SAELens SAETrainer, sequential", len(members), cfg.batch_size, cfg.steps, seconds, rss)
+
+
+def saelens_version() -> str | None:
+    try:
+        import sae_lens
+    except ImportError:
+        return None
+    return sae_lens.__version__
+
+
+def print_report(cfg: BenchConfig, results: list[Result]) -> None:
+    header = ["variant", "SAEs", "timed steps", "s/step (all SAEs)", "tokens/s", "token·SAEs/s", "peak RSS MiB", "RSS growth MiB"]
+    rows = [
+        [r.name, r.n_saes, r.steps, f"{r.seconds_per_step:.3f}", f"{r.tokens_per_s:,.0f}",
+         f"{r.token_saes_per_s:,.0f}", mib(r.rss.peak), mib(r.rss.growth)]
+        for r in results
+    ]
+    print()
+    print(format_table(header, rows))
+    by_name = {r.name[:3]: r for r in results}
+    vec = by_name["(a)"]
+    print()
+    for key, label in (("(b)", "vectorised / sequential (ours)"), ("(c)", "vectorised / SAELens")):
+        if key in by_name:
+            print(f"{label:32s} {vec.token_saes_per_s / by_name[key].token_saes_per_s:6.2f}x  (token·SAEs/s)")
+    if "(b)" in by_name and "(c)" in by_name:
+        ratio = by_name["(b)"].token_saes_per_s / by_name["(c)"].token_saes_per_s
+        print(f"{'sequential (ours) / SAELens':32s} {ratio:6.2f}x  (one SAE at a time, both)")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--d_in", type=int, default=512, help="Activation width.")
+@click.option("--d_sae", type=int, default=4096, help="Latents per SAE.")
+@click.option("--batch_size", type=int, default=4096, help="Rows per step.")
+@click.option("--n_members", type=int, default=8, help="SAEs trained (N).")
+@click.option("--steps", type=int, default=3, help="Timed steps per SAE.")
+@click.option("--warmup", type=int, default=1, help="Untimed steps per SAE before the timed ones.")
+@click.option("--lr", type=float, default=1e-4, help="Adam learning rate of every SAE.")
+@click.option("--device", default="cpu", help="Torch device.")
+@click.option("--skip_saelens", is_flag=True, help="Do not run variant (c).")
+@click.option("--quick", is_flag=True, help="Tiny sizes and one timed step (smoke test); overrides the sizes.")
+def main(d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, skip_saelens, quick) -> None:
+    """Token·SAEs/s of our vectorised ensemble vs sequential training vs SAELens's trainer."""
+    if quick:
+        d_in, d_sae, batch_size, n_members, steps, warmup = 32, 128, 256, 3, 1, 1
+    if min(d_in, d_sae, batch_size, n_members, steps) < 1 or warmup < 0:
+        raise click.BadParameter("sizes and --steps must be positive, --warmup ≥ 0")
+    cfg = BenchConfig(d_in, d_sae, batch_size, n_members, steps, warmup, lr, device)
+    version = None if skip_saelens else saelens_version()
+    print(f"d_in={d_in} d_sae={d_sae} batch={batch_size} N={n_members} fp32 device={device} "
+          f"torch {torch.__version__} threads={torch.get_num_threads()} "
+          f"warmup={warmup} timed steps={steps} (per SAE) sae_lens={version or 'not run'}")
+    members = make_members(cfg)
+    batches = make_batches(warmup + steps, batch_size, d_in, device)
+    results = [bench_vectorised(cfg, members, batches), bench_sequential(cfg, members, batches)]
+    if version is not None:
+        results.append(bench_saelens(cfg, members, batches))
+    elif not skip_saelens:
+        print("note: sae_lens is not installed; variant (c) skipped")
+    print_report(cfg, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Offline fixtures: a tiny randomly initialised GPT-NeoX saved as `EleutherAI/pythia-70m` in a
+temporary Hugging Face cache, a tokenizer trained on the spot, and small text files.
+
+HF_HOME must be set before huggingface_hub is imported (it reads it once), so the cache is
+built in `pytest_configure`, before any test module imports transformers.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+TINY_NAME = "pythia-70m"  # TransformerLens alias of EleutherAI/pythia-70m
+TINY_LAYERS = 3
+TINY_D = 32
+WORDS = (
+    "sparse dictionary feature latent activation model layer token residual stream decoder encoder "
+    "the a of and to in is that it for on with as was by this be are from at or an which"
+).split()
+
+
+def corpus(n_docs: int, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-English documents."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))) + "." for _ in range(n_docs)]
+
+
+def _build_tiny_model(snapshot: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+    import torch
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus(200), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=len(fast), hidden_size=TINY_D, num_hidden_layers=TINY_LAYERS, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=256, rotary_pct=0.25, bos_token_id=0, eos_token_id=0,
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(snapshot)
+    fast.save_pretrained(snapshot)
+
+
+def pytest_configure(config):
+    root = Path(tempfile.mkdtemp(prefix="sae-sweep-hf-"))
+    config._sae_sweep_hf_root = root
+    os.environ["HF_HOME"] = str(root)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    repo = root / "hub" / "models--EleutherAI--pythia-70m"
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    _build_tiny_model(snapshot)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_sae_sweep_hf_root", ""), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(pytestconfig) -> Path:
+    """The tiny model's snapshot directory (a plain local HF directory)."""
+    return next((pytestconfig._sae_sweep_hf_root / "hub" / "models--EleutherAI--pythia-70m" / "snapshots").iterdir())
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory) -> Path:
+    """A folder of .txt documents."""
+    folder = tmp_path_factory.mktemp("text")
+    for i, doc in enumerate(corpus(60)):
+        (folder / f"doc{i:03d}.txt").write_text(doc)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_jsonl(tmp_path_factory) -> Path:
+    """A .jsonl file of {"text": ...} records."""
+    import json
+
+    path = tmp_path_factory.mktemp("jsonl") / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": doc, "id": i}) for i, doc in enumerate(corpus(60, seed=1))))
+    return path
+
+
+def gen_args(out: Path, dataset: Path, **extra) -> list[str]:
+    """CLI arguments for a small store of the tiny model."""
+    args = {
+        "--model": TINY_NAME, "--layers": "1", "--dataset": str(dataset), "--out": str(out),
+        "--context_length": "16", "--n_tokens": "3000", "--chunk_mb": "0.01", "--chunks_per_block": "3",
+        "--batch_size": "8",
+    }
+    args.update({k: str(v) for k, v in extra.items()})
+    return [item for pair in args.items() for item in pair]
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory, text_dir) -> Path:
+    """A complete store of layer 1 resid_post and layer 2 mlp_out... of the tiny model."""
+    from click.testing import CliRunner
+
+    import generate_activations
+
+    out = tmp_path_factory.mktemp("stores") / "small"
+    result = CliRunner().invoke(generate_activations.main, gen_args(out, text_dir) + ["--hooks", "blocks.2.hook_mlp_out"])
+    assert result.exit_code == 0, result.output
+    return out

@@ -1,0 +1,141 @@
+"""Stage 1: text → token sequences, model and hook resolution, the store, resume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate_activations
+from cache.generate import GenerateConfig, generate
+from cache.models import load_model, resolve_hooks, stop_layer
+from cache.store import ActivationStore, from_storage, to_storage
+from cache.text import iter_documents, token_sequences
+from tests.conftest import TINY_LAYERS, TINY_NAME, gen_args
+
+
+def test_token_sequences_join_documents_with_eos_and_start_rows_with_bos():
+    docs = ["a b c", "d e", "f g h i"]
+    tokenize = lambda texts: [[ord(w) for w in t.split()] for t in texts]  # noqa: E731
+    rows = list(token_sequences(docs, tokenize, context_length=4, bos_id=0, eos_id=1))
+    a, b, c, d, e, f, g, h, i = (ord(x) for x in "abcdefghi")
+    # stream: a b c EOS d e EOS f g h i EOS → rows of 3 text tokens after BOS; the tail is dropped
+    assert [r.tolist() for r in rows] == [[0, a, b, c], [0, 1, d, e], [0, 1, f, g], [0, h, i, 1]]
+    rows = list(token_sequences(docs, tokenize, context_length=3, bos_id=None, eos_id=None))
+    assert [r.tolist() for r in rows] == [[a, b, c], [d, e, f], [g, h, i]]
+
+
+def test_local_sources_read_through_files_folders_and_datasets(text_dir, text_jsonl):
+    from_folder = list(iter_documents(str(text_dir)))
+    assert len(from_folder) == 60 and from_folder[0] == (text_dir / "doc000.txt").read_text()
+    from_jsonl = list(iter_documents(str(text_jsonl)))
+    assert len(from_jsonl) == 60 and all(isinstance(t, str) and t for t in from_jsonl)
+    assert next(iter_documents("stdlib-docstrings")).strip()
+
+
+def test_model_loads_by_name_from_the_hf_cache_and_from_a_local_directory(tiny_model_dir):
+    by_name = load_model(TINY_NAME, None, device="cpu")
+    by_path = load_model(None, str(tiny_model_dir), device="cpu")
+    tokens = torch.randint(0, by_name.cfg.d_vocab, (2, 10))
+    assert by_name.cfg.n_layers == TINY_LAYERS
+    torch.testing.assert_close(by_name(tokens), by_path(tokens))
+
+
+def test_hooks_resolve_from_layers_and_names_and_stop_after_the_deepest_layer():
+    model = load_model(TINY_NAME, None, device="cpu")
+    hooks = resolve_hooks(model, (0, 2), "mlp_out", ("blocks.1.hook_resid_post",))
+    assert hooks == ["blocks.0.hook_mlp_out", "blocks.2.hook_mlp_out", "blocks.1.hook_resid_post"]
+    assert stop_layer(hooks) == 3
+    assert stop_layer(["blocks.0.hook_resid_pre"]) == 1
+    assert stop_layer(["ln_final.hook_normalized"]) is None
+    assert resolve_hooks(model, (1,), "mlp_in", ()) == ["blocks.1.hook_mlp_in"]
+
+
+def test_storage_dtypes_round_trip():
+    x = torch.randn(5, 3)
+    for dtype in ("float16", "bfloat16", "float32"):
+        back = from_storage(to_storage(x, dtype), dtype).float()
+        torch.testing.assert_close(back, x.to(getattr(torch, dtype)).float())
+
+
+def test_store_rows_are_the_model_activations_of_their_tokens(small_store, tmp_path):
+    """Every stored row equals the activation recomputed from its (sequence, position)."""
+    store = ActivationStore.open(small_store)
+    assert store.complete and [s.name for s in store.sources] == ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
+    model = load_model(TINY_NAME, None, device="cpu")
+    rows = np.arange(0, store.n_rows, 97)
+    seq = store.read_column("sequence")[rows]
+    pos = store.read_column("positions")[rows]
+    sequences = torch.from_numpy(store.read_sequences(0, store.attrs["n_sequences"])).long()
+    assert (store.read_column("tokens")[rows] == sequences[seq, pos].numpy()).all()
+    _, cache = model.run_with_cache(sequences[seq], names_filter=lambda n: n in ("blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"))
+    for name in ("blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"):
+        expected = cache[name][torch.arange(len(rows)), torch.from_numpy(pos).long()]
+        stored = torch.stack([store.read_rows(name, r, r + 1)[0].float() for r in rows])
+        torch.testing.assert_close(stored, expected.half().float())
+
+
+def test_rows_are_shuffled_across_sequences_and_norm_scale_matches_the_data(small_store):
+    store = ActivationStore.open(small_store)
+    seq = store.read_column("sequence", 0, store.chunk_rows)
+    assert len(np.unique(seq)) > store.chunk_rows // 16  # one chunk mixes many sequences
+    assert not (np.diff(seq) >= 0).all()
+    name = "blocks.1.hook_resid_post"
+    x = store.read_rows(name, 0, store.n_rows).double()
+    expected = x.norm(dim=1).mean().item() / np.sqrt(x.shape[1])
+    assert store.norm_scale(name) == pytest.approx(expected, rel=2e-3)  # fp16 storage vs fp32 sums
+
+
+def test_bos_rows_are_excluded_when_asked(tmp_path, text_dir):
+    out = tmp_path / "bos"
+    result = CliRunner().invoke(generate_activations.main, gen_args(out, text_dir) + ["--prepend_bos"])
+    assert result.exit_code == 0, result.output
+    store = ActivationStore.open(out)
+    positions = store.read_column("positions")
+    assert positions.min() == 1 and positions.max() == 15
+    assert (store.read_sequences(0, 5)[:, 0] == store.info["bos_token_id"]).all()
+    assert store.info["exclude_bos"] is True
+
+
+def test_interrupted_generation_resumes_to_an_identical_store(tmp_path, text_dir, monkeypatch):
+    args = gen_args(tmp_path / "full", text_dir)
+    assert CliRunner().invoke(generate_activations.main, args).exit_code == 0
+    crashed = tmp_path / "crashed"
+    original = ActivationStore.write_block
+    calls = {"n": 0}
+
+    def crash_after_two_blocks(self, block):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if the process died mid-run
+        calls["n"] += 1
+        original(self, block)
+
+    monkeypatch.setattr(ActivationStore, "write_block", crash_after_two_blocks)
+    result = CliRunner().invoke(generate_activations.main, gen_args(crashed, text_dir))
+    assert result.exit_code == 130 and "rerun the same command" in result.output
+    partial = ActivationStore.open(crashed, allow_incomplete=True)
+    assert not partial.complete and partial.rows_written == 2 * partial.block_rows
+    monkeypatch.setattr(ActivationStore, "write_block", original)
+    assert CliRunner().invoke(generate_activations.main, gen_args(crashed, text_dir)).exit_code == 0
+    a, b = ActivationStore.open(tmp_path / "full"), ActivationStore.open(crashed)
+    assert a.n_rows == b.n_rows and a.attrs["norm_scale"] == b.attrs["norm_scale"]
+    for name in ("tokens", "positions", "sequence"):
+        assert (a.read_column(name) == b.read_column(name)).all()
+    assert torch.equal(a.read_rows("blocks.1.hook_resid_post", 0, a.n_rows), b.read_rows("blocks.1.hook_resid_post", 0, b.n_rows))
+    # a complete store is a no-op
+    again = CliRunner().invoke(generate_activations.main, gen_args(crashed, text_dir))
+    assert again.exit_code == 0 and "nothing to do" in again.output
+
+
+def test_memory_is_bounded_by_the_block_not_the_run(tmp_path, text_dir, monkeypatch):
+    """The writer never holds more than one block of sequences."""
+    import cache.generate as gen
+
+    seen = []
+    original = gen._block_rows
+    monkeypatch.setattr(gen, "_block_rows", lambda *a: seen.append(a[5].shape[0]) or original(*a))
+    cfg = GenerateConfig(out=str(tmp_path / "s"), model=TINY_NAME, layers=(1,), dataset=str(text_dir),
+                         context_length=16, n_tokens=3000, chunk_mb=0.01, chunks_per_block=2)
+    store = generate(cfg)
+    seqs_per_block = store.block_rows // 16
+    assert len(seen) > 2 and max(seen) <= seqs_per_block
