@@ -1,0 +1,173 @@
+"""Activation-caching speed and store size: our generator vs a bare forward pass of the same model.
+
+    python -m bench.cache_throughput                       # stand-in pythia-70m, layer 2, ~100k tokens
+    python -m bench.cache_throughput --quick               # tiny stand-in model, 1k tokens: a smoke test
+    python -m bench.cache_throughput --model pythia-70m --no_stand_in      # the real one, from the HF cache
+    python -m bench.cache_throughput --model_path ~/models/my-hf-dir --layers 6
+
+For each storage dtype (--dtypes, default float16 bfloat16 float32) it runs, one after another:
+  1. generation: `cache.generate.generate(GenerateConfig(...))` into a fresh store in a temporary
+     folder, timed end to end (model load, reading and tokenising the text, forward passes with
+     hooks, checks, shuffling, casting, writing zarr);
+  2. forward only: the same model (loaded once, up front, by the project's `load_model`) over the
+     very token sequences that store holds (read back from its `sequences` array), in the same
+     batch size, `model(tokens, stop_at_layer=...)` stopped after the same block, under
+     inference_mode, keeping nothing.
+Tokens/s counts tokens through the model (sequences × context_length) for both, so their ratio
+is what caching costs over the bare forward; generation is also shown without the model-load
+time (the load time measured once, up front, subtracted). Disk use is reported per stored
+activation value: acts/ arrays only, and the whole store (tokens, positions, sequence ids,
+metadata included).
+
+Without --model / --model_path it builds a stand-in for pythia-70m (random weights, the real
+shape, a small BPE tokenizer; see bench/_fixtures.py) in a temporary Hugging Face cache,
+sets HF_HOME there with HF_HUB_OFFLINE=1, and loads it by name "pythia-70m" through the project's
+code, exactly as a cached real checkpoint would be loaded. Text: --dataset (default the built-in
+stdlib-docstrings). This does not measure reading the store back (see training), GPU
+generation unless --device says so, or anything about activation quality.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+if not __package__:  # run as a file: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import Stopwatch, format_table, mib, track_rss  # noqa: E402
+from bench._fixtures import PYTHIA_70M_SHAPE, TINY_SHAPE, TL_NAME, build_hf_cache, use_offline_hf_home  # noqa: E402
+from cache.cli_options import SpaceSeparated  # noqa: E402
+from cache.generate import GenerateConfig, generate  # noqa: E402
+from cache.models import load_model, resolve_hooks, stop_layer  # noqa: E402
+from cache.store import STORAGE_DTYPES  # noqa: E402
+from cache.text import STDLIB_DOCSTRINGS  # noqa: E402
+
+
+@dataclass(frozen=True)
+class DtypeResult:
+    dtype: str
+    n_tokens: int  # tokens run through the model (sequences × context)
+    n_rows: int  # rows stored
+    d: int  # stored values per row (all sources)
+    gen_seconds: float
+    fwd_seconds: float
+    acts_bytes: int
+    store_bytes: int
+    gen_peak_rss: int | None
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of all files under `path` (apparent sizes)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def forward_only_seconds(model, sequences: np.ndarray, batch_size: int, stop_at: int | None) -> float:
+    """Seconds to run `sequences` through `model` in batches, stopped after block `stop_at` - 1."""
+    watch = Stopwatch()
+    with torch.inference_mode():
+        for start in range(0, len(sequences), batch_size):
+            tokens = torch.from_numpy(sequences[start : start + batch_size]).to(model.cfg.device)
+            with watch:
+                model(tokens, stop_at_layer=stop_at)
+    return watch.seconds
+
+
+def measure_dtype(cfg: GenerateConfig, model, hooks: list[str]) -> DtypeResult:
+    """Generate one store in `cfg.dtype`, then run the forward-only pass over its sequences."""
+    with track_rss() as rss:
+        t0 = time.perf_counter()
+        store = generate(cfg)
+        gen_seconds = time.perf_counter() - t0
+    sequences = store.read_sequences(0, store.attrs["n_sequences"])
+    fwd_seconds = forward_only_seconds(model, sequences, cfg.batch_size, stop_layer(hooks))
+    acts_dir = Path(cfg.out) / "acts"
+    return DtypeResult(
+        dtype=cfg.dtype,
+        n_tokens=sequences.size,
+        n_rows=store.n_rows,
+        d=sum(s.d for s in store.sources),
+        gen_seconds=gen_seconds,
+        fwd_seconds=fwd_seconds,
+        acts_bytes=dir_bytes(acts_dir),
+        store_bytes=dir_bytes(Path(cfg.out)),
+        gen_peak_rss=rss.peak,
+    )
+
+
+def print_report(results: list[DtypeResult], load_seconds: float) -> None:
+    header = ["dtype", "tokens", "gen s", "gen tok/s", "gen tok/s excl. load", "fwd-only s", "fwd-only tok/s",
+              "gen/fwd", "gen excl. load/fwd", "acts B/value", "store B/value", "store MiB", "gen peak RSS MiB"]
+    rows = []
+    for r in results:
+        gen_rate = r.n_tokens / r.gen_seconds
+        gen_rate_no_load = r.n_tokens / max(r.gen_seconds - load_seconds, 1e-9)
+        fwd_rate = r.n_tokens / r.fwd_seconds
+        values = r.n_rows * r.d
+        rows.append([
+            r.dtype, f"{r.n_tokens:,}", f"{r.gen_seconds:.1f}", f"{gen_rate:,.0f}", f"{gen_rate_no_load:,.0f}",
+            f"{r.fwd_seconds:.1f}", f"{fwd_rate:,.0f}", f"{gen_rate / fwd_rate:.2f}", f"{gen_rate_no_load / fwd_rate:.2f}",
+            f"{r.acts_bytes / values:.3f}", f"{r.store_bytes / values:.3f}", mib(r.store_bytes), mib(r.gen_peak_rss),
+        ])
+    print()
+    print(format_table(header, rows))
+    print(f"\nmodel load (project's load_model, measured once): {load_seconds:.1f} s; "
+          "'gen/fwd' = generation tokens/s ÷ forward-only tokens/s (1.00 = caching costs nothing over the forward)")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--model", default=None, help="TransformerLens name of a real model (from the HF cache) instead of the stand-in.")
+@click.option("--model_path", default=None, help="Local HF directory or .gguf of a real model instead of the stand-in.")
+@click.option("--layers", cls=SpaceSeparated, type=int, help="Layers whose resid_post is cached [default: 2].")
+@click.option("--n_tokens", type=int, default=100_000, help="Rows to store per dtype (rounded up to whole chunks).")
+@click.option("--context_length", type=int, default=128, help="Tokens per sequence.")
+@click.option("--batch_size", type=int, default=32, help="Sequences per forward pass (both generation and forward-only).")
+@click.option("--dtypes", cls=SpaceSeparated, type=click.Choice(list(STORAGE_DTYPES)), help="Storage dtypes [default: all three].")
+@click.option("--dataset", default=STDLIB_DOCSTRINGS, help="Text source, as generate_activations.py --dataset.")
+@click.option("--device", default="cpu", help="Device of the model.")
+@click.option("--quick", is_flag=True, help="Tiny stand-in model, 1k tokens, context 32 (smoke test).")
+def main(model, model_path, layers, n_tokens, context_length, batch_size, dtypes, dataset, device, quick) -> None:
+    """Tokens/s of activation caching vs a forward-only pass, and bytes on disk per stored value."""
+    layers = tuple(layers) or (2,)
+    dtypes = tuple(dtypes) or STORAGE_DTYPES
+    stand_in = model is None and model_path is None
+    if quick:
+        n_tokens, context_length, batch_size = 1_000, 32, 8
+    with tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
+        tmp_path = Path(tmp)
+        if stand_in:
+            shape = TINY_SHAPE if quick else PYTHIA_70M_SHAPE
+            t0 = time.perf_counter()
+            use_offline_hf_home(tmp_path / "hf_home")  # before transformers is first imported
+            build_hf_cache(tmp_path / "hf_home", shape)
+            model = TL_NAME
+            print(f"stand-in {TL_NAME} (random weights, {shape}) built in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        tl_model = load_model(model, model_path, device=device)
+        load_seconds = time.perf_counter() - t0
+        hooks = resolve_hooks(tl_model, layers, "resid_post", ())
+        print(f"model {model or model_path}: d_model={tl_model.cfg.d_model} n_layers={tl_model.cfg.n_layers} "
+              f"hooks={hooks} stop_at_layer={stop_layer(hooks)} prepend_bos={tl_model.cfg.default_prepend_bos}; "
+              f"n_tokens={n_tokens:,} context={context_length} batch={batch_size} device={device} "
+              f"torch threads={torch.get_num_threads()}")
+        forward_only_seconds(tl_model, np.zeros((batch_size, context_length), np.int64), batch_size, stop_layer(hooks))  # warm-up
+        results = []
+        for dtype in dtypes:
+            cfg = GenerateConfig(
+                out=str(tmp_path / f"store-{dtype}"), model=model, model_path=model_path, layers=layers,
+                dataset=dataset, context_length=context_length, n_tokens=n_tokens, batch_size=batch_size,
+                device=device, dtype=dtype,
+            )
+            results.append(measure_dtype(cfg, tl_model, hooks))
+            print(f"{dtype}: done ({results[-1].gen_seconds:.1f} s generation, {results[-1].fwd_seconds:.1f} s forward-only)")
+        print_report(results, load_seconds)
+
+
+if __name__ == "__main__":
+    main()
