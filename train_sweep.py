@@ -30,6 +30,7 @@ def _int(value: str) -> int:
 @click.option("--d_sae", type=int, default=None, help="Number of latents (overrides --ratio).")
 @click.option("--batch_size", type=int, default=4096, help="Rows per step, shared by every member.")
 @click.option("--lr", type=float, default=1e-4, help="Adam learning rate.")
+@click.option("--b_dec_init", type=click.Choice(["mean", "zeros"]), default="mean", help="Initial decoder bias.")
 @click.option("--n_epochs", type=int, default=1, help="Passes over the training rows.")
 @click.option("--n_tokens", type=_int, default=None, help="Train on this many rows instead of --n_epochs.")
 @click.option("--eval_tokens", type=_int, default=50_000, help="Rows held out for evaluation (at most a tenth of the store).")

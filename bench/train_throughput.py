@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -112,37 +112,33 @@ def make_members(cfg: BenchConfig) -> list[MemberConfig]:
     return [MemberConfig(cfg.d_in, cfg.d_sae, l1_coeff=l1, lr=cfg.lr, seed=i) for i, l1 in enumerate(l1s)]
 
 
-def timed_steps(step: Callable[[torch.Tensor], object], batches: list[torch.Tensor], warmup: int) -> float:
-    """Run `step` on every batch; seconds spent on the batches after the first `warmup`."""
-    watch = Stopwatch()
-    for i, x in enumerate(batches):
-        if i < warmup:
+StepFn = Callable[[torch.Tensor], object]
+
+
+@dataclass
+class Variant:
+    """One way of training the N SAEs: the step functions that together train all N on a batch."""
+
+    name: str
+    n_saes: int
+    steps: list[StepFn]  # one per model: 1 for the ensemble, N for one-at-a-time training
+    rss: RssPeak = field(default_factory=RssPeak)  # during build + warm-up
+    watch: Stopwatch = field(default_factory=Stopwatch)  # timed steps only
+
+    def step_all(self, x: torch.Tensor) -> None:
+        for step in self.steps:
             step(x)
-            continue
-        with watch:
-            step(x)
-    return watch.seconds
 
 
-def bench_vectorised(cfg: BenchConfig, members: list[MemberConfig], batches: list[torch.Tensor]) -> Result:
-    with track_rss() as rss:
-        ensemble = Ensemble(members, device=cfg.device)
-        seconds = timed_steps(ensemble.step, batches, cfg.warmup)
-        del ensemble
-    return Result("(a) ours, vectorised", len(members), cfg.batch_size, cfg.steps, seconds, rss)
+def vectorised_steps(cfg: BenchConfig, members: list[MemberConfig]) -> list[StepFn]:
+    return [Ensemble(members, device=cfg.device).step]
 
 
-def bench_sequential(cfg: BenchConfig, members: list[MemberConfig], batches: list[torch.Tensor]) -> Result:
-    seconds = 0.0
-    with track_rss() as rss:
-        for member in members:
-            ensemble = Ensemble([member], device=cfg.device)
-            seconds += timed_steps(ensemble.step, batches, cfg.warmup)
-            del ensemble
-    return Result("(b) ours, sequential", len(members), cfg.batch_size, cfg.steps, seconds, rss)
+def sequential_steps(cfg: BenchConfig, members: list[MemberConfig]) -> list[StepFn]:
+    return [Ensemble([member], device=cfg.device).step for member in members]
 
 
-def saelens_step_fn(cfg: BenchConfig, member: MemberConfig) -> Callable[[torch.Tensor], object]:
+def saelens_step_fn(cfg: BenchConfig, member: MemberConfig) -> StepFn:
     """One SAELens `SAETrainer` for `member`, returned as the body of its `fit()` loop."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
@@ -159,10 +155,9 @@ def saelens_step_fn(cfg: BenchConfig, member: MemberConfig) -> Callable[[torch.T
             l1_coefficient=member.l1_coeff * member.d_in,  # SAELens sums the squared error over d
         )
     )
-    n_batches = cfg.warmup + cfg.steps
     trainer = SAETrainer(
         cfg=SAETrainerConfig(
-            total_training_samples=n_batches * cfg.batch_size,
+            total_training_samples=(cfg.warmup + cfg.steps) * cfg.batch_size,
             train_batch_size_samples=cfg.batch_size,
             lr=member.lr,
             lr_end=member.lr / 10,  # what LanguageModelSAERunnerConfig fills in
@@ -184,14 +179,32 @@ def saelens_step_fn(cfg: BenchConfig, member: MemberConfig) -> Callable[[torch.T
     return step
 
 
-def bench_saelens(cfg: BenchConfig, members: list[MemberConfig], batches: list[torch.Tensor]) -> Result:
-    seconds = 0.0
+def saelens_steps(cfg: BenchConfig, members: list[MemberConfig]) -> list[StepFn]:
+    return [saelens_step_fn(cfg, member) for member in members]
+
+
+def build_and_warm_up(name: str, build: Callable[[], list[StepFn]], n_saes: int, warmup: list[torch.Tensor]) -> Variant:
+    """Build a variant's models and give each the untimed warm-up steps, tracking RSS meanwhile."""
     with track_rss() as rss:
-        for member in members:
-            step = saelens_step_fn(cfg, member)
-            seconds += timed_steps(step, batches, cfg.warmup)
-            del step
-    return Result("(c) SAELens SAETrainer, sequential", len(members), cfg.batch_size, cfg.steps, seconds, rss)
+        variant = Variant(name, n_saes, build())
+        for x in warmup:
+            variant.step_all(x)
+    variant.rss = rss
+    return variant
+
+
+def run_timed(variants: list[Variant], batches: list[torch.Tensor]) -> None:
+    """Each timed batch goes through every variant, the variants' order rotating from batch to batch,
+    so a slow spell of the machine falls on all of them alike."""
+    for i, x in enumerate(batches):
+        k = i % len(variants)
+        for variant in variants[k:] + variants[:k]:
+            with variant.watch:
+                variant.step_all(x)
+
+
+def to_result(variant: Variant, cfg: BenchConfig) -> Result:
+    return Result(variant.name, variant.n_saes, cfg.batch_size, cfg.steps, variant.watch.seconds, variant.rss)
 
 
 def saelens_version() -> str | None:
@@ -246,11 +259,16 @@ def main(d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, skip_sae
           f"warmup={warmup} timed steps={steps} (per SAE) sae_lens={version or 'not run'}")
     members = make_members(cfg)
     batches = make_batches(warmup + steps, batch_size, d_in, device)
-    results = [bench_vectorised(cfg, members, batches), bench_sequential(cfg, members, batches)]
+    warm, timed = batches[:warmup], batches[warmup:]
+    # Smallest per-step footprint first, so each variant's RSS growth is its own.
+    plan = [("(b) ours, sequential", sequential_steps), ("(a) ours, vectorised", vectorised_steps)]
     if version is not None:
-        results.append(bench_saelens(cfg, members, batches))
+        plan.insert(1, ("(c) SAELens SAETrainer, sequential", saelens_steps))
     elif not skip_saelens:
         print("note: sae_lens is not installed; variant (c) skipped")
+    variants = [build_and_warm_up(name, lambda build=build: build(cfg, members), n_members, warm) for name, build in plan]
+    run_timed(variants, timed)
+    results = sorted((to_result(v, cfg) for v in variants), key=lambda r: r.name)
     print_report(cfg, results)
 
 

@@ -89,6 +89,12 @@ class ActivationStream:
         for start in range(self.n_train, self.store.n_rows, size):
             yield self._to_device(self.store.read_rows(self.source, start, min(start + size, self.store.n_rows)))
 
+    def sample_mean(self, n_rows: int = 32_768) -> torch.Tensor:
+        """Mean of the first `n_rows` training rows, normalised (rows are pre-shuffled on disk, so
+        these are a random sample of the first block).  → [D] float32 on device"""
+        rows = self.store.read_rows(self.source, 0, min(n_rows, self.n_train))
+        return self._to_device(rows).mean(0)
+
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             batch = batch.pin_memory()

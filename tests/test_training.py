@@ -161,3 +161,13 @@ def test_stream_normalises_by_the_stored_scale(tmp_path):
     stream = ActivationStream(store, "s", StreamConfig(batch_size=100, eval_rows=0))
     x = torch.cat(list(stream.train_batches(0)))
     assert x.norm(dim=1).mean().item() == pytest.approx(2.0, rel=1e-4)  # √d
+
+
+def test_b_dec_starts_at_the_normalised_sample_mean(tmp_path):
+    store = _indexed_store(tmp_path / "idx")
+    stream = ActivationStream(store, "s", StreamConfig(batch_size=100, eval_rows=100))
+    mean = stream.sample_mean(n_rows=50)
+    torch.testing.assert_close(mean, torch.full((4,), 24.5) / stream.scale)
+    d = ReluDictionary(members(2, d_in=4))
+    d.init_b_dec_(mean)
+    torch.testing.assert_close(d.b_dec, mean.expand(2, 4))

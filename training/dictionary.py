@@ -114,6 +114,12 @@ class ReluDictionary(nn.Module):
         return LossOutput(mse_E + self.l1_coeff * sparsity_E, mse_E, sparsity_E, l0_E, f_EBF, x_hat_EBD)
 
     @torch.no_grad()
+    def init_b_dec_(self, mean_D: torch.Tensor) -> None:
+        """Start every member's b_dec at the data mean, so encoders see centred inputs from step 0
+        (large constant directions, as in Gemma's residual stream, otherwise dominate early FVU)."""
+        self.b_dec.copy_(mean_D.expand_as(self.b_dec))
+
+    @torch.no_grad()
     def before_step_(self) -> None:
         """Remove from each decoder row's gradient its component along the row (unit-norm constraint)."""
         g = self.W_dec.grad

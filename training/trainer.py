@@ -61,6 +61,8 @@ class SweepConfig:
     """Rows per step, shared by all members."""
     lr: float = 1e-4
     """Adam learning rate."""
+    b_dec_init: str = "mean"
+    """Initial b_dec: "mean" (of a sample of training rows) or "zeros"."""
     n_epochs: int = 1
     """Passes over the training rows (ignored when n_tokens is given)."""
     n_tokens: int | None = None
@@ -98,6 +100,8 @@ class SweepConfig:
             raise ValueError(f"--n_tokens must be positive, got {self.n_tokens}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.b_dec_init not in ("mean", "zeros"):
+            raise ValueError(f"--b_dec_init must be 'mean' or 'zeros', got {self.b_dec_init!r}")
 
     def identity(self) -> dict:
         return json_normal({k: v for k, v in asdict(self).items() if k not in _RUNTIME_FIELDS})
@@ -134,6 +138,8 @@ def train_sweep(cfg: SweepConfig) -> list[dict]:
     )
     members = l1_members(cfg, stream.d)
     ensemble = Ensemble(members, cfg.device)
+    if cfg.b_dec_init == "mean":
+        ensemble.dictionary.init_b_dec_(stream.sample_mean())
     state = _TrainState.fresh(len(members), members[0].d_sae, cfg.device)
     if (out / CHECKPOINT).exists():
         state = _load_checkpoint(out / CHECKPOINT, ensemble, cfg.device)

