@@ -38,10 +38,12 @@ class _Sampler:
     result: RssPeak = field(default_factory=RssPeak)
     stop: threading.Event = field(default_factory=threading.Event)
 
+    def sample(self) -> None:
+        self.result.peak = max(self.result.peak or 0, psutil.Process().memory_info().rss)
+
     def run(self) -> None:
-        process = psutil.Process()
         while not self.stop.is_set():
-            self.result.peak = max(self.result.peak or 0, process.memory_info().rss)
+            self.sample()
             self.stop.wait(self.interval_s)
 
 
@@ -60,6 +62,7 @@ def track_rss(interval_s: float = 0.02) -> Iterator[RssPeak]:
     finally:
         sampler.stop.set()
         thread.join()
+        sampler.sample()  # a block shorter than one interval still gets a reading
 
 
 class Stopwatch:

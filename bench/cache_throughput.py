@@ -2,7 +2,7 @@
 
     python -m bench.cache_throughput                       # stand-in pythia-70m, layer 2, ~100k tokens
     python -m bench.cache_throughput --quick               # tiny stand-in model, 1k tokens: a smoke test
-    python -m bench.cache_throughput --model pythia-70m --no_stand_in      # the real one, from the HF cache
+    python -m bench.cache_throughput --model pythia-70m     # the real one, from your HF cache
     python -m bench.cache_throughput --model_path ~/models/my-hf-dir --layers 6
 
 For each storage dtype (--dtypes, default float16 bfloat16 float32) it runs, one after another:

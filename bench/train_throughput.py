@@ -6,7 +6,7 @@
 
 Every variant trains the same N members (same d_in, d_sae, batch size, fp32, learning rate, a
 different L1 coefficient per member) on the same in-memory batches of normalised Gaussian rows
-(mean norm √d_in), in this one process, one variant after another:
+(mean norm √d_in), in this one process:
 
   (a) vectorised   one `training.ensemble.Ensemble` of N members: one batched step trains all N;
   (b) sequential   each member as an Ensemble of 1, trained one after another (same code, no batching);
@@ -14,9 +14,14 @@ different L1 coefficient per member) on the same in-memory batches of normalised
                    trained one after another by SAELens's own `SAETrainer` (skipped when sae_lens
                    is not installed).
 
-Each model first takes `--warmup` untimed steps (first-step allocations, Adam state), then
-`--steps` timed ones; token·SAEs/s = timed steps × batch × N / timed seconds. Ratios between
-variants are printed because absolute numbers depend on the machine and its load.
+All models of all variants are built first, and each takes `--warmup` untimed steps
+(first-step allocations, Adam state). Then every timed batch goes through every variant (the
+vectorised ensemble's one step; each one-at-a-time model's step in turn), the order of the
+variants rotating from batch to batch, so a slow spell of a shared machine hits all variants
+alike. token·SAEs/s = timed steps × batch × N / that variant's timed seconds. Ratios between
+variants are printed because absolute numbers depend on the machine and its load. (The one-at-
+a-time variants compute exactly what training the N models one after another computes; only
+the order of the steps differs.)
 
 How (c) is driven: an `SAETrainer` is built per SAE exactly as SAELens's runner builds it
 (torch Adam, constant lr scheduler, L1 coefficient scheduler, no autocast, no wandb), and each
@@ -32,10 +37,12 @@ implementations still differ per step in what each library does: SAELens weights
 by decoder row norms and clips the gradient norm; ours projects the decoder gradient and
 renormalises decoder rows. Those are part of what each library costs per step, so they stay.
 
-Peak memory is the process RSS sampled during each variant (psutil; an upper bound, since
-the allocator may keep memory of an earlier variant). This does not measure data loading
-(the batches are in memory), accuracy, or GPU throughput (it runs on whatever device
-`--device` names, CPU by default).
+Memory: the process RSS is sampled (psutil) while each variant is built and warmed up, smallest
+footprint first; "RSS growth" is its rise over the RSS before that variant, i.e. its models plus
+one step's working memory (for the one-at-a-time variants, all N models but one step at a time).
+Tensors this large are returned to the OS when freed, so one variant's memory does not hide the
+next's; still, read it as an estimate. This does not measure data loading (the batches are in
+memory), accuracy, or GPU throughput (it runs on whatever device `--device` names, CPU by default).
 """
 from __future__ import annotations
 
@@ -215,11 +222,11 @@ def saelens_version() -> str | None:
     return sae_lens.__version__
 
 
-def print_report(cfg: BenchConfig, results: list[Result]) -> None:
-    header = ["variant", "SAEs", "timed steps", "s/step (all SAEs)", "tokens/s", "token·SAEs/s", "peak RSS MiB", "RSS growth MiB"]
+def print_report(results: list[Result]) -> None:
+    header = ["variant", "SAEs", "timed steps", "s/step (all SAEs)", "tokens/s", "token·SAEs/s", "warm-up RSS growth MiB"]
     rows = [
         [r.name, r.n_saes, r.steps, f"{r.seconds_per_step:.3f}", f"{r.tokens_per_s:,.0f}",
-         f"{r.token_saes_per_s:,.0f}", mib(r.rss.peak), mib(r.rss.growth)]
+         f"{r.token_saes_per_s:,.0f}", mib(r.rss.growth)]
         for r in results
     ]
     print()
@@ -269,7 +276,7 @@ def main(d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, skip_sae
     variants = [build_and_warm_up(name, lambda build=build: build(cfg, members), n_members, warm) for name, build in plan]
     run_timed(variants, timed)
     results = sorted((to_result(v, cfg) for v in variants), key=lambda r: r.name)
-    print_report(cfg, results)
+    print_report(results)
 
 
 if __name__ == "__main__":

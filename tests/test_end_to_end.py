@@ -136,6 +136,7 @@ def _store_state(path):
         ({"--layers": "7"}, ["layer 7 is out of range", "3 layers"]),
         ({"--layers": "0", "--hook": "resid_sideways"}, ["resid_sideways"]),
         ({"--dataset": "/does/not/exist.txt"}, ["does not exist"]),
+        ({"--dataset": "someone/not-cached-here"}, ["cannot load dataset", "not a local file or folder"]),
         ({"--context_length": "100000"}, ["no complete sequence"]),
     ],
 )
