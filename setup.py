@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["cache", "cache.*", "training", "training.*", "evaluation", "evaluation.*"]),
-    py_modules=["generate_activations", "train_sweep"],
+    py_modules=["generate_activations", "train_sweep", "evaluate"],
     install_requires=[
         # Any torch >= 2.6 works; install.sh puts the CPU build on machines without a GPU.
         "torch>=2.6",
@@ -35,6 +35,7 @@ setup(
         "console_scripts": [
             "sae-sweep-cache=generate_activations:main",
             "sae-sweep-train=train_sweep:main",
+            "sae-sweep-eval=evaluate:main",
         ]
     },
 )

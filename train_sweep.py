@@ -4,7 +4,8 @@
         --output_dir runs/l1-sweep
 
 All members train together as one ensemble on shared batches; each is exported as a SAELens
-directory under OUTPUT_DIR/members/, with sweep.json, sweep.csv and plots beside them.
+directory under OUTPUT_DIR/members/, then evaluated (held-out reconstruction, spliced CE/KL)
+into sweep.json, sweep.csv, plots and report.md beside them.
 Rerunning the same command resumes from the last checkpoint.
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import click
 
 from cache.cli_options import run_or_exit
+from evaluation.report import format_table
+from evaluation.runner import EvalConfig, evaluate_run
 from training.trainer import SweepConfig, train_sweep
 
 
@@ -41,13 +44,18 @@ def _int(value: str) -> int:
 @click.option("--device", default="cpu", help="Training device (cpu, cuda, cuda:1, mps).")
 @click.option("--seed", type=int, default=0, help="Seed of initialisation and data order.")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another run.")
-def main(**options) -> None:
+@click.option("--eval/--no_eval", "run_eval", default=True, help="Evaluate the members when training ends.")
+@click.option("--eval_sequences", type=int, default=64, help="Held-out sequences for spliced CE/KL (0 skips it).")
+@click.option("--eval_batch_size", type=int, default=8, help="Sequences per model forward pass in evaluation.")
+def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, **options) -> None:
     """Train many sparse dictionaries at once on one cached source."""
     rows = run_or_exit(lambda: train_sweep(SweepConfig(**options)))
-    click.echo(f"\n{'member':<16} {'l1':>9} {'L0':>8} {'FVU':>7} {'dead':>6}")
-    for r in rows:
-        click.echo(f"{r['name']:<16} {r['l1_coeff']:>9.2e} {r['l0']:>8.1f} {r['fvu']:>7.3f} {r['dead_fraction']:>6.1%}")
-    click.echo(f"\nmembers and sweep.csv in {options['output_dir']}")
+    out = options["output_dir"]
+    if run_eval and "fvu" not in rows[0]:
+        eval_cfg = EvalConfig(run_dir=out, n_sequences=eval_sequences, batch_size=eval_batch_size, device=options["device"])
+        rows = run_or_exit(lambda: evaluate_run(eval_cfg))
+    click.echo("\n" + format_table(rows))
+    click.echo(f"\nmembers, sweep.csv and report.md in {out}" if run_eval else f"\nmembers in {out}; evaluate with evaluate.py --run_dir {out}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Write one member as a SAELens 6.x directory: `cfg.json` + `sae_weights.safetensors`
-(+ `sparsity.safetensors` with log10 feature density). Loads with `SAE.load_from_disk(dir)`.
+(+ `sparsity.safetensors` with log10 feature density), and read it back. Loads with SAELens's
+`SAE.load_from_disk(dir)`; `load_member` + `sae_forward` give the same outputs without SAELens.
 
 Weights are written for *raw* activations: the store's normalisation factor is folded in by the
 dictionary (`member_tensors(e, scale)`), so `normalize_activations` is "none".
@@ -10,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 # The SAELens config format these files follow (its loader drops `metadata` below 6.0.0).
 SAELENS_FORMAT_VERSION = "6.0.0"
@@ -56,3 +57,19 @@ def save_saelens(
         save_file({"sparsity": log10_density.contiguous()}, directory / "sparsity.safetensors")
     (directory / "cfg.json").write_text(json.dumps(cfg, indent=2))
     return directory
+
+
+def load_member(directory: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(cfg.json contents, weights) of an exported member."""
+    directory = Path(directory)
+    cfg = json.loads((directory / "cfg.json").read_text())
+    return cfg, load_file(directory / "sae_weights.safetensors", device=str(device))
+
+
+def sae_forward(cfg: dict, w: dict[str, torch.Tensor], x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens inference semantics on raw activations.  x [B, D] → (f [B, F], x̂ [B, D])"""
+    if cfg["architecture"] != "standard":
+        raise ValueError(f"no reader for SAELens architecture {cfg['architecture']!r}")
+    x_in = x_BD - w["b_dec"] if cfg.get("apply_b_dec_to_input", True) else x_BD
+    f_BF = torch.relu(x_in @ w["W_enc"] + w["b_enc"])
+    return f_BF, f_BF @ w["W_dec"] + w["b_dec"]

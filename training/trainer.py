@@ -11,7 +11,6 @@ SAELens with the normalisation folded in. Not here: LR/penalty schedules, resamp
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -25,8 +24,7 @@ from tqdm.auto import tqdm
 from cache.store import ActivationStore, StoreError, json_normal
 from cache.stream import ActivationStream, StreamConfig
 from evaluation.export import saelens_cfg, save_saelens
-from evaluation.metrics import MetricAccumulator
-from evaluation.plots import plot_sweep
+from evaluation.report import write_summary
 from training.dictionary import LOSS_CONVENTION, MemberConfig
 from training.ensemble import Ensemble
 
@@ -146,7 +144,7 @@ def train_sweep(cfg: SweepConfig) -> list[dict]:
         print(f"resuming {out} at step {state.step}")
     total_steps = _total_steps(cfg, stream)
     _train(cfg, ensemble, stream, state, total_steps, out)
-    rows = _evaluate_and_export(cfg, ensemble, stream, store, source, state, out)
+    rows = _export(cfg, ensemble, stream, store, source, state, out)
     (out / CHECKPOINT).unlink(missing_ok=True)  # the exported members are the result now
     return rows
 
@@ -235,46 +233,28 @@ def _load_checkpoint(path: Path, ensemble: Ensemble, device) -> _TrainState:
 
 
 @torch.no_grad()
-def _evaluate_and_export(cfg, ensemble: Ensemble, stream, store, source: str, state: _TrainState, out: Path) -> list[dict]:
+def _export(cfg, ensemble: Ensemble, stream: ActivationStream, store, source: str, state: _TrainState, out: Path) -> list[dict]:
+    """Every member as a SAELens directory (normalisation folded in) + the training summary."""
     dictionary = ensemble.dictionary
-    members = ensemble.members
-    metrics = MetricAccumulator(len(members), stream.d, members[0].d_sae, cfg.device)
-    for x_BD in stream.eval_batches():
-        f_EBF = dictionary.encode(x_BD)
-        metrics.update(x_BD, dictionary.decode(f_EBF), f_EBF)
     dead_train_E = (state.since_fired_EF >= cfg.dead_window).float().mean(-1)
-    density_EF = metrics.density()
+    store_info = {**store.info, "context_length": store.attrs["context_length"]}
     rows = []
-    for e, (member, result) in enumerate(zip(members, metrics.results())):
+    for e, member in enumerate(ensemble.members):
         name = f"{e:02d}_l1_{member.l1_coeff:.3g}"
         member_info = {**member.to_dict(), "loss_convention": LOSS_CONVENTION, "source": source}
         cfg_json = saelens_cfg(
-            arch_fields=dictionary.saelens_architecture(e),
-            d_in=member.d_in,
-            d_sae=member.d_sae,
-            store_info={**store.info, "context_length": store.attrs["context_length"]},
-            hook_name=store.source(source).hook,
-            member=member_info,
+            arch_fields=dictionary.saelens_architecture(e), d_in=member.d_in, d_sae=member.d_sae,
+            store_info=store_info, hook_name=store.source(source).hook, member=member_info,
         )
-        save_saelens(out / "members" / name, dictionary.member_tensors(e, stream.scale), cfg_json, density_EF[e])
-        rows.append(
-            {"name": name, "dir": f"members/{name}", **member_info, **result,
-             "dead_fraction_train": dead_train_E[e].item(), "train_tokens": state.tokens_seen}
-        )
-    _write_summary(out, cfg, store, source, stream.scale, rows)
-    return rows
-
-
-def _write_summary(out: Path, cfg: SweepConfig, store, source: str, scale: float, rows: list[dict]) -> None:
+        save_saelens(out / "members" / name, dictionary.member_tensors(e, stream.scale), cfg_json)
+        rows.append({"name": name, "dir": f"members/{name}", **member_info,
+                     "dead_fraction_train": dead_train_E[e].item(), "train_tokens": state.tokens_seen})
     summary = {
         "config": asdict(cfg),
-        "store": {"path": str(store.path), "source": source, "norm_scale": scale, "info": store.info},
+        "store": {"path": str(store.path), "source": source, "hook": store.source(source).hook,
+                  "norm_scale": stream.scale, "train_rows": stream.n_train, "eval_rows": stream.n_eval},
         "loss_convention": LOSS_CONVENTION,
         "members": rows,
     }
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
-    with open(out / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot_sweep(rows, out)
+    write_summary(out, summary)
+    return rows

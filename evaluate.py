@@ -1,0 +1,32 @@
+"""Evaluation CLI: measure the members of a trained sweep and write its report.
+
+    python evaluate.py --run_dir runs/l1-sweep --n_sequences 128
+
+Held-out reconstruction metrics (L0, MSE, FVU, explained variance, cosine, L2 ratio, dead and
+dense fractions, per-latent density), the spliced CE/KL with zero- and mean-ablation baselines,
+plots and report.md. train_sweep.py runs the same at the end of training unless --no_eval.
+"""
+from __future__ import annotations
+
+import click
+
+from cache.cli_options import run_or_exit
+from evaluation.report import format_table
+from evaluation.runner import EvalConfig, evaluate_run
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--run_dir", required=True, help="Output directory of train_sweep.py.")
+@click.option("--n_sequences", type=int, default=64, help="Held-out sequences for spliced CE/KL (0 skips it).")
+@click.option("--batch_size", type=int, default=8, help="Sequences per model forward pass.")
+@click.option("--row_batch_size", type=int, default=2048, help="Held-out rows per batch for reconstruction metrics.")
+@click.option("--device", default="cpu", help="Device for the model and the dictionaries.")
+def main(**options) -> None:
+    """Evaluate every member of a sweep and write report.md."""
+    rows = run_or_exit(lambda: evaluate_run(EvalConfig(**options)))
+    click.echo(format_table(rows))
+    click.echo(f"\nreport: {options['run_dir']}/report.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""A sweep's written summary: sweep.json, sweep.csv, report.md (table + plots), terminal table."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+# Columns of the terminal table and of report.md: (key, header, format).
+TABLE = (
+    ("name", "member", "{}"),
+    ("l1_coeff", "λ", "{:.2e}"),
+    ("d_sae", "d_sae", "{}"),
+    ("l0", "L0", "{:.1f}"),
+    ("fvu", "FVU", "{:.3f}"),
+    ("ce_recovered", "CE rec.", "{:.3f}"),
+    ("kl", "KL", "{:.4f}"),
+    ("dead_fraction", "dead", "{:.1%}"),
+)
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """sweep.json (everything) and sweep.csv (one row per member)."""
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    rows = summary["members"]
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The members as an aligned text table (columns without values are left out)."""
+    columns = [c for c in TABLE if any(c[0] in r for r in rows)]
+    cells = [[h for _, h, _ in columns]] + [[_cell(r, k, fmt) for k, _, fmt in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells
+    )
+
+
+def write_report(out: Path, summary: dict, plots: list[Path]) -> Path:
+    """report.md: what was trained on, the members' table, and the plots (relative links)."""
+    rows = summary["members"]
+    store = summary["store"]
+    columns = [c for c in TABLE if any(c[0] in r for r in rows)]
+    lines = [
+        f"# Sweep report: {out.name}",
+        "",
+        f"Source `{store['source']}` of store `{store['path']}`; {len(rows)} members; "
+        f"{store.get('eval_rows', '?')} held-out rows for reconstruction metrics"
+        + (f", {summary['eval']['n_sequences']} held-out sequences for CE/KL." if summary.get("eval", {}).get("n_sequences") else "."),
+        "",
+    ]
+    if "clean_ce" in summary.get("eval", {}):
+        ev = summary["eval"]
+        lines += [f"CE clean {ev['clean_ce']:.4f}, zero ablation {ev['zero_ablation_ce']:.4f}, "
+                  f"mean ablation {ev['mean_ablation_ce']:.4f}.", ""]
+    lines += ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r, k, fmt) for k, _, fmt in columns) + " |" for r in rows]
+    lines += ["", "Members load with `sae_lens.SAE.load_from_disk(<dir>)`: "
+              + ", ".join(f"[{r['name']}]({r['dir']})" for r in rows), ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
