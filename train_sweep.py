@@ -10,11 +10,15 @@ Rerunning the same command resumes from the last checkpoint.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
+
 import click
 
 from cache.cli_options import run_or_exit
 from evaluation.report import format_table
 from evaluation.runner import EvalConfig, evaluate_run
+from training.tracking import WandbTracker
 from training.trainer import SweepConfig, train_sweep
 
 
@@ -47,13 +51,19 @@ def _int(value: str) -> int:
 @click.option("--eval/--no_eval", "run_eval", default=True, help="Evaluate the members when training ends.")
 @click.option("--eval_sequences", type=int, default=64, help="Held-out sequences for spliced CE/KL (0 skips it).")
 @click.option("--eval_batch_size", type=int, default=8, help="Sequences per model forward pass in evaluation.")
-def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, **options) -> None:
+@click.option("--wandb_project", default=None, help="Log curves and results to this Weights & Biases project (optional).")
+def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_project: str | None, **options) -> None:
     """Train many sparse dictionaries at once on one cached source."""
-    rows = run_or_exit(lambda: train_sweep(SweepConfig(**options)))
+    cfg = run_or_exit(lambda: SweepConfig(**options))
     out = options["output_dir"]
+    tracker = run_or_exit(lambda: WandbTracker(wandb_project, Path(out).name, asdict(cfg))) if wandb_project else None
+    rows = run_or_exit(lambda: train_sweep(cfg, tracker))
     if run_eval and "fvu" not in rows[0]:
         eval_cfg = EvalConfig(run_dir=out, n_sequences=eval_sequences, batch_size=eval_batch_size, device=options["device"])
         rows = run_or_exit(lambda: evaluate_run(eval_cfg))
+    if tracker is not None:
+        tracker.log_members(rows)
+        tracker.finish()
     click.echo("\n" + format_table(rows))
     click.echo(f"\nmembers, sweep.csv and report.md in {out}" if run_eval else f"\nmembers in {out}; evaluate with evaluate.py --run_dir {out}")
 

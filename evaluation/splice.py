@@ -70,7 +70,7 @@ def _ce_sum(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _kl_sum(clean_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    return (clean_logp.exp() * (clean_logp - logp)).double().sum()
+    return (clean_logp.exp() * (clean_logp - logp)).sum(-1).double().sum()  # per-token sums, then float64
 
 
 def heldout_sequences(sequence_ids: Iterable[int], last_train_sequence: int, limit: int) -> list[int]:

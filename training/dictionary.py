@@ -84,7 +84,9 @@ class ReluDictionary(nn.Module):
             for e, member in enumerate(members):
                 W_dec_FD = init_decoder(F, D, member.seed)
                 self.W_dec[e] = W_dec_FD
-                self.W_enc[e] = W_dec_FD.T  # encoder starts as the decoder's transpose
+                # Encoder = decoder transpose, scaled so x̂ ≈ x at the start: for random unit rows w,
+                # E[ReLU(w·x) w] = x / (2D), so F latents sum to F/(2D) · x.
+                self.W_enc[e] = W_dec_FD.T * (2 * D / F)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Latent activations of every member.  x [B, D] → f [E, B, F]"""

@@ -123,8 +123,9 @@ def resolve_source(store: ActivationStore, source: str | None) -> str:
     return store.source(source).name
 
 
-def train_sweep(cfg: SweepConfig) -> list[dict]:
-    """Train, evaluate and export every member; return one row of results per member."""
+def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
+    """Train and export every member; return one row per member. `tracker`, if given, gets the
+    training curves (see training.tracking.WandbTracker)."""
     store = ActivationStore.open(cfg.cache)
     source = resolve_source(store, cfg.source)
     out = Path(cfg.output_dir)
@@ -143,7 +144,7 @@ def train_sweep(cfg: SweepConfig) -> list[dict]:
         state = _load_checkpoint(out / CHECKPOINT, ensemble, cfg.device)
         print(f"resuming {out} at step {state.step}")
     total_steps = _total_steps(cfg, stream)
-    _train(cfg, ensemble, stream, state, total_steps, out)
+    _train(cfg, ensemble, stream, state, total_steps, out, tracker)
     rows = _export(cfg, ensemble, stream, store, source, state, out)
     (out / CHECKPOINT).unlink(missing_ok=True)  # the exported members are the result now
     return rows
@@ -188,7 +189,8 @@ class _TrainState:
         return cls(0, 0, torch.zeros(n_members, d_sae, dtype=torch.long, device=device))
 
 
-def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state: _TrainState, total: int, out: Path):
+def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state: _TrainState, total: int, out: Path,
+           tracker=None):
     per_epoch = stream.batches_per_epoch
     bar = tqdm(total=total, initial=state.step, unit="step", desc=f"training {len(ensemble)} dictionaries")
     try:
@@ -203,6 +205,8 @@ def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state
                 bar.update()
                 if state.step % 10 == 0 or state.step == total:
                     bar.set_postfix_str(_progress(result))
+                    if tracker is not None:
+                        tracker.log(_curves(ensemble.members, result), state.step)
                 if state.step % cfg.checkpoint_every == 0:
                     _save_checkpoint(out / CHECKPOINT, ensemble, state)
                 if state.step >= total:
@@ -218,6 +222,16 @@ def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state
 def _progress(result) -> str:
     l0 = result.l0.detach()
     return f"mse {result.mse.mean().item():.4f} L0 {l0.min().item():.1f}..{l0.max().item():.1f}"
+
+
+def _curves(members: list[MemberConfig], result) -> dict[str, float]:
+    values = {"loss": result.total, "mse": result.mse, "l0": result.l0}
+    return {f"{member_name(e, m)}/{k}": v[e].item() for e, m in enumerate(members) for k, v in values.items()}
+
+
+def member_name(e: int, member: MemberConfig) -> str:
+    """Directory name of member e, e.g. 03_l1_0.00072."""
+    return f"{e:02d}_l1_{member.l1_coeff:.3g}"
 
 
 def _save_checkpoint(path: Path, ensemble: Ensemble, state: _TrainState) -> None:
@@ -240,7 +254,7 @@ def _export(cfg, ensemble: Ensemble, stream: ActivationStream, store, source: st
     store_info = {**store.info, "context_length": store.attrs["context_length"]}
     rows = []
     for e, member in enumerate(ensemble.members):
-        name = f"{e:02d}_l1_{member.l1_coeff:.3g}"
+        name = member_name(e, member)
         member_info = {**member.to_dict(), "loss_convention": LOSS_CONVENTION, "source": source}
         cfg_json = saelens_cfg(
             arch_fields=dictionary.saelens_architecture(e), d_in=member.d_in, d_sae=member.d_sae,

@@ -1,0 +1,148 @@
+"""Evaluation: known answers for CE recovery and FVU, batch-size independence, the report."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import evaluate
+import train_sweep
+from cache.models import load_model
+from evaluation.export import sae_forward
+from evaluation.metrics import MetricAccumulator
+from evaluation.splice import recovered, spliced_losses
+from tests.conftest import TINY_D, TINY_NAME
+from tests.test_end_to_end import sweep_args
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def identity_weights(d: int) -> dict[str, torch.Tensor]:
+    """A ReLU SAE with 2d latents that reconstructs exactly: f = (relu(x), relu(−x)), x̂ = f₁ − f₂."""
+    eye = torch.eye(d)
+    return {"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * d),
+            "W_dec": torch.cat([eye, -eye], 0), "b_dec": torch.zeros(d)}
+
+
+def test_identity_recovers_all_the_loss_and_zero_recovers_none():
+    model = load_model(TINY_NAME, None, device="cpu")
+    tokens = torch.randint(0, model.cfg.d_vocab, (6, 12), generator=torch.Generator().manual_seed(0))
+    cfg = {"architecture": "standard"}
+    w = identity_weights(TINY_D)
+    zero = {k: torch.zeros_like(v) for k, v in w.items()}
+    losses = spliced_losses(model, tokens, HOOK, {
+        "zero": torch.zeros_like, "identity": lambda x: sae_forward(cfg, w, x)[1],
+        "zero_dict": lambda x: sae_forward(cfg, zero, x)[1]}, batch_size=4)
+    clean = losses["clean"]["ce"]
+    assert losses["zero"]["ce"] != pytest.approx(clean)  # the hook matters, so the test can fail
+    assert recovered(losses["identity"]["ce"], clean, losses["zero"]["ce"]) == pytest.approx(1.0, abs=1e-5)
+    assert losses["identity"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert recovered(losses["zero_dict"]["ce"], clean, losses["zero"]["ce"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_spliced_losses_do_not_depend_on_batch_size():
+    model = load_model(TINY_NAME, None, device="cpu")
+    tokens = torch.randint(0, model.cfg.d_vocab, (5, 10), generator=torch.Generator().manual_seed(1))
+    half = {"half": lambda x: 0.5 * x}
+    a = spliced_losses(model, tokens, HOOK, half, batch_size=1)
+    b = spliced_losses(model, tokens, HOOK, half, batch_size=5)
+    assert a["half"]["ce"] == pytest.approx(b["half"]["ce"], rel=1e-6)
+    # KL subtracts nearly equal fp32 log-probs, whose last bits depend on the batch shape
+    assert a["half"]["kl"] == pytest.approx(b["half"]["kl"], rel=1e-3)
+
+
+def test_spliced_losses_leave_excluded_positions_untouched():
+    model = load_model(TINY_NAME, None, device="cpu")
+    tokens = torch.randint(0, model.cfg.d_vocab, (3, 8), generator=torch.Generator().manual_seed(2))
+    seen = []
+    spliced_losses(model, tokens, HOOK, {"spy": lambda x: seen.append(len(x)) or x}, first_pos=1)
+    assert seen == [3 * 7]
+
+
+def test_reconstruction_metrics_do_not_depend_on_batch_size():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 4, generator=g) + 3
+    x_hat = x.unsqueeze(0) + 0.3 * torch.randn(2, 60, 4, generator=g)
+    f = torch.relu(torch.randn(2, 60, 5, generator=g))
+    results = []
+    for size in (60, 7):
+        acc = MetricAccumulator(2, 4, 5)
+        for s in range(0, 60, size):
+            acc.update(x[s : s + size], x_hat[:, s : s + size], f[:, s : s + size])
+        results.append(acc.results())
+    for one, other in zip(*results):
+        assert one == pytest.approx(other, rel=1e-9)
+
+
+def test_fvu_is_measured_against_the_mean_not_zero():
+    x = torch.randn(100, 3, generator=torch.Generator().manual_seed(0)) + 10.0  # a large mean
+    acc = MetricAccumulator(1, 3, 1)
+    acc.update(x, x.mean(0).expand(1, 100, 3), torch.zeros(1, 100, 1))  # predicting the mean explains nothing
+    result = acc.results()[0]
+    assert result["fvu"] == pytest.approx(1.0) and result["explained_variance"] == pytest.approx(0.0, abs=1e-9)
+    assert result["dead_fraction"] == 1.0 and result["l0"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def planted_run(small_store, tmp_path_factory):
+    """A trained sweep whose first two members are replaced by an exact and an empty dictionary."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    result = CliRunner().invoke(train_sweep.main, sweep_args(small_store, out, **{"--n_models": "3"}) + ["--no_eval"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "sweep.json").read_text())["members"]
+    scale = json.loads((out / "sweep.json").read_text())["store"]["norm_scale"]
+    for row, weights in zip(rows, [identity_weights(TINY_D), {k: 0 * v for k, v in identity_weights(TINY_D).items()}]):
+        save_file(weights, out / row["dir"] / "sae_weights.safetensors")
+        cfg = json.loads((out / row["dir"] / "cfg.json").read_text())
+        cfg["d_sae"] = 2 * TINY_D
+        (out / row["dir"] / "cfg.json").write_text(json.dumps(cfg))
+    assert scale > 0
+    result = CliRunner().invoke(evaluate.main, ["--run_dir", str(out), "--n_sequences", "8", "--batch_size", "3"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_evaluate_run_gives_known_answers_for_exact_and_empty_dictionaries(planted_run):
+    summary = json.loads((planted_run / "sweep.json").read_text())
+    exact, empty, trained = summary["members"]
+    assert exact["fvu"] == pytest.approx(0.0, abs=1e-6) and exact["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert exact["kl"] == pytest.approx(0.0, abs=1e-5) and exact["l0"] > 0
+    assert empty["ce_recovered"] == pytest.approx(0.0, abs=1e-6) and empty["dead_fraction"] == 1.0
+    assert empty["fvu"] > 0.99
+    assert 0 < trained["fvu"] < 1 and summary["eval"]["n_sequences"] > 0
+    assert {"ce_recovered_mean_ablation", "ce_spliced", "cosine", "l2_ratio", "dense_fraction_1pct"} <= set(trained)
+
+
+def test_report_links_resolve_and_plots_are_not_empty(planted_run):
+    report = (planted_run / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert any(link.endswith(".png") for link in links) and any(link.startswith("members/") for link in links)
+    for link in links:
+        assert (planted_run / link).exists(), link
+        if link.endswith(".png"):
+            assert (planted_run / link).stat().st_size > 5000
+    for name in ("l0_vs_fvu.png", "l0_vs_ce_recovered.png", "l1_vs_l0.png", "density.png"):
+        assert (planted_run / name).exists()
+    assert (planted_run / "members" / "00_l1_0.001" / "sparsity.safetensors").exists()
+
+
+def test_evaluate_refuses_a_directory_without_a_sweep(tmp_path):
+    result = CliRunner().invoke(evaluate.main, ["--run_dir", str(tmp_path)])
+    assert result.exit_code == 1 and "no finished sweep" in result.output
+
+
+def test_wandb_logging_is_optional_and_records_curves_offline(small_store, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = sweep_args(small_store, tmp_path / "run", **{"--n_models": "2", "--n_epochs": "1"})
+    result = CliRunner().invoke(train_sweep.main, args + ["--wandb_project", "sae-sweep-test", "--eval_sequences", "0"])
+    assert result.exit_code == 0, result.output
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
