@@ -5,14 +5,17 @@
     python -m bench.cache_throughput --model pythia-70m     # the real one, from your HF cache
     python -m bench.cache_throughput --model_path ~/models/my-hf-dir --layers 6
 
-For each storage dtype (--dtypes, default float16 bfloat16 float32) it runs, one after another:
-  1. generation: `cache.generate.generate(GenerateConfig(...))` into a fresh store in a temporary
-     folder, timed end to end (model load, reading and tokenising the text, forward passes with
-     hooks, checks, shuffling, casting, writing zarr);
-  2. forward only: the same model (loaded once, up front, by the project's `load_model`) over the
-     very token sequences that store holds (read back from its `sequences` array), in the same
-     batch size, `model(tokens, stop_at_layer=...)` stopped after the same block, under
-     inference_mode, keeping nothing.
+Two things are timed, alternately: a forward-only pass, then one generation per storage dtype
+(--dtypes, default float16 bfloat16 float32), each followed by another forward-only pass:
+  * generation: `cache.generate.generate(GenerateConfig(...))` into a fresh store in a temporary
+    folder, timed end to end (model load, reading and tokenising the text, forward passes with
+    hooks, checks, shuffling, casting, writing zarr);
+  * forward only: the same model (loaded once, up front, by the project's `load_model`) over the
+    first ⌈n_tokens / context_length⌉ sequences the generator runs (made the same way, from the
+    same text and tokenizer), in the same batch size, `model(tokens, stop_at_layer=...)` stopped
+    after the same block, under inference_mode, keeping nothing.
+Each generation is compared with the mean of the forward-only passes just before and just after
+it, so a slow spell of a shared machine shows up as a gap between those two (printed).
 Tokens/s counts tokens through the model (sequences × context_length) for both, so their ratio
 is what caching costs over the bare forward; generation is also shown without the model-load
 time (the load time measured once, up front, subtracted). Disk use is reported per stored
@@ -28,10 +31,12 @@ generation unless --device says so, or anything about activation quality.
 """
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import click
@@ -41,26 +46,30 @@ import torch
 if not __package__:  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import Stopwatch, format_table, mib, track_rss  # noqa: E402
+from bench._common import RssPeak, Stopwatch, format_table, mib, track_rss  # noqa: E402
 from bench._fixtures import PYTHIA_70M_SHAPE, TINY_SHAPE, TL_NAME, build_hf_cache, use_offline_hf_home  # noqa: E402
 from cache.cli_options import SpaceSeparated  # noqa: E402
 from cache.generate import GenerateConfig, generate  # noqa: E402
 from cache.models import load_model, resolve_hooks, stop_layer  # noqa: E402
-from cache.store import STORAGE_DTYPES  # noqa: E402
-from cache.text import STDLIB_DOCSTRINGS  # noqa: E402
+from cache.store import STORAGE_DTYPES, ActivationStore  # noqa: E402
+from cache.text import STDLIB_DOCSTRINGS, iter_documents, token_sequences  # noqa: E402
 
 
 @dataclass(frozen=True)
 class DtypeResult:
     dtype: str
-    n_tokens: int  # tokens run through the model (sequences × context)
+    gen_tokens: int  # tokens the generator ran through the model (sequences × context)
     n_rows: int  # rows stored
     d: int  # stored values per row (all sources)
     gen_seconds: float
-    fwd_seconds: float
+    fwd_rates: tuple[float, float]  # forward-only tokens/s just before and just after this generation
     acts_bytes: int
     store_bytes: int
     gen_peak_rss: int | None
+
+    @property
+    def fwd_rate(self) -> float:
+        return sum(self.fwd_rates) / 2
 
 
 def dir_bytes(path: Path) -> int:
@@ -68,57 +77,60 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def forward_only_seconds(model, sequences: np.ndarray, batch_size: int, stop_at: int | None) -> float:
-    """Seconds to run `sequences` through `model` in batches, stopped after block `stop_at` - 1."""
+def model_sequences(model, dataset: str, context_length: int, n_tokens: int) -> np.ndarray:
+    """The first ⌈n_tokens / context_length⌉ sequences the generator would run, made the way it
+    makes them (same text source, tokenizer, BOS/EOS handling).  -> [S, ctx] int32"""
+    prepend_bos = model.cfg.default_prepend_bos
+    sequences = token_sequences(
+        iter_documents(dataset),
+        lambda texts: model.tokenizer(texts, add_special_tokens=False)["input_ids"],
+        context_length=context_length,
+        bos_id=model.tokenizer.bos_token_id if prepend_bos else None,
+        eos_id=model.tokenizer.eos_token_id,
+    )
+    return np.stack(list(islice(sequences, math.ceil(n_tokens / context_length))))
+
+
+def forward_only_rate(model, sequences: np.ndarray, batch_size: int, stop_at: int | None) -> float:
+    """Tokens/s of running `sequences` through `model` in batches, stopped after block `stop_at` - 1."""
     watch = Stopwatch()
     with torch.inference_mode():
         for start in range(0, len(sequences), batch_size):
             tokens = torch.from_numpy(sequences[start : start + batch_size]).to(model.cfg.device)
             with watch:
                 model(tokens, stop_at_layer=stop_at)
-    return watch.seconds
+    return sequences.size / watch.seconds
 
 
-def measure_dtype(cfg: GenerateConfig, model, hooks: list[str]) -> DtypeResult:
-    """Generate one store in `cfg.dtype`, then run the forward-only pass over its sequences."""
+def measure_generation(cfg: GenerateConfig) -> tuple[float, ActivationStore, RssPeak]:
+    """Seconds of one `generate(cfg)` call, end to end."""
     with track_rss() as rss:
         t0 = time.perf_counter()
         store = generate(cfg)
-        gen_seconds = time.perf_counter() - t0
-    sequences = store.read_sequences(0, store.attrs["n_sequences"])
-    fwd_seconds = forward_only_seconds(model, sequences, cfg.batch_size, stop_layer(hooks))
-    acts_dir = Path(cfg.out) / "acts"
-    return DtypeResult(
-        dtype=cfg.dtype,
-        n_tokens=sequences.size,
-        n_rows=store.n_rows,
-        d=sum(s.d for s in store.sources),
-        gen_seconds=gen_seconds,
-        fwd_seconds=fwd_seconds,
-        acts_bytes=dir_bytes(acts_dir),
-        store_bytes=dir_bytes(Path(cfg.out)),
-        gen_peak_rss=rss.peak,
-    )
+        seconds = time.perf_counter() - t0
+    return seconds, store, rss
 
 
 def print_report(results: list[DtypeResult], load_seconds: float) -> None:
-    header = ["dtype", "tokens", "gen s", "gen tok/s", "gen tok/s excl. load", "fwd-only s", "fwd-only tok/s",
+    header = ["dtype", "tokens", "gen s", "gen tok/s", "gen tok/s excl. load", "fwd-only tok/s (before, after)",
               "gen/fwd", "gen excl. load/fwd", "acts B/value", "store B/value", "store MiB", "gen peak RSS MiB"]
     rows = []
     for r in results:
-        gen_rate = r.n_tokens / r.gen_seconds
-        gen_rate_no_load = r.n_tokens / max(r.gen_seconds - load_seconds, 1e-9)
-        fwd_rate = r.n_tokens / r.fwd_seconds
+        gen_rate = r.gen_tokens / r.gen_seconds
+        gen_rate_no_load = r.gen_tokens / max(r.gen_seconds - load_seconds, 1e-9)
         values = r.n_rows * r.d
         rows.append([
-            r.dtype, f"{r.n_tokens:,}", f"{r.gen_seconds:.1f}", f"{gen_rate:,.0f}", f"{gen_rate_no_load:,.0f}",
-            f"{r.fwd_seconds:.1f}", f"{fwd_rate:,.0f}", f"{gen_rate / fwd_rate:.2f}", f"{gen_rate_no_load / fwd_rate:.2f}",
+            r.dtype, f"{r.gen_tokens:,}", f"{r.gen_seconds:.1f}", f"{gen_rate:,.0f}", f"{gen_rate_no_load:,.0f}",
+            f"{r.fwd_rate:,.0f} ({r.fwd_rates[0]:,.0f}, {r.fwd_rates[1]:,.0f})",
+            f"{gen_rate / r.fwd_rate:.2f}", f"{gen_rate_no_load / r.fwd_rate:.2f}",
             f"{r.acts_bytes / values:.3f}", f"{r.store_bytes / values:.3f}", mib(r.store_bytes), mib(r.gen_peak_rss),
         ])
     print()
     print(format_table(header, rows))
-    print(f"\nmodel load (project's load_model, measured once): {load_seconds:.1f} s; "
-          "'gen/fwd' = generation tokens/s ÷ forward-only tokens/s (1.00 = caching costs nothing over the forward)")
+    print(f"\nmodel load (project's load_model, measured once): {load_seconds:.1f} s. 'fwd-only' is the mean of the "
+          "forward-only passes just before and just after that generation; 'gen/fwd' = generation tokens/s ÷ "
+          "forward-only tokens/s (1.00: caching costs nothing over the forward). B/value = bytes on disk ÷ "
+          "(rows stored × width): acts/ arrays only, and the whole store.")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -159,7 +171,12 @@ def main(model, model_path, layers, n_tokens, context_length, batch_size, dtypes
               f"hooks={hooks} stop_at_layer={stop_layer(hooks)} prepend_bos={tl_model.cfg.default_prepend_bos}; "
               f"n_tokens={n_tokens:,} context={context_length} batch={batch_size} device={device} "
               f"torch threads={torch.get_num_threads()}")
-        forward_only_seconds(tl_model, np.zeros((batch_size, context_length), np.int64), batch_size, stop_layer(hooks))  # warm-up
+        stop_at = stop_layer(hooks)
+        t0 = time.perf_counter()
+        sequences = model_sequences(tl_model, dataset, context_length, n_tokens)
+        print(f"forward-only input: {len(sequences)} sequences tokenised in {time.perf_counter() - t0:.1f} s")
+        forward_only_rate(tl_model, sequences[:batch_size], batch_size, stop_at)  # warm-up
+        fwd_rate = forward_only_rate(tl_model, sequences, batch_size, stop_at)
         results = []
         for dtype in dtypes:
             cfg = GenerateConfig(
@@ -167,8 +184,21 @@ def main(model, model_path, layers, n_tokens, context_length, batch_size, dtypes
                 dataset=dataset, context_length=context_length, n_tokens=n_tokens, chunk_mb=chunk_mb,
                 batch_size=batch_size, device=device, dtype=dtype,
             )
-            results.append(measure_dtype(cfg, tl_model, hooks))
-            print(f"{dtype}: done ({results[-1].gen_seconds:.1f} s generation, {results[-1].fwd_seconds:.1f} s forward-only)")
+            gen_seconds, store, rss = measure_generation(cfg)
+            fwd_after = forward_only_rate(tl_model, sequences, batch_size, stop_at)
+            results.append(DtypeResult(
+                dtype=dtype,
+                gen_tokens=store.attrs["n_sequences"] * context_length,
+                n_rows=store.n_rows,
+                d=sum(src.d for src in store.sources),
+                gen_seconds=gen_seconds,
+                fwd_rates=(fwd_rate, fwd_after),
+                acts_bytes=dir_bytes(Path(cfg.out) / "acts"),
+                store_bytes=dir_bytes(Path(cfg.out)),
+                gen_peak_rss=rss.peak,
+            ))
+            print(f"{dtype}: generation {gen_seconds:.1f} s; forward-only {fwd_rate:,.0f} tok/s before, {fwd_after:,.0f} after")
+            fwd_rate = fwd_after
         print_report(results, load_seconds)
 
 
