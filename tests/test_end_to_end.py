@@ -78,7 +78,7 @@ def test_export_folds_the_normalisation_into_the_weights():
     w = d.member_tensors(0, scale=s)
     f_raw = torch.relu((s * x_norm - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
     torch.testing.assert_close(f_raw, d.encode(x_norm)[0])
-    torch.testing.assert_close(f_raw @ w["W_dec"] + w["b_dec"], s * d(x_norm)[0])
+    torch.testing.assert_close(f_raw @ w["W_dec"] + w["b_dec"], s * d.reconstruct(x_norm)[0])
 
 
 def test_sweep_resumes_from_a_checkpoint_to_the_same_weights(small_store, tmp_path, monkeypatch):

@@ -79,19 +79,21 @@ def test_batched_adam_equals_torch_adam_per_member():
         torch.testing.assert_close(p[e], q[e])
 
 
-def test_ensemble_member_equals_the_same_member_trained_alone():
+@pytest.mark.parametrize("member_chunk", [None, 1, 3])
+def test_ensemble_member_equals_the_same_member_trained_alone(member_chunk):
     torch.manual_seed(0)
     configs = members(4)
     batches = [torch.randn(32, 6) * 2 for _ in range(6)]
-    together = Ensemble(configs)
+    together = Ensemble(configs, member_chunk=member_chunk)
     alone = [Ensemble([c]) for c in configs]
     for x in batches:
-        together.step(x)
-        for solo in alone:
-            solo.step(x)
+        out = together.step(x)
+        solo_outs = [solo.step(x) for solo in alone]
     for e, solo in enumerate(alone):
         for name, tensor in together.dictionary.named_parameters():
             torch.testing.assert_close(tensor[e], getattr(solo.dictionary, name)[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.mse[e], solo_outs[e].mse[0])
+        assert torch.equal(out.fired[e], solo_outs[e].fired[0])
 
 
 def test_training_reduces_the_loss_on_planted_features():

@@ -104,8 +104,13 @@ class ReluDictionary(nn.Module):
         """Reconstructions.  f [E, B, F] → x̂ [E, B, D]"""
         return torch.baddbmm(self.b_dec.unsqueeze(1), f_EBF, self.W_dec)
 
-    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """x [B, D] → x̂ [E, B, D]"""
         return self.decode(self.encode(x_BD))
+
+    def forward(self, x_BD: torch.Tensor) -> LossOutput:
+        """The training objective (what `torch.func.functional_call` evaluates)."""
+        return self.loss(x_BD)
 
     def loss(self, x_BD: torch.Tensor) -> LossOutput:
         f_EBF = self.encode(x_BD)

@@ -9,10 +9,13 @@ Invariant (tested): member e of an ensemble equals the same configuration traine
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
+from torch.func import functional_call
 
-from training.dictionary import LossOutput, MemberConfig, build_dictionary
+from training.dictionary import MemberConfig, build_dictionary
 
 
 class BatchedAdam:
@@ -46,10 +49,6 @@ class BatchedAdam:
             lr = (self.lr_E / bias1).view(-1, *([1] * (p.dim() - 1)))  # [E, 1, ...]
             p.addcdiv_(m * lr, denom, value=-1.0)
 
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
@@ -59,27 +58,70 @@ class BatchedAdam:
             mine.copy_(saved)
 
 
-class Ensemble:
-    """E members of one architecture and width, trained together on shared batches."""
+class StepOutput(NamedTuple):
+    """What one step reports per member (no batch-sized tensors)."""
 
-    def __init__(self, members: list[MemberConfig], device: str | torch.device = "cpu"):
+    total: torch.Tensor  # [E]
+    mse: torch.Tensor  # [E]
+    sparsity: torch.Tensor  # [E]
+    l0: torch.Tensor  # [E]
+    fired: torch.Tensor  # [E, F] bool: latent fired on some row of the batch
+
+
+class Ensemble:
+    """E members of one architecture and width, trained together on shared batches.
+
+    The forward/backward runs over groups of `member_chunk` members at a time (the optimiser
+    step always covers all of them). On a GPU one group of all members fills the device best;
+    on a CPU the [E, B, F] intermediates of a whole ensemble overflow the caches, and groups of
+    a few members (about 64 MB of activations each, the default there) run faster. The result
+    does not depend on the grouping: members never interact.
+    """
+
+    def __init__(self, members: list[MemberConfig], device: str | torch.device = "cpu", member_chunk: int | None = None):
         self.members = list(members)
-        self.dictionary = build_dictionary(self.members).to(device)
-        lr_E = torch.tensor([m.lr for m in self.members], device=device)
+        self.device = torch.device(device)
+        self.dictionary = build_dictionary(self.members).to(self.device)
+        self.member_chunk = member_chunk
+        lr_E = torch.tensor([m.lr for m in self.members], device=self.device)
         self.optimizer = BatchedAdam(list(self.dictionary.parameters()), lr_E)
 
     def __len__(self) -> int:
         return len(self.members)
 
-    def step(self, x_BD: torch.Tensor) -> LossOutput:
+    def step(self, x_BD: torch.Tensor) -> StepOutput:
         """One optimisation step of every member on the batch x [B, D]."""
-        out = self.dictionary.loss(x_BD)
-        self.optimizer.zero_grad()
-        out.total.sum().backward()
+        params = dict(self.dictionary.named_parameters())
+        buffers = dict(self.dictionary.named_buffers())
+        for p in params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        outputs = []
+        for group in self._groups(len(x_BD)):
+            # Detached slices are leaves of their own: the backward of one group writes only
+            # that group's gradients, with no full-size zero-filled gradient per group.
+            leaves = {n: p[group].detach().requires_grad_() for n, p in params.items()}
+            out = functional_call(self.dictionary, ({**leaves, **{n: b[group] for n, b in buffers.items()}},), (x_BD,))
+            grads = torch.autograd.grad(out.total.sum(), list(leaves.values()))
+            for p, g in zip(params.values(), grads):
+                p.grad[group] = g
+            outputs.append(StepOutput(out.total.detach(), out.mse.detach(), out.sparsity.detach(), out.l0.detach(),
+                                      (out.f > 0).any(dim=1)))
         self.dictionary.before_step_()
         self.optimizer.step()
         self.dictionary.after_step_()
-        return out
+        return StepOutput(*(torch.cat(parts) for parts in zip(*outputs)))
+
+    def _groups(self, batch_size: int) -> list[slice]:
+        E = len(self.members)
+        chunk = self.member_chunk
+        if chunk is None:
+            if self.device.type == "cuda":
+                chunk = E
+            else:
+                bytes_per_member = batch_size * self.members[0].d_sae * 4
+                chunk = max(1, (64 * 2**20) // bytes_per_member)
+        return [slice(i, min(i + chunk, E)) for i in range(0, E, chunk)]
 
     def state_dict(self) -> dict:
         return {

@@ -198,8 +198,7 @@ def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state
             epoch, start = divmod(state.step, per_epoch)
             for x_BD in stream.train_batches(epoch, start):
                 result = ensemble.step(x_BD)
-                fired_EF = (result.f > 0).any(dim=1)
-                state.since_fired_EF.add_(len(x_BD)).masked_fill_(fired_EF, 0)
+                state.since_fired_EF.add_(len(x_BD)).masked_fill_(result.fired, 0)
                 state.step += 1
                 state.tokens_seen += len(x_BD)
                 bar.update()
