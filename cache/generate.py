@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from cache.models import HOOK_KINDS, ModelError, load_model, resolve_hooks, stop_layer
-from cache.store import STORAGE_DTYPES, STORAGE_MAX, ActivationStore, RowBlock, SourceInfo, StoreError, json_normal, to_storage
+from cache.background import prefetched
+from cache.store import STORAGE_DTYPES, STORAGE_MAX, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError, json_normal, to_storage
 from cache.text import STDLIB_DOCSTRINGS, TextSourceError, iter_documents, token_sequences
 
 # Fields of GenerateConfig that do not change the stored bytes: they may differ on resume.
@@ -228,53 +229,68 @@ def _write_blocks(cfg, model, hooks, sources, layout: Layout, store: ActivationS
     seq_start = store.sequences_written
     block_index = seq_start // layout.seqs_per_block
     sequences = islice(sequences, seq_start, layout.n_seqs)  # resume: skip the sequences already stored
+    # Text is read and tokenised in a background thread, a few forward batches ahead.
+    batches = prefetched(_batches(sequences, cfg.batch_size, layout.seqs_per_block), depth=4)
+    batches_per_block = math.ceil(layout.seqs_per_block / cfg.batch_size)
     with tqdm(total=store.n_rows, initial=store.rows_written, unit="tok", unit_scale=True, desc="caching") as bar:
-        while block := list(islice(sequences, layout.seqs_per_block)):
-            tokens = torch.from_numpy(np.stack(block))  # [S, ctx]
-            rows = _block_rows(cfg, model, hooks, sources, layout, tokens, seq_start, block_index)
+        while rows := _block_rows(cfg, model, hooks, sources, layout, islice(batches, batches_per_block), seq_start, block_index):
             store.write_block(rows)
             bar.update(len(rows.tokens))
-            seq_start += len(block)
+            seq_start += len(rows.sequences)
             block_index += 1
 
 
-def _block_rows(cfg, model, hooks, sources, layout: Layout, tokens: torch.Tensor, seq_start: int, block_index: int):
-    """Forward one block, drop excluded positions, check, permute, cast."""
+def _batches(sequences: Iterator[np.ndarray], batch_size: int, seqs_per_block: int) -> Iterator[torch.Tensor]:
+    """Token sequences stacked `batch_size` at a time, never across a block boundary (so the
+    blocks, and the store, do not depend on the batch size).  → [b, ctx]"""
+    while True:
+        for start in range(0, seqs_per_block, batch_size):
+            batch = list(islice(sequences, min(batch_size, seqs_per_block - start)))
+            if not batch:
+                return
+            yield torch.from_numpy(np.stack(batch))
+
+
+def _block_rows(cfg, model, hooks, sources, layout: Layout, batches: Iterator[torch.Tensor], seq_start: int,
+                block_index: int) -> RowBlock | None:
+    """Forward one block's batches as they arrive, drop excluded positions, check, cast; then
+    permute the block's rows. None when there is no batch left."""
+    sequences: list[torch.Tensor] = []
+    stored: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    norm_sums = {h: np.zeros(3) for h in hooks}  # Σ‖x‖, Σ‖x‖², rows
+    keep = slice(layout.first_pos, None)
+    for batch in batches:  # [b, ctx]
+        sequences.append(batch)
+        for hook, values in _run_hooks(model, batch.to(model.cfg.device), hooks).items():
+            values = values.reshape(*batch.shape, -1)[:, keep].reshape(-1, values.shape[-1])  # [b·kept, d] fp32
+            _check_values(values, hook, cfg.dtype)
+            norms = torch.linalg.vector_norm(values, dim=1, dtype=torch.float64)
+            norm_sums[hook] += (norms.sum().item(), norms.square().sum().item(), len(norms))
+            stored[hook].append(values.to(STORAGE_TORCH_DTYPE[cfg.dtype]).cpu())  # cast early: half the copying
+    if not sequences:
+        return None
+    tokens = torch.cat(sequences)  # [S, ctx]
     n_seqs, ctx = tokens.shape
-    keep = slice(layout.first_pos, ctx)
-    acts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-    for start in range(0, n_seqs, cfg.batch_size):
-        batch = tokens[start : start + cfg.batch_size].to(model.cfg.device)
-        for hook, values in _run_hooks(model, batch, hooks).items():
-            d = values.shape[-1]
-            acts[hook].append(values.reshape(len(batch), ctx, d)[:, keep].reshape(-1, d).cpu())
     perm = np.random.default_rng([cfg.seed, block_index]).permutation(n_seqs * layout.rows_per_seq)
     positions = np.broadcast_to(np.arange(ctx, dtype=np.int32)[keep], (n_seqs, layout.rows_per_seq))
     seq_ids = np.broadcast_to(np.arange(seq_start, seq_start + n_seqs, dtype=np.int32)[:, None], positions.shape)
-    stored, norm_sums = {}, {}
-    for src in sources:
-        values = torch.cat(acts[src.hook])  # [R, d] float32
-        _check_values(values, src.name, cfg.dtype)
-        norms = values.double().norm(dim=1)
-        norm_sums[src.name] = (norms.sum().item(), norms.square().sum().item(), len(norms))
-        stored[src.name] = to_storage(values[perm], cfg.dtype)
     return RowBlock(
         tokens=tokens[:, keep].numpy().reshape(-1)[perm],
         positions=positions.reshape(-1)[perm],
         sequence=seq_ids.reshape(-1)[perm],
-        acts=stored,
-        norm_sums=norm_sums,
+        acts={src.name: to_storage(torch.cat(stored[src.hook])[torch.from_numpy(perm)], cfg.dtype) for src in sources},
+        norm_sums={src.name: tuple(norm_sums[src.hook]) for src in sources},
         sequences=tokens.numpy(),
     )
 
 
 def _check_values(values: torch.Tensor, source: str, dtype: str) -> None:
-    if not torch.isfinite(values).all():
+    peak = values.abs().amax().item()  # NaN and inf propagate through the max: one pass checks both
+    if not math.isfinite(peak):
         raise GenerationError(
             f"{source}: the model produced non-finite activations (NaN/inf); "
             "check the checkpoint, or run the model in --model_dtype float32"
         )
-    peak = values.abs().max().item()
     if peak > STORAGE_MAX[dtype]:
         raise GenerationError(
             f"{source}: activations reach {peak:.3g}, beyond the {dtype} maximum {STORAGE_MAX[dtype]:.3g}; "

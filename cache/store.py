@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 _NUMPY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
-_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STORAGE_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Largest finite magnitude of each storage dtype: a value above it would be stored as inf.
 STORAGE_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38}
 
@@ -52,7 +52,7 @@ class SourceInfo:
 
 def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
     """Cast activations to the storage dtype as a numpy array (bf16 as raw uint16 bits)."""
-    cast = acts.detach().to(device="cpu", dtype=_TORCH_DTYPE[dtype])
+    cast = acts.detach().to(device="cpu", dtype=STORAGE_TORCH_DTYPE[dtype])
     if dtype == "bfloat16":
         return cast.view(torch.int16).numpy().view(np.uint16)
     return cast.numpy()

@@ -14,16 +14,13 @@ factor. The stream is deterministic given (seed, epoch), so `start_batch` resume
 from __future__ import annotations
 
 import math
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from cache.background import prefetched
 from cache.store import ActivationStore, StoreError
-
-_DONE = object()
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ class ActivationStream:
 
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """The epoch's batches from `start_batch` on.  → [B, D] float32 on device"""
-        for batch in _prefetched(self._cpu_batches(epoch, start_batch), self.cfg.prefetch):
+        for batch in prefetched(self._cpu_batches(epoch, start_batch), self.cfg.prefetch):
             yield self._to_device(batch)
 
     def eval_batches(self, batch_size: int | None = None) -> Iterator[torch.Tensor]:
@@ -131,40 +128,3 @@ def _generator(*seeds: int) -> torch.Generator:
     for s in seeds:
         value = (value * 1_000_003 + int(s)) % (2**63 - 1)
     return torch.Generator().manual_seed(value)
-
-
-def _prefetched(items: Iterator, depth: int) -> Iterator:
-    """Run `items` in a background thread, `depth` items ahead; errors surface in the caller."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False  # the consumer has gone
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as err:  # handed to the consumer, re-raised there
-            put(err)
-
-    thread = threading.Thread(target=produce, daemon=True, name="activation-prefetch")
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
