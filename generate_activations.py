@@ -3,6 +3,10 @@
     python generate_activations.py --model pythia-70m --layers 2 --dataset NeelNanda/pile-10k \
         --n_tokens 2_000_000 --out caches/p70m-l2
 
+Model diffing: `--paired_model google/gemma-3-270m-it` (or `--paired_model_path`) also runs a
+second model that shares the tokenizer on the same tokens, writing `base/<hook>` and
+`chat/<hook>` sources with aligned rows (`--labels` renames them).
+
 With no --model and no --model_path it runs the embedded demo: Gemma-3-270M (GGUF, from the
 `demo` extra) over the Python standard library's docstrings. Rerunning the same command resumes
 an interrupted store; a complete one is left as it is.
@@ -26,6 +30,10 @@ def _tokens(value: str) -> int:
 @click.option("--out", default="caches/demo", help="Directory of the zarr store to write.")
 @click.option("--model", default=None, help="TransformerLens model name or alias (pythia-70m, gpt2-small, ...).")
 @click.option("--model_path", default=None, help="Local Hugging Face directory or .gguf file (with --model naming its architecture).")
+@click.option("--paired_model", default=None, help="Second model run on the same tokens (same tokenizer), e.g. the chat fine-tune of --model.")
+@click.option("--paired_model_path", default=None, help="Local Hugging Face directory or .gguf file of the paired model.")
+@click.option("--labels", cls=SpaceSeparated, type=str, default=("base", "chat"), help="Source-name prefixes of --model and --paired_model: base/<hook>, chat/<hook>.")
+@click.option("--require_equal_widths", is_flag=True, help="Refuse a pair whose activation widths differ (crosscoders need them equal).")
 @click.option("--layers", cls=SpaceSeparated, type=int, help="Layers to cache, e.g. --layers 2 3.")
 @click.option("--hook", type=click.Choice(list(HOOK_KINDS)), default="resid_post", help="Hook kind cached at each of --layers.")
 @click.option("--hooks", cls=SpaceSeparated, type=str, help="Full hook names, e.g. --hooks blocks.2.hook_resid_post.")
@@ -50,7 +58,7 @@ def main(**options) -> None:
     if options["model"] is None and options["model_path"] is None:
         demo_path = str(run_or_exit(default_gguf_path))
         options.update(model=DEMO_MODEL_NAME, model_path=demo_path, layers=options["layers"] or (6,))
-    options["layers"], options["hooks"] = tuple(options["layers"]), tuple(options["hooks"])
+    options["layers"], options["hooks"], options["labels"] = (tuple(options[k]) for k in ("layers", "hooks", "labels"))
     if not options["layers"] and not options["hooks"]:
         raise click.UsageError("choose what to cache: --layers 2 [--hook resid_post] or --hooks blocks.2.hook_resid_post")
     store = run_or_exit(lambda: generate(GenerateConfig(**options)))

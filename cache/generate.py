@@ -9,8 +9,18 @@ with a generator seeded by (seed, block index), and written as whole chunks. The
 on disk is therefore one block (`chunks_per_block × chunk` rows, ~128 MB by default); the
 training stream shuffles again across chunks. Memory is bounded by one block, whatever
 `n_tokens` is. Resume restarts at the first unwritten block and yields a store identical to an
-uninterrupted run. Not done here: multi-GPU generation, packing of variable-length documents
-without crossing document boundaries.
+uninterrupted run.
+
+Paired models (model diffing, crosscoders): with `paired_model`/`paired_model_path` a second
+model that shares the first one's tokenizer runs on the *same* token ids (tokenised once, with
+the first model's tokenizer, BOS and EOS included), batch by batch inside the same block loop, so
+row i of `base/<hook>` and `chat/<hook>` (names from `labels`) is the same token, and shuffling
+and resume are shared. Both models stay loaded for the whole run (twice the model memory: fine
+for small models). Their widths may differ in the store; `require_equal_widths` refuses such a
+pair up front for a crosscoder that needs them equal (the trainer checks again).
+
+Not done here: multi-GPU generation, packing of variable-length documents without crossing
+document boundaries, more than two models.
 """
 from __future__ import annotations
 
@@ -18,19 +28,22 @@ import math
 from dataclasses import asdict, dataclass, field
 from itertools import chain, islice
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cache.models import HOOK_KINDS, ModelError, load_model, resolve_hooks, stop_layer
+from cache.models import HOOK_KINDS, ModelError, check_same_tokenizer, load_model, resolve_hooks, stop_layer
 from cache.background import prefetched
 from cache.store import STORAGE_DTYPES, STORAGE_MAX, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError, json_normal, to_storage
 from cache.text import STDLIB_DOCSTRINGS, TextSourceError, iter_documents, token_sequences
 
 # Fields of GenerateConfig that do not change the stored bytes: they may differ on resume.
-_RUNTIME_FIELDS = ("out", "device", "batch_size", "overwrite")
+_RUNTIME_FIELDS = ("out", "device", "batch_size", "overwrite", "require_equal_widths")
+# Fields that only mean something for a paired run: left out of an unpaired store's identity,
+# so stores written before pairing existed still resume.
+_PAIRED_FIELDS = ("paired_model", "paired_model_path", "labels")
 
 
 class GenerationError(ValueError):
@@ -45,6 +58,14 @@ class GenerateConfig:
     """TransformerLens model name or alias (pythia-70m, gpt2-small, google/gemma-3-270m, ...)."""
     model_path: str | None = None
     """Local Hugging Face directory or .gguf file; with a .gguf, `model` names its architecture."""
+    paired_model: str | None = None
+    """Second model (e.g. the chat fine-tune of `model`) run on the same tokens; same tokenizer."""
+    paired_model_path: str | None = None
+    """Local HF directory or .gguf of the paired model, as `model_path`."""
+    labels: tuple[str, ...] = ("base", "chat")
+    """Source-name prefixes of the first and the paired model (`base/<hook>`); paired runs only."""
+    require_equal_widths: bool = False
+    """Refuse a pair whose activation widths differ (a crosscoder needs them equal)."""
     layers: tuple[int, ...] = ()
     """Layers whose `hook` to cache."""
     hook: str = "resid_post"
@@ -99,10 +120,33 @@ class GenerateConfig:
             raise ValueError(f"--n_chunks must be positive, got {self.n_chunks}")
         if self.chunk_mb <= 0:
             raise ValueError(f"--chunk_mb must be positive, got {self.chunk_mb}")
+        labels = tuple(self.labels)
+        if len(labels) != 2 or len(set(labels)) != 2 or not all(labels) or any("/" in x for x in labels):
+            raise ValueError(f"--labels {','.join(labels)}: give two different names without '/', e.g. --labels base,chat")
+
+    @property
+    def paired(self) -> bool:
+        return self.paired_model is not None or self.paired_model_path is not None
 
     def identity(self) -> dict:
         """The fields that determine the store's contents."""
-        return {k: v for k, v in asdict(self).items() if k not in _RUNTIME_FIELDS}
+        skip = _RUNTIME_FIELDS + (() if self.paired else _PAIRED_FIELDS)
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of the run and the sources it writes."""
+
+    label: str | None  # prefix of its source names; None in an unpaired run (plain hook names)
+    name: str
+    path: str | None
+    model: Any  # HookedTransformer
+    sources: tuple[SourceInfo, ...]
+
+    @property
+    def hooks(self) -> list[str]:
+        return [src.hook for src in self.sources]
 
 
 @dataclass(frozen=True)
@@ -142,15 +186,14 @@ def generate(cfg: GenerateConfig) -> ActivationStore:
     if existing is not None and existing.complete:
         print(f"{cfg.out} is complete ({existing.n_rows:,} rows); nothing to do")
         return existing
-    model = load_model(cfg.model, cfg.model_path, device=cfg.device, dtype=cfg.model_dtype)
-    hooks = resolve_hooks(model, cfg.layers, cfg.hook, cfg.hooks)
+    members = _load_members(cfg)
+    model = members[0].model  # its tokenizer makes the token ids every model is fed
     prepend_bos = model.cfg.default_prepend_bos if cfg.prepend_bos is None else cfg.prepend_bos
     bos_id = model.tokenizer.bos_token_id if prepend_bos else None
     if prepend_bos and bos_id is None:
         raise ModelError("the tokenizer has no BOS token: pass --no_prepend_bos")
     first_pos = int(prepend_bos and cfg.exclude_bos)
-    model_name = cfg.model or Path(cfg.model_path).name
-    sources = [SourceInfo(name=h, model=model_name, hook=h, d=d) for h, d in _hook_widths(model, hooks).items()]
+    sources = [src for member in members for src in member.sources]
     bytes_per_row = sum(s.d for s in sources) * np.dtype(np.float32 if cfg.dtype == "float32" else np.float16).itemsize
     layout = plan_layout(cfg, bytes_per_row, first_pos)
 
@@ -174,9 +217,9 @@ def generate(cfg: GenerateConfig) -> ActivationStore:
         chunk_rows=layout.chunk_rows,
         block_rows=layout.seqs_per_block * layout.rows_per_seq,
         storage_dtype=cfg.dtype,
-        info=_store_info(cfg, model, model_name, prepend_bos, bos_id, hooks),
+        info=_store_info(cfg, members, prepend_bos, bos_id),
     )
-    _write_blocks(cfg, model, hooks, sources, layout, store, chain([first], sequences))
+    _write_blocks(cfg, members, layout, store, chain([first], sequences))
     if store.rows_written < store.n_rows:
         print(f"warning: dataset ran out after {store.rows_written:,} of {store.n_rows:,} rows")
     store.finish()
@@ -205,6 +248,38 @@ def _existing_store(cfg: GenerateConfig) -> ActivationStore | None:
     return store
 
 
+def _load_members(cfg: GenerateConfig) -> list[Member]:
+    """The model, or the pair of models, with hooks resolved and validated against each. A pair
+    must share its tokenizer; with `require_equal_widths` also its activation widths."""
+    specs = [(cfg.model, cfg.model_path)] + ([(cfg.paired_model, cfg.paired_model_path)] if cfg.paired else [])
+    labels = cfg.labels if cfg.paired else (None,)
+    members = []
+    for label, (name, path) in zip(labels, specs):
+        model = load_model(name, path, device=cfg.device, dtype=cfg.model_dtype)
+        hooks = resolve_hooks(model, cfg.layers, cfg.hook, cfg.hooks)
+        model_name = name or Path(path).name
+        sources = tuple(
+            SourceInfo(name=f"{label}/{h}" if label else h, model=model_name, hook=h, d=d)
+            for h, d in _hook_widths(model, hooks).items()
+        )
+        members.append(Member(label, model_name, path, model, sources))
+    if cfg.paired:
+        first, second = members
+        check_same_tokenizer(first.model.tokenizer, second.model.tokenizer, (first.name, second.name))
+        if cfg.require_equal_widths:
+            _check_equal_widths(first, second)
+    return members
+
+
+def _check_equal_widths(first: Member, second: Member) -> None:
+    unequal = [f"{a.hook} ({a.d} vs {b.d})" for a, b in zip(first.sources, second.sources) if a.d != b.d]
+    if unequal:
+        raise ModelError(
+            f"--require_equal_widths: {first.name} and {second.name} differ in width at {', '.join(unequal)}: "
+            "pair models of the same d_model, or drop --require_equal_widths to store them anyway"
+        )
+
+
 def _hook_widths(model, hooks: list[str]) -> dict[str, int]:
     """Width of each hook's activation per token (heads flattened), from a two-token forward."""
     acts = _run_hooks(model, torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device), hooks)
@@ -225,7 +300,7 @@ def _run_hooks(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch
     return saved
 
 
-def _write_blocks(cfg, model, hooks, sources, layout: Layout, store: ActivationStore, sequences: Iterator) -> None:
+def _write_blocks(cfg, members: list[Member], layout: Layout, store: ActivationStore, sequences: Iterator) -> None:
     seq_start = store.sequences_written
     block_index = seq_start // layout.seqs_per_block
     sequences = islice(sequences, seq_start, layout.n_seqs)  # resume: skip the sequences already stored
@@ -233,7 +308,7 @@ def _write_blocks(cfg, model, hooks, sources, layout: Layout, store: ActivationS
     batches = prefetched(_batches(sequences, cfg.batch_size, layout.seqs_per_block), depth=4)
     batches_per_block = math.ceil(layout.seqs_per_block / cfg.batch_size)
     with tqdm(total=store.n_rows, initial=store.rows_written, unit="tok", unit_scale=True, desc="caching") as bar:
-        while rows := _block_rows(cfg, model, hooks, sources, layout, islice(batches, batches_per_block), seq_start, block_index):
+        while rows := _block_rows(cfg, members, layout, islice(batches, batches_per_block), seq_start, block_index):
             store.write_block(rows)
             bar.update(len(rows.tokens))
             seq_start += len(rows.sequences)
@@ -251,22 +326,25 @@ def _batches(sequences: Iterator[np.ndarray], batch_size: int, seqs_per_block: i
             yield torch.from_numpy(np.stack(batch))
 
 
-def _block_rows(cfg, model, hooks, sources, layout: Layout, batches: Iterator[torch.Tensor], seq_start: int,
+def _block_rows(cfg, members: list[Member], layout: Layout, batches: Iterator[torch.Tensor], seq_start: int,
                 block_index: int) -> RowBlock | None:
-    """Forward one block's batches as they arrive, drop excluded positions, check, cast; then
-    permute the block's rows. None when there is no batch left."""
+    """Forward one block's batches as they arrive (every model on the same batch), drop excluded
+    positions, check, cast; then permute the block's rows. None when there is no batch left."""
+    sources = [src for member in members for src in member.sources]
     sequences: list[torch.Tensor] = []
-    stored: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-    norm_sums = {h: np.zeros(3) for h in hooks}  # Σ‖x‖, Σ‖x‖², rows
+    stored: dict[str, list[torch.Tensor]] = {src.name: [] for src in sources}
+    norm_sums = {src.name: np.zeros(3) for src in sources}  # Σ‖x‖, Σ‖x‖², rows
     keep = slice(layout.first_pos, None)
     for batch in batches:  # [b, ctx]
         sequences.append(batch)
-        for hook, values in _run_hooks(model, batch.to(model.cfg.device), hooks).items():
-            values = values.reshape(*batch.shape, -1)[:, keep].reshape(-1, values.shape[-1])  # [b·kept, d] fp32
-            _check_values(values, hook, cfg.dtype)
-            norms = torch.linalg.vector_norm(values, dim=1, dtype=torch.float64)
-            norm_sums[hook] += (norms.sum().item(), norms.square().sum().item(), len(norms))
-            stored[hook].append(values.to(STORAGE_TORCH_DTYPE[cfg.dtype]).cpu())  # cast early: half the copying
+        for member in members:
+            acts = _run_hooks(member.model, batch.to(member.model.cfg.device), member.hooks)
+            for src in member.sources:
+                values = acts[src.hook].reshape(*batch.shape, -1)[:, keep].reshape(-1, src.d)  # [b·kept, d] fp32
+                _check_values(values, src.name, cfg.dtype)
+                norms = torch.linalg.vector_norm(values, dim=1, dtype=torch.float64)
+                norm_sums[src.name] += (norms.sum().item(), norms.square().sum().item(), len(norms))
+                stored[src.name].append(values.to(STORAGE_TORCH_DTYPE[cfg.dtype]).cpu())  # cast early: half the copying
     if not sequences:
         return None
     tokens = torch.cat(sequences)  # [S, ctx]
@@ -278,8 +356,8 @@ def _block_rows(cfg, model, hooks, sources, layout: Layout, batches: Iterator[to
         tokens=tokens[:, keep].numpy().reshape(-1)[perm],
         positions=positions.reshape(-1)[perm],
         sequence=seq_ids.reshape(-1)[perm],
-        acts={src.name: to_storage(torch.cat(stored[src.hook])[torch.from_numpy(perm)], cfg.dtype) for src in sources},
-        norm_sums={src.name: tuple(norm_sums[src.hook]) for src in sources},
+        acts={src.name: to_storage(torch.cat(stored[src.name])[torch.from_numpy(perm)], cfg.dtype) for src in sources},
+        norm_sums={src.name: tuple(norm_sums[src.name]) for src in sources},
         sequences=tokens.numpy(),
     )
 
@@ -298,14 +376,13 @@ def _check_values(values: torch.Tensor, source: str, dtype: str) -> None:
         )
 
 
-def _store_info(cfg: GenerateConfig, model, model_name: str, prepend_bos: bool, bos_id, hooks) -> dict:
-    tokenizer = model.tokenizer
+def _store_info(cfg: GenerateConfig, members: list[Member], prepend_bos: bool, bos_id) -> dict:
+    """Model, tokenizer and text facts for readers. The top-level model fields describe the first
+    model (the one whose tokenizer made the ids); `models` lists every model of the run."""
+    tokenizer = members[0].model.tokenizer
     return {
-        "model_name": model_name,
-        "model_path": cfg.model_path,
-        "n_layers": model.cfg.n_layers,
-        "d_model": model.cfg.d_model,
-        "d_vocab": model.cfg.d_vocab,
+        **_model_info(members[0]),
+        "models": [{"label": m.label, **_model_info(m)} for m in members],
         "tokenizer": getattr(tokenizer, "name_or_path", None),
         "bos_token_id": bos_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -313,6 +390,17 @@ def _store_info(cfg: GenerateConfig, model, model_name: str, prepend_bos: bool, 
         "exclude_bos": bool(prepend_bos and cfg.exclude_bos),
         "dataset": cfg.dataset,
         "context_length": cfg.context_length,
-        "hooks": hooks,
+        "hooks": members[0].hooks,
         "torch_version": torch.__version__,
+    }
+
+
+def _model_info(member: Member) -> dict:
+    model = member.model
+    return {
+        "model_name": member.name,
+        "model_path": member.path,
+        "n_layers": model.cfg.n_layers,
+        "d_model": model.cfg.d_model,
+        "d_vocab": model.cfg.d_vocab,
     }

@@ -153,6 +153,25 @@ def _quiet():
             logging.root.setLevel(previous)
 
 
+def check_same_tokenizer(first, second, names: tuple[str, str]) -> None:
+    """Refuse a model pair whose tokenizers could disagree on ids: a paired store feeds both
+    models the ids of the first model's tokenizer, so vocabularies and special ids must match."""
+    differences = []
+    vocab_a, vocab_b = first.get_vocab(), second.get_vocab()
+    if vocab_a != vocab_b:
+        n_diff = len(set(vocab_a.items()) ^ set(vocab_b.items()))
+        differences.append(f"vocabularies differ ({len(vocab_a)} vs {len(vocab_b)} tokens, {n_diff} entries not shared)")
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        a, b = getattr(first, attr), getattr(second, attr)
+        if a != b:
+            differences.append(f"{attr} {a} vs {b}")
+    if differences:
+        raise ModelError(
+            f"{names[0]} and {names[1]} do not share a tokenizer ({'; '.join(differences)}): "
+            "pair models with the same tokenizer, e.g. a base model and its chat fine-tune"
+        )
+
+
 def resolve_hooks(model, layers: tuple[int, ...], hook: str, hooks: tuple[str, ...]) -> list[str]:
     """Full hook names from `--layers L.. --hook KIND` and/or explicit `--hooks NAME..`, validated."""
     n_layers = model.cfg.n_layers
