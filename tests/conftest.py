@@ -1,5 +1,7 @@
 """Offline fixtures: a tiny randomly initialised GPT-NeoX saved as `EleutherAI/pythia-70m` in a
-temporary Hugging Face cache, a tokenizer trained on the spot, and small text files.
+temporary Hugging Face cache, a tokenizer trained on the spot, and small text files. For paired
+(base/chat) stores two more: `pythia-160m`, the same tokenizer with other random weights (a
+stand-in chat model), and `pythia-410m`, with a tokenizer trained to another vocabulary.
 
 HF_HOME must be set before huggingface_hub is imported (it reads it once), so the cache is
 built in `pytest_configure`, before any test module imports transformers.
@@ -16,6 +18,8 @@ import pytest
 TINY_NAME = "pythia-70m"  # TransformerLens alias of EleutherAI/pythia-70m
 TINY_LAYERS = 3
 TINY_D = 32
+TWIN_NAME = "pythia-160m"  # EleutherAI/pythia-160m: the tiny model's tokenizer, other weights
+OTHER_TOKENIZER_NAME = "pythia-410m"  # EleutherAI/pythia-410m: a different tokenizer
 WORDS = (
     "sparse dictionary feature latent activation model layer token residual stream decoder encoder "
     "the a of and to in is that it for on with as was by this be are from at or an which"
@@ -30,28 +34,45 @@ def corpus(n_docs: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))) + "." for _ in range(n_docs)]
 
 
-def _build_tiny_model(snapshot: Path) -> None:
+def _train_tokenizer(vocab_size: int, corpus_seed: int):
+    """A byte-level BPE trained on the pseudo-English corpus; <|endoftext|> is BOS, EOS and UNK."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
-    import torch
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(corpus(200), trainer)
-    fast = PreTrainedTokenizerFast(
+    tok.train_from_iterator(corpus(200, seed=corpus_seed), trainer)
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
     )
-    torch.manual_seed(0)
+
+
+def save_tiny_model(directory: Path, tokenizer, *, seed: int, d_model: int = TINY_D) -> None:
+    """A randomly initialised GPT-NeoX (weights from `seed`) and its tokenizer, as a HF directory."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    import torch
+
+    torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=len(fast), hidden_size=TINY_D, num_hidden_layers=TINY_LAYERS, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=d_model, num_hidden_layers=TINY_LAYERS, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=256, rotary_pct=0.25, bos_token_id=0, eos_token_id=0,
     )
-    GPTNeoXForCausalLM(config).save_pretrained(snapshot)
-    fast.save_pretrained(snapshot)
+    GPTNeoXForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _hub_snapshot(root: Path, repo_id: str) -> Path:
+    """An empty snapshot folder laid out as the Hugging Face cache does: models--ORG--NAME/..."""
+    repo = root / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    return snapshot
 
 
 def pytest_configure(config):
@@ -61,12 +82,10 @@ def pytest_configure(config):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    repo = root / "hub" / "models--EleutherAI--pythia-70m"
-    snapshot = repo / "snapshots" / "0123456789abcdef"
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123456789abcdef")
-    _build_tiny_model(snapshot)
+    tokenizer = _train_tokenizer(vocab_size=400, corpus_seed=0)
+    save_tiny_model(_hub_snapshot(root, "EleutherAI/pythia-70m"), tokenizer, seed=0)
+    save_tiny_model(_hub_snapshot(root, "EleutherAI/pythia-160m"), tokenizer, seed=1)
+    save_tiny_model(_hub_snapshot(root, "EleutherAI/pythia-410m"), _train_tokenizer(vocab_size=300, corpus_seed=7), seed=2)
 
 
 def pytest_unconfigure(config):
@@ -77,6 +96,16 @@ def pytest_unconfigure(config):
 def tiny_model_dir(pytestconfig) -> Path:
     """The tiny model's snapshot directory (a plain local HF directory)."""
     return next((pytestconfig._sae_sweep_hf_root / "hub" / "models--EleutherAI--pythia-70m" / "snapshots").iterdir())
+
+
+@pytest.fixture(scope="session")
+def wide_twin_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A local HF directory: the tiny model's tokenizer, d_model 64 instead of 32."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("wide-twin")
+    save_tiny_model(directory, AutoTokenizer.from_pretrained(tiny_model_dir), seed=3, d_model=64)
+    return directory
 
 
 @pytest.fixture(scope="session")
