@@ -15,9 +15,10 @@ from pathlib import Path
 
 import click
 
-from cache.cli_options import run_or_exit
+from cache.cli_options import SpaceSeparated, run_or_exit
 from evaluation.report import format_table
 from evaluation.runner import EvalConfig, evaluate_run
+from training.dictionary import ARCHS
 from training.tracking import WandbTracker
 from training.trainer import SweepConfig, train_sweep
 
@@ -30,13 +31,24 @@ def _int(value: str) -> int:
 @click.option("--cache", "--dataset_dir", "cache", default="caches/demo", help="Activation store written by generate_activations.py.")
 @click.option("--source", default=None, help="Source in the store to train on [default: the store's only source].")
 @click.option("--output_dir", default="runs/demo", help="Where checkpoints, members and the summary go.")
+@click.option("--arch", type=click.Choice(list(ARCHS)), default="relu", help="Architecture of every member.")
+@click.option("--sweep", cls=SpaceSeparated, split_commas=False, type=str,
+              help="Knob axes; members are their grid: --sweep k=16,32,64 'l1=logspace(-4,-2,8)' seed=0,1.")
 @click.option("--l1_min", type=float, default=-4.0, help="log10 of the smallest L1 coefficient.")
 @click.option("--l1_max", type=float, default=-2.0, help="log10 of the largest L1 coefficient.")
-@click.option("--n_models", "--members", "n_models", type=int, default=8, help="Members, L1 log-spaced between the bounds.")
+@click.option("--n_models", "--members", "n_models", type=int, default=8,
+              help="Members of the shorthand sweep: the sparsity coefficient log-spaced between the bounds.")
+@click.option("--k", type=int, default=32, help="Active latents per row (topk, batchtopk) unless swept.")
+@click.option("--l0_coeff", type=float, default=1e-3, help="L0 coefficient (jumprelu) unless swept.")
+@click.option("--bandwidth", type=float, default=1e-3, help="JumpReLU straight-through bandwidth.")
+@click.option("--grad_clip", type=float, default=None, help="Clip each member's gradient norm to this value.")
 @click.option("--ratio", type=float, default=8.0, help="d_sae = ratio × d_in.")
 @click.option("--d_sae", type=int, default=None, help="Number of latents (overrides --ratio).")
 @click.option("--batch_size", type=int, default=4096, help="Rows per step, shared by every member.")
 @click.option("--lr", type=float, default=1e-4, help="Adam learning rate.")
+@click.option("--lr_warmup_steps", type=int, default=0, help="Linear learning-rate warm-up steps.")
+@click.option("--lr_decay_start", type=float, default=None, help="Fraction of training after which the lr decays linearly to 0.")
+@click.option("--sparsity_warmup_steps", type=int, default=0, help="Linear warm-up steps of the sparsity coefficient.")
 @click.option("--b_dec_init", type=click.Choice(["mean", "zeros"]), default="mean", help="Initial decoder bias.")
 @click.option("--n_epochs", type=int, default=1, help="Passes over the training rows.")
 @click.option("--n_tokens", type=_int, default=None, help="Train on this many rows instead of --n_epochs.")
@@ -54,6 +66,7 @@ def _int(value: str) -> int:
 @click.option("--wandb_project", default=None, help="Log curves and results to this Weights & Biases project (optional).")
 def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_project: str | None, **options) -> None:
     """Train many sparse dictionaries at once on one cached source."""
+    options["sweep"] = tuple(options["sweep"])
     cfg = run_or_exit(lambda: SweepConfig(**options))
     out = options["output_dir"]
     tracker = run_or_exit(lambda: WandbTracker(wandb_project, Path(out).name, asdict(cfg))) if wandb_project else None

@@ -14,11 +14,12 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErro
 class SpaceSeparated(click.Option):
     """An option that takes every following word up to the next option: `--layers 2 3 5`.
 
-    Commas work too (`--layers 2,3`), as does repeating the option.
+    Commas work too (`--layers 2,3`) unless `split_commas=False`, as does repeating the option.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, split_commas: bool = True, **kwargs):
         kwargs.setdefault("multiple", True)
+        self.split_commas = split_commas
         super().__init__(*args, **kwargs)
 
     def add_to_parser(self, parser, ctx):
@@ -36,7 +37,7 @@ class SpaceSeparated(click.Option):
             while state.rargs and not state.rargs[0].startswith(prefixes):
                 values.append(state.rargs.pop(0))
             for item in values:
-                for part in str(item).split(","):
+                for part in str(item).split(",") if self.split_commas else [str(item)]:
                     if part:
                         process(part, state)
 

@@ -68,8 +68,15 @@ def load_member(directory: str | Path, device: str | torch.device = "cpu") -> tu
 
 def sae_forward(cfg: dict, w: dict[str, torch.Tensor], x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SAELens inference semantics on raw activations.  x [B, D] → (f [B, F], x̂ [B, D])"""
-    if cfg["architecture"] != "standard":
-        raise ValueError(f"no reader for SAELens architecture {cfg['architecture']!r}")
+    arch = cfg["architecture"]
     x_in = x_BD - w["b_dec"] if cfg.get("apply_b_dec_to_input", True) else x_BD
-    f_BF = torch.relu(x_in @ w["W_enc"] + w["b_enc"])
+    pre_BF = x_in @ w["W_enc"] + w["b_enc"]
+    f_BF = torch.relu(pre_BF)
+    if arch == "topk":
+        values, index = f_BF.topk(cfg["k"], dim=-1)
+        f_BF = torch.zeros_like(f_BF).scatter(-1, index, values)
+    elif arch == "jumprelu":
+        f_BF = f_BF * (pre_BF > w["threshold"])
+    elif arch != "standard":
+        raise ValueError(f"no reader for SAELens architecture {arch!r}")
     return f_BF, f_BF @ w["W_dec"] + w["b_dec"]

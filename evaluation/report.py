@@ -6,10 +6,14 @@ import json
 import math
 from pathlib import Path
 
-# Columns of the terminal table and of report.md: (key, header, format).
+# Columns of the terminal table and of report.md: (key, header, format). Knob columns appear
+# when the members differ in that knob.
+KNOBS = (("l1_coeff", "λ", "{:.2e}"), ("l0_coeff", "λ_L0", "{:.2e}"), ("k", "k", "{}"), ("lr", "lr", "{:.1e}"),
+         ("seed", "seed", "{}"), ("bandwidth", "ε", "{:.1e}"), ("aux_coeff", "α", "{:.3g}"))
 TABLE = (
     ("name", "member", "{}"),
-    ("l1_coeff", "λ", "{:.2e}"),
+    ("arch", "arch", "{}"),
+    *KNOBS,
     ("d_sae", "d_sae", "{}"),
     ("l0", "L0", "{:.1f}"),
     ("fvu", "FVU", "{:.3f}"),
@@ -30,9 +34,18 @@ def write_summary(out: Path, summary: dict) -> None:
         writer.writerows(rows)
 
 
+def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """Columns with values; knob columns only where the members differ."""
+    def shown(key: str) -> bool:
+        values = {repr(r.get(key)) for r in rows}
+        return any(key in r for r in rows) and (key not in dict((k, 0) for k, _, _ in KNOBS) or len(values) > 1)
+
+    return [c for c in TABLE if shown(c[0])]
+
+
 def format_table(rows: list[dict]) -> str:
-    """The members as an aligned text table (columns without values are left out)."""
-    columns = [c for c in TABLE if any(c[0] in r for r in rows)]
+    """The members as an aligned text table."""
+    columns = _columns(rows)
     cells = [[h for _, h, _ in columns]] + [[_cell(r, k, fmt) for k, _, fmt in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join(
@@ -44,7 +57,7 @@ def write_report(out: Path, summary: dict, plots: list[Path]) -> Path:
     """report.md: what was trained on, the members' table, and the plots (relative links)."""
     rows = summary["members"]
     store = summary["store"]
-    columns = [c for c in TABLE if any(c[0] in r for r in rows)]
+    columns = _columns(rows)
     lines = [
         f"# Sweep report: {out.name}",
         "",

@@ -66,10 +66,10 @@ def test_members_load_in_saelens_with_equal_reconstructions(sweep_dir, small_sto
 
 def test_export_folds_the_normalisation_into_the_weights():
     """Raw-space outputs of the exported weights equal s × the normalised-space outputs."""
-    from training.dictionary import MemberConfig, ReluDictionary
+    from training.dictionary import MemberConfig, Dictionary
 
     torch.manual_seed(0)
-    d = ReluDictionary([MemberConfig(d_in=5, d_sae=7, l1_coeff=1e-3)])
+    d = Dictionary([MemberConfig(d_in=5, d_sae=7, l1_coeff=1e-3)])
     with torch.no_grad():
         d.b_dec.normal_()
         d.b_enc.normal_(std=0.1)

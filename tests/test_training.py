@@ -7,7 +7,7 @@ import torch
 
 from cache.store import ActivationStore, RowBlock, SourceInfo
 from cache.stream import ActivationStream, StreamConfig
-from training.dictionary import MemberConfig, ReluDictionary
+from training.dictionary import MemberConfig, Dictionary
 from training.ensemble import BatchedAdam, Ensemble
 
 
@@ -17,7 +17,7 @@ def members(n: int = 3, d_in: int = 6, d_sae: int = 10, **kw) -> list[MemberConf
 
 def test_relu_loss_known_answer():
     """Hand-computed loss of a 2-latent dictionary on one input."""
-    d = ReluDictionary([MemberConfig(d_in=2, d_sae=2, l1_coeff=0.5)])
+    d = Dictionary([MemberConfig(d_in=2, d_sae=2, l1_coeff=0.5)])
     with torch.no_grad():
         d.W_enc[0] = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
         d.b_enc[0] = torch.tensor([0.0, 0.5])
@@ -35,7 +35,7 @@ def test_relu_loss_known_answer():
 
 def test_folded_b_dec_matches_subtracting_it_and_gradients_agree():
     torch.manual_seed(0)
-    d = ReluDictionary(members())
+    d = Dictionary(members())
     with torch.no_grad():
         d.b_dec.normal_()
         d.b_enc.normal_(std=0.1)
@@ -93,7 +93,7 @@ def test_ensemble_member_equals_the_same_member_trained_alone(member_chunk):
         for name, tensor in together.dictionary.named_parameters():
             torch.testing.assert_close(tensor[e], getattr(solo.dictionary, name)[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.mse[e], solo_outs[e].mse[0])
-        assert torch.equal(out.fired[e], solo_outs[e].fired[0])
+        assert torch.equal(together.dictionary.tokens_since_fired[e], solo.dictionary.tokens_since_fired[0])
 
 
 def test_training_reduces_the_loss_on_planted_features():
@@ -170,6 +170,6 @@ def test_b_dec_starts_at_the_normalised_sample_mean(tmp_path):
     stream = ActivationStream(store, "s", StreamConfig(batch_size=100, eval_rows=100))
     mean = stream.sample_mean(n_rows=50)
     torch.testing.assert_close(mean, torch.full((4,), 24.5) / stream.scale)
-    d = ReluDictionary(members(2, d_in=4))
+    d = Dictionary(members(2, d_in=4))
     d.init_b_dec_(mean)
     torch.testing.assert_close(d.b_dec, mean.expand(2, 4))

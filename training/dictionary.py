@@ -1,18 +1,27 @@
-"""Sparse dictionaries with a leading member axis: E dictionaries in one set of tensors.
+"""Sparse dictionaries with a leading member axis: E dictionaries of one architecture in one set
+of tensors, differing only in the values of their knobs.
 
 Dimension key: B batch, D d_in, F d_sae, E members.
 
-ReLU SAE (Towards Monosemanticity; Bricken et al. 2023), per member e:
+Every architecture is the same mechanism with different parameters (see ARCHS):
 
-    f  = ReLU((x − b_dec) W_enc + b_enc)          # [B, F]
-    x̂  = f W_dec + b_dec                           # [B, D]
-    L  = mean_{b,d} (x̂ − x)² + λ_e · mean_b Σ_i f_i
+    pre = (x − b_dec) W_enc + b_enc        (x W_enc + b_enc where `subtract_b_dec` is off)
+    f   = activation(pre)                  relu | topk | batchtopk | jumprelu
+    x̂   = f W_dec + b_dec
+    L   = mean_{b,d} (x̂ − x)² + c · s_t · penalty(f) + α · AuxK
 
-with the rows of W_dec kept at unit norm (the gradient is projected onto the rows' tangent
-space before the step, and rows are renormalised after it). The reconstruction term is averaged
-over d: λ from a loss that sums over d is λ_sum = λ · d. Members differ only in the values of
-their knobs (λ, seed, lr), which live in tensors with a leading [E] axis, so one batched
-forward/backward trains all of them. Not here yet: other architectures, resampling.
+    relu        penalty mean_b Σ_i f_i, unit-norm decoder rows (Bricken et al. 2023)
+    relu_april  penalty mean_b Σ_i f_i ‖W_dec,i‖, free decoder norms (Anthropic, April 2024)
+    topk        f = the k largest of ReLU(pre) per row; AuxK on dead latents (Gao et al. 2024)
+    batchtopk   the k·B largest of ReLU(pre) over the batch; inference threshold θ = EMA of the
+                smallest kept value, exported as JumpReLU (Bussmann et al. 2024)
+    jumprelu    f = z·H(z − θ), θ > 0 learned through a straight-through estimator with a
+                rectangle kernel of bandwidth ε; penalty L0 (Rajamanoharan et al. 2024)
+
+c is the member's l1_coeff or l0_coeff, s_t a schedule factor (sparsity warm-up) set by the
+trainer. Unit-norm decoders: the gradient is projected onto each row's tangent space before the
+step and rows are renormalised after it. The reconstruction term is averaged over d (λ from a
+loss summed over d: λ_sum = λ · d). Not here yet: gated, p-annealing, Matryoshka, resampling.
 """
 from __future__ import annotations
 
@@ -23,8 +32,33 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-ARCHITECTURES = ("relu",)
-LOSS_CONVENTION = "mse_mean_over_d+l1_sum_over_latents_mean_over_batch"
+LOSS_CONVENTION = "mse_mean_over_d+penalty_sum_over_latents_mean_over_batch"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What distinguishes one architecture from another: flags, not code."""
+
+    activation: str  # relu | topk | batchtopk | jumprelu
+    penalty: str  # l1 | l1_decoder_norm | l0 | none
+    subtract_b_dec: bool  # encode x − b_dec (SAELens apply_b_dec_to_input)
+    unit_norm_decoder: bool
+    aux_k: bool  # AuxK loss on dead latents
+    saelens: str  # architecture name of the export
+    knobs: tuple[str, ...]  # MemberConfig fields this architecture reads (what a sweep may vary)
+    betas: tuple[float, float] = (0.9, 0.99)  # Adam betas shared by the ensemble
+
+
+_COMMON = ("lr", "seed", "grad_clip")
+ARCHS = {
+    "relu": ArchSpec("relu", "l1", True, True, False, "standard", ("l1_coeff", *_COMMON)),
+    "relu_april": ArchSpec("relu", "l1_decoder_norm", False, False, False, "standard",
+                           ("l1_coeff", "decoder_init_norm", *_COMMON), (0.9, 0.999)),
+    "topk": ArchSpec("topk", "none", True, True, True, "topk", ("k", "aux_coeff", *_COMMON), (0.9, 0.999)),
+    "batchtopk": ArchSpec("batchtopk", "none", True, True, True, "jumprelu", ("k", "aux_coeff", *_COMMON), (0.9, 0.999)),
+    "jumprelu": ArchSpec("jumprelu", "l0", False, False, False, "jumprelu",
+                         ("l0_coeff", "bandwidth", "threshold_init", *_COMMON), (0.0, 0.999)),
+}
 
 
 @dataclass(frozen=True)
@@ -35,24 +69,51 @@ class MemberConfig:
     """Width of the activations it reads."""
     d_sae: int
     """Number of latents."""
-    l1_coeff: float
-    """λ in L = mean_{b,d}(x̂−x)² + λ·mean_b Σ_i f_i (activations normalised to mean norm √d)."""
+    arch: str = "relu"
+    """Architecture; one of ARCHS."""
+    l1_coeff: float = 0.0
+    """λ of the L1 penalties (relu, relu_april), on activations normalised to mean norm √d."""
+    l0_coeff: float = 0.0
+    """λ of the L0 penalty (jumprelu)."""
+    k: int = 32
+    """Active latents per row (topk), or per row on average over the batch (batchtopk)."""
+    bandwidth: float = 1e-3
+    """Rectangle-kernel width ε of the JumpReLU straight-through estimator."""
+    threshold_init: float = 1e-3
+    """Initial JumpReLU threshold θ."""
+    aux_coeff: float = 1 / 32
+    """α of the AuxK loss (topk, batchtopk)."""
+    aux_k: int | None = None
+    """Dead latents AuxK reconstructs from; default d_in // 2."""
+    decoder_init_norm: float = 0.1
+    """Initial decoder row norm where rows are free (relu_april)."""
     lr: float = 1e-4
     """Adam learning rate."""
+    grad_clip: float | None = None
+    """Clip this member's gradient norm (over all its parameters) to this value."""
     seed: int = 0
     """Seed of this member's initialisation."""
-    arch: str = "relu"
-    """Architecture; one of ARCHITECTURES."""
 
     def __post_init__(self):
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.d_in < 1 or self.d_sae < 1:
             raise ValueError(f"dictionary widths must be positive (d_in={self.d_in}, d_sae={self.d_sae})")
-        if self.l1_coeff < 0 or not math.isfinite(self.l1_coeff):
-            raise ValueError(f"l1_coeff must be a finite number ≥ 0, got {self.l1_coeff}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("l1_coeff", "l0_coeff", "aux_coeff"):
+            value = getattr(self, name)
+            if value < 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
+        if self.spec.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
+            raise ValueError(f"k must be between 1 and d_sae={self.d_sae}, got {self.k}")
+        for name in ("lr", "bandwidth", "threshold_init", "decoder_init_norm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ARCHS[self.arch]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,44 +122,78 @@ class MemberConfig:
 class LossOutput(NamedTuple):
     total: torch.Tensor  # [E] the loss each member minimises
     mse: torch.Tensor  # [E] mean over batch and d of (x̂ − x)²
-    sparsity: torch.Tensor  # [E] mean over batch of Σ_i f_i
+    sparsity: torch.Tensor  # [E] the penalty before its coefficient (L1, L0 or 0)
     l0: torch.Tensor  # [E] mean over batch of #{f_i > 0}
     f: torch.Tensor  # [E, B, F]
     x_hat: torch.Tensor  # [E, B, D]
 
 
-class ReluDictionary(nn.Module):
-    """E ReLU SAEs of one width as stacked parameters."""
+class Dictionary(nn.Module):
+    """E sparse dictionaries of one architecture and width as stacked parameters."""
 
-    def __init__(self, members: list[MemberConfig]):
+    def __init__(self, members: list[MemberConfig], aux_dead_tokens: int = 10_000_000, threshold_start_step: int = 1000):
+        """`aux_dead_tokens`: tokens without firing after which AuxK counts a latent dead;
+        `threshold_start_step`: step from which BatchTopK's inference threshold is averaged."""
         super().__init__()
-        _check_same(members, "d_in", "d_sae", "arch")
+        _check_same(members, "d_in", "d_sae", "arch", "aux_k")
         E, D, F = len(members), members[0].d_in, members[0].d_sae
         self.members = list(members)
+        self.spec = members[0].spec
+        self.aux_k = members[0].aux_k or max(1, D // 2)
+        self.aux_dead_tokens = aux_dead_tokens
+        self.threshold_start_step = threshold_start_step
         self.W_enc = nn.Parameter(torch.empty(E, D, F))
         self.b_enc = nn.Parameter(torch.zeros(E, F))
         self.W_dec = nn.Parameter(torch.empty(E, F, D))
         self.b_dec = nn.Parameter(torch.zeros(E, D))
-        self.register_buffer("l1_coeff", torch.tensor([m.l1_coeff for m in members]))
+        if self.spec.activation == "jumprelu":
+            # θ is trained directly (clamped positive after each step): Adam then moves it by ~lr
+            # per step, on the scale of the normalised activations; a log-parameter would crawl.
+            theta_E = torch.tensor([m.threshold_init for m in members])
+            self.jump_threshold = nn.Parameter(theta_E.unsqueeze(1).repeat(1, F))
+        for knob in ("l1_coeff", "l0_coeff", "k", "bandwidth", "aux_coeff"):
+            dtype = torch.long if knob == "k" else torch.float32
+            self.register_buffer(knob, torch.tensor([getattr(m, knob) for m in members], dtype=dtype))
+        self.register_buffer("sparsity_scale", torch.ones(E))  # schedule factor, set by the trainer
+        self.register_buffer("tokens_since_fired", torch.zeros(E, F, dtype=torch.long))  # AuxK's dead latents
+        self.register_buffer("threshold", torch.zeros(E))  # batchtopk inference threshold (EMA)
+        self.register_buffer("steps", torch.zeros(E, dtype=torch.long))
         with torch.no_grad():
             for e, member in enumerate(members):
                 W_dec_FD = init_decoder(F, D, member.seed)
-                self.W_dec[e] = W_dec_FD
-                # Encoder = decoder transpose, scaled so x̂ ≈ x at the start: for random unit rows w,
-                # E[ReLU(w·x) w] = x / (2D), so F latents sum to F/(2D) · x.
-                self.W_enc[e] = W_dec_FD.T * (2 * D / F)
+                if self.spec.unit_norm_decoder or self.spec.activation == "jumprelu":
+                    # x̂ ≈ x at the start: for random unit rows w, E[ReLU(w·x) w] = x / (2D)
+                    self.W_dec[e], self.W_enc[e] = W_dec_FD, W_dec_FD.T * (2 * D / F)
+                else:
+                    W_dec_FD = W_dec_FD * member.decoder_init_norm
+                    self.W_dec[e], self.W_enc[e] = W_dec_FD, W_dec_FD.T
+
+    # ---------------------------------------------------------------- forward
+    def pre_activation(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """x [B, D] → pre [E, B, F]"""
+        bias_E1F = self.b_enc.unsqueeze(1)
+        if self.spec.subtract_b_dec:
+            # (x − b_dec) W_enc + b_enc = x W_enc + (b_enc − b_dec W_enc): the batch-sized product
+            # stays free of b_dec, so its gradient costs a vector product, not a third matmul.
+            bias_E1F = bias_E1F - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc)
+        E, B = self.W_enc.shape[0], x_BD.shape[0]
+        return torch.baddbmm(bias_E1F, x_BD.expand(E, B, -1), self.W_enc)
+
+    def activate(self, pre_EBF: torch.Tensor) -> torch.Tensor:
+        """Latent activations from pre-activations (training-time rule).  → [E, B, F]"""
+        kind = self.spec.activation
+        if kind == "relu":
+            return torch.relu(pre_EBF)
+        if kind == "topk":
+            return keep_top(torch.relu(pre_EBF), self.k)
+        if kind == "batchtopk":
+            E, B, F = pre_EBF.shape
+            return keep_top(torch.relu(pre_EBF).reshape(E, 1, B * F), self.k * B).reshape(E, B, F)
+        return JumpReLU.apply(pre_EBF, self.jump_threshold.unsqueeze(1), self.bandwidth.view(-1, 1, 1))
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Latent activations of every member.  x [B, D] → f [E, B, F]"""
-        return torch.relu(self._pre_activation(x_BD))
-
-    def _pre_activation(self, x_BD: torch.Tensor) -> torch.Tensor:
-        # (x − b_dec) W_enc + b_enc = x W_enc + (b_enc − b_dec W_enc): folding b_dec into the bias
-        # keeps the batch-sized product free of b_dec, so its gradient costs a vector product,
-        # not a third [B, F] × [F, D] matmul.
-        bias_E1F = self.b_enc.unsqueeze(1) - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc)
-        E, B = self.W_enc.shape[0], x_BD.shape[0]
-        return torch.baddbmm(bias_E1F, x_BD.expand(E, B, -1), self.W_enc)  # [E, B, F]
+        return self.activate(self.pre_activation(x_BD))
 
     def decode(self, f_EBF: torch.Tensor) -> torch.Tensor:
         """Reconstructions.  f [E, B, F] → x̂ [E, B, D]"""
@@ -113,13 +208,60 @@ class ReluDictionary(nn.Module):
         return self.loss(x_BD)
 
     def loss(self, x_BD: torch.Tensor) -> LossOutput:
-        f_EBF = self.encode(x_BD)
+        pre_EBF = self.pre_activation(x_BD)
+        f_EBF = self.activate(pre_EBF)
         x_hat_EBD = self.decode(f_EBF)
         mse_E = (x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2))
-        sparsity_E = f_EBF.sum(-1).mean(-1)
+        sparsity_E = self._penalty(f_EBF, pre_EBF)
+        coeff_E = self.l0_coeff if self.spec.penalty == "l0" else self.l1_coeff
+        total_E = mse_E + coeff_E * self.sparsity_scale * sparsity_E
+        if self.spec.aux_k:
+            total_E = total_E + self.aux_coeff * self._aux_k_loss(x_BD, x_hat_EBD, pre_EBF)
+        if self.training:
+            self._track_(f_EBF, len(x_BD))
         l0_E = (f_EBF > 0).float().sum(-1).mean(-1)
-        return LossOutput(mse_E + self.l1_coeff * sparsity_E, mse_E, sparsity_E, l0_E, f_EBF, x_hat_EBD)
+        return LossOutput(total_E, mse_E, sparsity_E, l0_E, f_EBF, x_hat_EBD)
 
+    def _penalty(self, f_EBF: torch.Tensor, pre_EBF: torch.Tensor) -> torch.Tensor:
+        kind = self.spec.penalty
+        if kind == "l1":
+            return f_EBF.sum(-1).mean(-1)
+        if kind == "l1_decoder_norm":
+            return (f_EBF * self.W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
+        if kind == "l0":
+            theta = self.jump_threshold.unsqueeze(1)
+            return Step.apply(pre_EBF, theta, self.bandwidth.view(-1, 1, 1)).sum(-1).mean(-1)
+        return torch.zeros_like(self.l1_coeff)
+
+    def _aux_k_loss(self, x_BD: torch.Tensor, x_hat_EBD: torch.Tensor, pre_EBF: torch.Tensor) -> torch.Tensor:
+        """AuxK (Gao et al. 2024, A.2): reconstruct the residual from the top-k_aux dead latents,
+        normalised by the residual's variance.  → [E]"""
+        dead_E1F = (self.tokens_since_fired >= self.aux_dead_tokens).unsqueeze(1)
+        if not dead_E1F.any():
+            return torch.zeros_like(self.aux_coeff)
+        residual_EBD = (x_BD - x_hat_EBD).detach()
+        dead_pre = torch.relu(pre_EBF).masked_fill(~dead_E1F, 0.0)
+        k_aux = torch.full_like(self.k, min(self.aux_k, pre_EBF.shape[-1]))
+        residual_hat_EBD = torch.bmm(keep_top(dead_pre, k_aux), self.W_dec)
+        err_E = (residual_hat_EBD - residual_EBD).pow(2).sum(dim=(1, 2))
+        var_E = (residual_EBD - residual_EBD.mean(1, keepdim=True)).pow(2).sum(dim=(1, 2)).clamp_min(1e-12)
+        return torch.where(dead_E1F.flatten(1).any(-1), err_E / var_E, torch.zeros_like(err_E))
+
+    @torch.no_grad()
+    def _track_(self, f_EBF: torch.Tensor, batch_size: int) -> None:
+        """Dead-latent counters (AuxK) and the BatchTopK inference threshold (EMA of the smallest
+        kept activation, from `threshold_start_step` on)."""
+        self.tokens_since_fired.add_(batch_size).masked_fill_((f_EBF > 0).any(dim=1), 0)
+        self.steps.add_(1)
+        if self.spec.activation == "batchtopk":
+            smallest_E = torch.where(f_EBF > 0, f_EBF, torch.inf).amin(dim=(1, 2))
+            smallest_E = torch.where(torch.isfinite(smallest_E), smallest_E, self.threshold)
+            first = self.steps == self.threshold_start_step
+            ema = 0.999 * self.threshold + 0.001 * smallest_E
+            started = self.steps >= self.threshold_start_step
+            self.threshold.copy_(torch.where(first, smallest_E, torch.where(started, ema, self.threshold)))
+
+    # ---------------------------------------------------------------- constraints
     @torch.no_grad()
     def init_b_dec_(self, mean_D: torch.Tensor) -> None:
         """Start every member's b_dec at the data mean, so encoders see centred inputs from step 0
@@ -128,33 +270,95 @@ class ReluDictionary(nn.Module):
 
     @torch.no_grad()
     def before_step_(self) -> None:
-        """Remove from each decoder row's gradient its component along the row (unit-norm constraint)."""
+        """Remove from each decoder row's gradient its component along the row (unit-norm decoders)."""
         g = self.W_dec.grad
-        if g is not None:
+        if self.spec.unit_norm_decoder and g is not None:
             g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
 
     @torch.no_grad()
     def after_step_(self) -> None:
-        """Renormalise decoder rows to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        """Renormalise decoder rows to unit norm (unit-norm decoders); keep thresholds positive."""
+        if self.spec.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if self.spec.activation == "jumprelu":
+            self.jump_threshold.clamp_(min=1e-6)
 
+    # ---------------------------------------------------------------- export
     @torch.no_grad()
     def member_tensors(self, e: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
         """Member e's weights in SAELens names, for raw activations x_raw = scale · x.
 
         The pre-activation is invariant: (x_raw − s·b_dec)(W_enc / s) + b_enc equals the
-        normalised one, and the reconstruction scales by s.
+        normalised one (likewise without b_dec), so thresholds and k carry over unchanged,
+        and the reconstruction scales by s.
         """
-        return {
+        tensors = {
             "W_enc": (self.W_enc[e] / scale).contiguous(),
             "b_enc": self.b_enc[e].clone(),
             "W_dec": (self.W_dec[e] * scale).contiguous(),
             "b_dec": (self.b_dec[e] * scale).clone(),
         }
+        if self.spec.activation == "jumprelu":
+            tensors["threshold"] = self.jump_threshold[e].clone()
+        elif self.spec.activation == "batchtopk":
+            tensors["threshold"] = self.threshold[e].expand(self.W_enc.shape[-1]).clone()
+        return tensors
 
     def saelens_architecture(self, e: int) -> dict:
         """The architecture-specific part of member e's SAELens cfg.json."""
-        return {"architecture": "standard", "apply_b_dec_to_input": True}
+        fields = {"architecture": self.spec.saelens, "apply_b_dec_to_input": self.spec.subtract_b_dec}
+        if self.spec.saelens == "topk":
+            fields.update(k=int(self.k[e]), rescale_acts_by_decoder_norm=False)
+        return fields
+
+
+def keep_top(values_EBN: torch.Tensor, k_E: torch.Tensor) -> torch.Tensor:
+    """Keep the k_e largest entries of each row of member e, zero the rest.  → [E, B, N]
+
+    One topk at the largest k, then a rank mask per member: members may differ in k."""
+    k_max = int(k_E.max())
+    top_values, top_index = values_EBN.topk(k_max, dim=-1, sorted=True)
+    rank_mask = torch.arange(k_max, device=values_EBN.device) < k_E.view(-1, 1, 1)
+    return torch.zeros_like(values_EBN).scatter(-1, top_index, top_values * rank_mask)
+
+
+class JumpReLU(torch.autograd.Function):
+    """f = z · H(z − θ). Straight-through estimator (Rajamanoharan et al. 2024, eq. 11):
+    ∂f/∂z = H(z − θ); ∂f/∂θ = −(θ/ε) K((z − θ)/ε), K(u) = 1[|u| < ½]."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta, eps)
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, grad_f):
+        z, theta, eps = ctx.saved_tensors
+        in_window = ((z - theta).abs() < eps / 2).to(z.dtype)
+        grad_theta = -(theta / eps) * in_window * grad_f
+        return grad_f * (z > theta), _sum_to(grad_theta, theta.shape), None
+
+
+class Step(torch.autograd.Function):
+    """H(z − θ), with ∂H/∂θ = −(1/ε) K((z − θ)/ε) and no gradient to z (the L0 penalty trains
+    thresholds only; Rajamanoharan et al. 2024, eq. 12)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta, eps)
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        z, theta, eps = ctx.saved_tensors
+        in_window = ((z - theta).abs() < eps / 2).to(z.dtype)
+        return None, _sum_to(-(1 / eps) * in_window * grad_h, theta.shape), None
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to the shape of the tensor it came from."""
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1]
+    return grad.sum(dim=dims, keepdim=True)
 
 
 def init_decoder(d_sae: int, d_in: int, seed: int) -> torch.Tensor:
@@ -165,15 +369,10 @@ def init_decoder(d_sae: int, d_in: int, seed: int) -> torch.Tensor:
     return W / W.norm(dim=-1, keepdim=True)
 
 
-def build_dictionary(members: list[MemberConfig]) -> ReluDictionary:
-    """The stacked dictionary for `members` (all of one architecture and width)."""
-    return ReluDictionary(members)
-
-
 def _check_same(members: list[MemberConfig], *fields: str) -> None:
     if not members:
         raise ValueError("an ensemble needs at least one member")
     for name in fields:
         values = {getattr(m, name) for m in members}
         if len(values) > 1:
-            raise ValueError(f"members of one ensemble must share {name}; got {sorted(values)}")
+            raise ValueError(f"members of one ensemble must share {name}; got {sorted(values, key=str)}")

@@ -9,13 +9,14 @@ Invariant (tested): member e of an ensemble equals the same configuration traine
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from training.dictionary import MemberConfig, build_dictionary
+from training.dictionary import Dictionary, MemberConfig
 
 
 class BatchedAdam:
@@ -28,6 +29,7 @@ class BatchedAdam:
     def __init__(self, params: list[nn.Parameter], lr_E: torch.Tensor, betas=(0.9, 0.99), eps: float = 1e-8):
         self.params = params
         self.lr_E = lr_E
+        self.lr_scale = 1.0  # schedule factor applied to every member's lr, set by the trainer
         self.betas = betas
         self.eps = eps
         self.step_count = 0
@@ -46,7 +48,7 @@ class BatchedAdam:
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             denom = (v / bias2).sqrt_().add_(self.eps)
-            lr = (self.lr_E / bias1).view(-1, *([1] * (p.dim() - 1)))  # [E, 1, ...]
+            lr = (self.lr_E * (self.lr_scale / bias1)).view(-1, *([1] * (p.dim() - 1)))  # [E, 1, ...]
             p.addcdiv_(m * lr, denom, value=-1.0)
 
     def state_dict(self) -> dict:
@@ -65,7 +67,6 @@ class StepOutput(NamedTuple):
     mse: torch.Tensor  # [E]
     sparsity: torch.Tensor  # [E]
     l0: torch.Tensor  # [E]
-    fired: torch.Tensor  # [E, F] bool: latent fired on some row of the batch
 
 
 class Ensemble:
@@ -78,13 +79,16 @@ class Ensemble:
     does not depend on the grouping: members never interact.
     """
 
-    def __init__(self, members: list[MemberConfig], device: str | torch.device = "cpu", member_chunk: int | None = None):
+    def __init__(self, members: list[MemberConfig], device: str | torch.device = "cpu", member_chunk: int | None = None,
+                 dead_tokens: int = 10_000_000, threshold_start_step: int = 1000):
         self.members = list(members)
         self.device = torch.device(device)
-        self.dictionary = build_dictionary(self.members).to(self.device)
+        self.dictionary = Dictionary(self.members, dead_tokens, threshold_start_step).to(self.device)
         self.member_chunk = member_chunk
         lr_E = torch.tensor([m.lr for m in self.members], device=self.device)
-        self.optimizer = BatchedAdam(list(self.dictionary.parameters()), lr_E)
+        self.optimizer = BatchedAdam(list(self.dictionary.parameters()), lr_E, betas=self.dictionary.spec.betas)
+        clip = [m.grad_clip if m.grad_clip is not None else math.inf for m in self.members]
+        self.grad_clip_E = torch.tensor(clip, device=self.device)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -105,12 +109,23 @@ class Ensemble:
             grads = torch.autograd.grad(out.total.sum(), list(leaves.values()))
             for p, g in zip(params.values(), grads):
                 p.grad[group] = g
-            outputs.append(StepOutput(out.total.detach(), out.mse.detach(), out.sparsity.detach(), out.l0.detach(),
-                                      (out.f > 0).any(dim=1)))
+            outputs.append(StepOutput(out.total.detach(), out.mse.detach(), out.sparsity.detach(), out.l0.detach()))
+        self._clip_per_member_(list(params.values()))
         self.dictionary.before_step_()
         self.optimizer.step()
         self.dictionary.after_step_()
         return StepOutput(*(torch.cat(parts) for parts in zip(*outputs)))
+
+    @torch.no_grad()
+    def _clip_per_member_(self, params: list[nn.Parameter]) -> None:
+        """Scale member e's gradient so its norm over all its parameters is at most grad_clip_e
+        (never a norm over the whole ensemble, which would couple the members)."""
+        if torch.isinf(self.grad_clip_E).all():
+            return
+        norm_E = torch.sqrt(sum(p.grad.pow(2).flatten(1).sum(-1) for p in params))
+        factor_E = (self.grad_clip_E / (norm_E + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(factor_E.view(-1, *([1] * (p.dim() - 1))))
 
     def _groups(self, batch_size: int) -> list[slice]:
         E = len(self.members)

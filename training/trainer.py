@@ -17,7 +17,6 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -27,6 +26,7 @@ from evaluation.export import saelens_cfg, save_saelens
 from evaluation.report import write_summary
 from training.dictionary import LOSS_CONVENTION, MemberConfig
 from training.ensemble import Ensemble
+from training.sweep import build_members, member_name, parse_axis, shorthand_axis
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
 _RUNTIME_FIELDS = ("output_dir", "device", "overwrite", "checkpoint_every", "prefetch")
@@ -45,12 +45,26 @@ class SweepConfig:
     """Directory for checkpoints, exported members, sweep.json/csv and plots."""
     source: str | None = None
     """Source in the store to train on; default: the store's only source."""
+    arch: str = "relu"
+    """Architecture of every member: relu, relu_april, topk, batchtopk, jumprelu."""
+    sweep: tuple[str, ...] = ()
+    """Knob axes, e.g. ("k=16,32", "seed=0,1"); members are their grid (see training.sweep)."""
     l1_min: float = -4.0
     """log10 of the smallest L1 coefficient."""
     l1_max: float = -2.0
     """log10 of the largest L1 coefficient."""
     n_models: int = 8
-    """Members of the sweep, L1 coefficients log-spaced over [10^l1_min, 10^l1_max]."""
+    """Members of the shorthand sweep: the sparsity coefficient log-spaced over [10^l1_min, 10^l1_max]."""
+    k: int = 32
+    """Active latents per row (topk, batchtopk), unless swept."""
+    l0_coeff: float = 1e-3
+    """L0 coefficient (jumprelu), unless swept or set by the shorthand."""
+    bandwidth: float = 1e-3
+    """JumpReLU straight-through bandwidth ε."""
+    grad_clip: float | None = None
+    """Clip each member's gradient norm to this (per member, never across the ensemble)."""
+    threshold_start_step: int = 1000
+    """BatchTopK: step from which the inference threshold is averaged (at most half the run)."""
     ratio: float = 8.0
     """d_sae = ratio × d_in, unless d_sae is given."""
     d_sae: int | None = None
@@ -59,6 +73,12 @@ class SweepConfig:
     """Rows per step, shared by all members."""
     lr: float = 1e-4
     """Adam learning rate."""
+    lr_warmup_steps: int = 0
+    """Linear learning-rate warm-up from 0 over this many steps."""
+    lr_decay_start: float | None = None
+    """Fraction of training after which the learning rate decays linearly to 0 (e.g. 0.8)."""
+    sparsity_warmup_steps: int = 0
+    """Linear warm-up of the sparsity coefficient from 0 over this many steps."""
     b_dec_init: str = "mean"
     """Initial b_dec: "mean" (of a sample of training rows) or "zeros"."""
     n_epochs: int = 1
@@ -72,7 +92,7 @@ class SweepConfig:
     prefetch: int = 8
     """Batches read ahead in the background."""
     dead_window: int = 1_000_000
-    """A latent is dead in training once it has not fired for this many tokens."""
+    """A latent is dead in training once it has not fired for this many tokens (also AuxK's rule)."""
     checkpoint_every: int = 500
     """Steps between checkpoints."""
     device: str = "cpu"
@@ -98,6 +118,10 @@ class SweepConfig:
             raise ValueError(f"--n_tokens must be positive, got {self.n_tokens}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.lr_warmup_steps < 0 or self.sparsity_warmup_steps < 0:
+            raise ValueError("warm-up steps must be ≥ 0")
+        if self.lr_decay_start is not None and not 0 <= self.lr_decay_start < 1:
+            raise ValueError(f"--lr_decay_start is a fraction in [0, 1), got {self.lr_decay_start}")
         if self.b_dec_init not in ("mean", "zeros"):
             raise ValueError(f"--b_dec_init must be 'mean' or 'zeros', got {self.b_dec_init!r}")
 
@@ -105,13 +129,17 @@ class SweepConfig:
         return json_normal({k: v for k, v in asdict(self).items() if k not in _RUNTIME_FIELDS})
 
 
-def l1_members(cfg: SweepConfig, d_in: int) -> list[MemberConfig]:
-    """The sweep's members: one per L1 coefficient, log-spaced, sharing width, lr and seed."""
+def sweep_members(cfg: SweepConfig, d_in: int) -> tuple[list[MemberConfig], list[str]]:
+    """The sweep's members and the names of the knobs it varies."""
     d_sae = cfg.d_sae or int(round(cfg.ratio * d_in))
     if d_sae < 1:
         raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={d_in}")
-    coeffs = np.logspace(cfg.l1_min, cfg.l1_max, cfg.n_models) if cfg.n_models > 1 else [10**cfg.l1_min]
-    return [MemberConfig(d_in=d_in, d_sae=d_sae, l1_coeff=float(c), lr=cfg.lr, seed=cfg.seed) for c in coeffs]
+    base = MemberConfig(d_in=d_in, d_sae=d_sae, arch=cfg.arch, k=min(cfg.k, d_sae), l0_coeff=cfg.l0_coeff,
+                        bandwidth=cfg.bandwidth, lr=cfg.lr, grad_clip=cfg.grad_clip, seed=cfg.seed)
+    axes = dict(parse_axis(spec) for spec in cfg.sweep)
+    shorthand = shorthand_axis(base.spec.penalty, cfg.l1_min, cfg.l1_max, cfg.n_models)
+    axes = {**{k: v for k, v in shorthand.items() if k not in axes}, **axes}
+    return build_members(base, axes), list(axes)
 
 
 def resolve_source(store: ActivationStore, source: str | None) -> str:
@@ -135,17 +163,18 @@ def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
     stream = ActivationStream(
         store, source, StreamConfig(cfg.batch_size, cfg.eval_tokens, cfg.shuffle_chunks, cfg.prefetch, cfg.seed), cfg.device
     )
-    members = l1_members(cfg, stream.d)
-    ensemble = Ensemble(members, cfg.device)
+    members, axes = sweep_members(cfg, stream.d)
+    total_steps = _total_steps(cfg, stream)
+    ensemble = Ensemble(members, cfg.device, dead_tokens=cfg.dead_window,
+                        threshold_start_step=min(cfg.threshold_start_step, total_steps // 2))
     if cfg.b_dec_init == "mean":
         ensemble.dictionary.init_b_dec_(stream.sample_mean())
-    state = _TrainState.fresh(len(members), members[0].d_sae, cfg.device)
+    state = _TrainState(0, 0)
     if (out / CHECKPOINT).exists():
         state = _load_checkpoint(out / CHECKPOINT, ensemble, cfg.device)
         print(f"resuming {out} at step {state.step}")
-    total_steps = _total_steps(cfg, stream)
     _train(cfg, ensemble, stream, state, total_steps, out, tracker)
-    rows = _export(cfg, ensemble, stream, store, source, state, out)
+    rows = _export(cfg, ensemble, axes, stream, store, source, state, out)
     (out / CHECKPOINT).unlink(missing_ok=True)  # the exported members are the result now
     return rows
 
@@ -182,11 +211,19 @@ def _total_steps(cfg: SweepConfig, stream: ActivationStream) -> int:
 class _TrainState:
     step: int
     tokens_seen: int
-    since_fired_EF: torch.Tensor  # tokens since each latent last fired
 
-    @classmethod
-    def fresh(cls, n_members: int, d_sae: int, device) -> "_TrainState":
-        return cls(0, 0, torch.zeros(n_members, d_sae, dtype=torch.long, device=device))
+
+def _schedule_(cfg: SweepConfig, ensemble: Ensemble, step: int, total: int) -> None:
+    """Learning-rate warm-up/decay and sparsity warm-up factors for this step (a function of
+    the step alone, so a resumed run follows the same schedule)."""
+    lr_scale = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    if cfg.lr_decay_start is not None:
+        decay_from = cfg.lr_decay_start * total
+        if step >= decay_from:
+            lr_scale *= max(0.0, (total - step) / max(total - decay_from, 1))
+    ensemble.optimizer.lr_scale = lr_scale
+    sparsity = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
+    ensemble.dictionary.sparsity_scale.fill_(sparsity)
 
 
 def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state: _TrainState, total: int, out: Path,
@@ -197,15 +234,15 @@ def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state
         while state.step < total:
             epoch, start = divmod(state.step, per_epoch)
             for x_BD in stream.train_batches(epoch, start):
+                _schedule_(cfg, ensemble, state.step, total)
                 result = ensemble.step(x_BD)
-                state.since_fired_EF.add_(len(x_BD)).masked_fill_(result.fired, 0)
                 state.step += 1
                 state.tokens_seen += len(x_BD)
                 bar.update()
                 if state.step % 10 == 0 or state.step == total:
                     bar.set_postfix_str(_progress(result))
                     if tracker is not None:
-                        tracker.log(_curves(ensemble.members, result), state.step)
+                        tracker.log(_curves(result), state.step)
                 if state.step % cfg.checkpoint_every == 0:
                     _save_checkpoint(out / CHECKPOINT, ensemble, state)
                 if state.step >= total:
@@ -223,14 +260,9 @@ def _progress(result) -> str:
     return f"mse {result.mse.mean().item():.4f} L0 {l0.min().item():.1f}..{l0.max().item():.1f}"
 
 
-def _curves(members: list[MemberConfig], result) -> dict[str, float]:
+def _curves(result) -> dict[str, float]:
     values = {"loss": result.total, "mse": result.mse, "l0": result.l0}
-    return {f"{member_name(e, m)}/{k}": v[e].item() for e, m in enumerate(members) for k, v in values.items()}
-
-
-def member_name(e: int, member: MemberConfig) -> str:
-    """Directory name of member e, e.g. 03_l1_0.00072."""
-    return f"{e:02d}_l1_{member.l1_coeff:.3g}"
+    return {f"member_{e:02d}/{k}": v[e].item() for e in range(len(result.total)) for k, v in values.items()}
 
 
 def _save_checkpoint(path: Path, ensemble: Ensemble, state: _TrainState) -> None:
@@ -246,14 +278,15 @@ def _load_checkpoint(path: Path, ensemble: Ensemble, device) -> _TrainState:
 
 
 @torch.no_grad()
-def _export(cfg, ensemble: Ensemble, stream: ActivationStream, store, source: str, state: _TrainState, out: Path) -> list[dict]:
+def _export(cfg, ensemble: Ensemble, axes: list[str], stream: ActivationStream, store, source: str,
+            state: _TrainState, out: Path) -> list[dict]:
     """Every member as a SAELens directory (normalisation folded in) + the training summary."""
     dictionary = ensemble.dictionary
-    dead_train_E = (state.since_fired_EF >= cfg.dead_window).float().mean(-1)
+    dead_train_E = (dictionary.tokens_since_fired >= cfg.dead_window).float().mean(-1)
     store_info = {**store.info, "context_length": store.attrs["context_length"]}
     rows = []
     for e, member in enumerate(ensemble.members):
-        name = member_name(e, member)
+        name = member_name(e, member, axes)
         member_info = {**member.to_dict(), "loss_convention": LOSS_CONVENTION, "source": source}
         cfg_json = saelens_cfg(
             arch_fields=dictionary.saelens_architecture(e), d_in=member.d_in, d_sae=member.d_sae,
@@ -267,6 +300,7 @@ def _export(cfg, ensemble: Ensemble, stream: ActivationStream, store, source: st
         "store": {"path": str(store.path), "source": source, "hook": store.source(source).hook,
                   "norm_scale": stream.scale, "train_rows": stream.n_train, "eval_rows": stream.n_eval},
         "loss_convention": LOSS_CONVENTION,
+        "swept": axes,
         "members": rows,
     }
     write_summary(out, summary)

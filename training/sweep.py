@@ -1,0 +1,70 @@
+"""A sweep is a list of member configs: a base member and a grid over knob axes.
+
+    --sweep k=16,32,64             values
+    --sweep l1=logspace(-4,-2,8)   8 log-spaced values from 1e-4 to 1e-2
+    --sweep lr=linspace(1e-4,1e-3,4) --sweep seed=0,1,2    several axes: their grid
+
+`--l1_min/--l1_max/--n_models` is the shorthand for a log-spaced axis over the architecture's
+sparsity coefficient (l1 for relu/relu_april, l0_coeff for jumprelu) when no --sweep names it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+
+import numpy as np
+
+from training.dictionary import MemberConfig
+
+# Axis names a user may write → MemberConfig field.
+AXES = {"l1": "l1_coeff", "l1_coeff": "l1_coeff", "l0": "l0_coeff", "l0_coeff": "l0_coeff", "k": "k",
+        "lr": "lr", "seed": "seed", "bandwidth": "bandwidth", "aux_coeff": "aux_coeff"}
+_INT_FIELDS = {"k", "seed"}
+_SHORT = {"l1_coeff": "l1", "l0_coeff": "l0"}  # how an axis appears in member names
+
+
+def parse_axis(spec: str) -> tuple[str, list[float]]:
+    """'k=16,32' → ("k", [16, 32]); values may be logspace(a,b,n) or linspace(a,b,n)."""
+    name, sep, values = spec.partition("=")
+    name = name.strip()
+    if not sep or name not in AXES:
+        raise ValueError(f"--sweep {spec!r}: write NAME=VALUES with NAME one of {', '.join(sorted(set(AXES)))}")
+    match = re.fullmatch(r"\s*(logspace|linspace)\(([^,]+),([^,]+),([^,]+)\)\s*", values)
+    try:
+        if match:
+            kind, a, b, n = match.groups()
+            grid = (np.logspace if kind == "logspace" else np.linspace)(float(a), float(b), int(n))
+            numbers = [float(v) for v in grid]
+        else:
+            numbers = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--sweep {spec!r}: values must be numbers, logspace(a,b,n) or linspace(a,b,n)") from None
+    if not numbers:
+        raise ValueError(f"--sweep {spec!r} gives no values")
+    field = AXES[name]
+    return field, [int(v) for v in numbers] if field in _INT_FIELDS else numbers
+
+
+def build_members(base: MemberConfig, axes: dict[str, list[float]]) -> list[MemberConfig]:
+    """One member per point of the grid over `axes` (field → values), in row-major order."""
+    unused = [a for a in axes if a not in base.spec.knobs]
+    if unused:
+        raise ValueError(f"{base.arch} does not use {', '.join(unused)}; its knobs are {', '.join(base.spec.knobs)}")
+    names = list(axes)
+    return [dataclasses.replace(base, **dict(zip(names, point))) for point in itertools.product(*axes.values())]
+
+
+def shorthand_axis(arch_penalty: str, l1_min: float, l1_max: float, n_models: int) -> dict[str, list[float]]:
+    """The --l1_min/--l1_max/--n_models axis over the architecture's sparsity coefficient."""
+    field = {"l1": "l1_coeff", "l1_decoder_norm": "l1_coeff", "l0": "l0_coeff"}.get(arch_penalty)
+    if field is None:
+        return {}
+    values = np.logspace(l1_min, l1_max, n_models) if n_models > 1 else [10**l1_min]
+    return {field: [float(v) for v in values]}
+
+
+def member_name(e: int, member: MemberConfig, axes: list[str]) -> str:
+    """Directory name of member e from the knobs the sweep varies, e.g. 03_l1_0.00072, 01_k_32_seed_1."""
+    parts = [f"{_SHORT.get(a, a)}_{getattr(member, a):.3g}" for a in axes]
+    return "_".join([f"{e:02d}", *parts]) if parts else f"{e:02d}_{member.arch}"
