@@ -139,7 +139,8 @@ class Member:
     """One model of the run and the sources it writes."""
 
     label: str | None  # prefix of its source names; None in an unpaired run (plain hook names)
-    name: str
+    name: str  # display name: the TransformerLens name, else the checkpoint's file/folder name
+    tl_name: str | None  # the TransformerLens name it was loaded by (--model), if any
     path: str | None
     model: Any  # HookedTransformer
     sources: tuple[SourceInfo, ...]
@@ -262,7 +263,7 @@ def _load_members(cfg: GenerateConfig) -> list[Member]:
             SourceInfo(name=f"{label}/{h}" if label else h, model=model_name, hook=h, d=d)
             for h, d in _hook_widths(model, hooks).items()
         )
-        members.append(Member(label, model_name, path, model, sources))
+        members.append(Member(label, model_name, name, path, model, sources))
     if cfg.paired:
         first, second = members
         check_same_tokenizer(first.model.tokenizer, second.model.tokenizer, (first.name, second.name))
@@ -399,6 +400,7 @@ def _model_info(member: Member) -> dict:
     model = member.model
     return {
         "model_name": member.name,
+        "model": member.tl_name,  # with model_path: what load_model needs to load it again
         "model_path": member.path,
         "n_layers": model.cfg.n_layers,
         "d_model": model.cfg.d_model,

@@ -155,13 +155,15 @@ def _quiet():
 
 def check_same_tokenizer(first, second, names: tuple[str, str]) -> None:
     """Refuse a model pair whose tokenizers could disagree on ids: a paired store feeds both
-    models the ids of the first model's tokenizer, so vocabularies and special ids must match."""
+    models the ids of the first model's tokenizer (BOS included), so vocabularies and BOS must
+    match. EOS/pad may differ (chat fine-tunes often end turns with another token): the store
+    joins documents with the first tokenizer's EOS for both models."""
     differences = []
     vocab_a, vocab_b = first.get_vocab(), second.get_vocab()
     if vocab_a != vocab_b:
         n_diff = len(set(vocab_a.items()) ^ set(vocab_b.items()))
         differences.append(f"vocabularies differ ({len(vocab_a)} vs {len(vocab_b)} tokens, {n_diff} entries not shared)")
-    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    for attr in ("bos_token_id",):
         a, b = getattr(first, attr), getattr(second, attr)
         if a != b:
             differences.append(f"{attr} {a} vs {b}")

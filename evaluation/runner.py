@@ -91,8 +91,8 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members, rows) -> dict:
     """Spliced CE/KL of every member into `rows`; return the clean and ablation baselines."""
     from cache.models import load_model  # the model is needed only here
 
-    identity = store.identity
-    model = load_model(identity["model"], identity["model_path"], device=cfg.device, dtype=identity["model_dtype"])
+    entry = _model_entry(store, summary["store"]["source"])
+    model = load_model(entry["model"], entry["model_path"], device=cfg.device, dtype=store.identity["model_dtype"])
     train_rows = summary["store"]["train_rows"]
     last_train_seq = int(store.read_column("sequence", 0, train_rows).max())
     seq_ids = heldout_sequences(store.read_column("sequence", train_rows), last_train_seq, cfg.n_sequences)
@@ -113,6 +113,15 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members, rows) -> dict:
                   "ce_recovered_mean_ablation": recovered(spliced["ce"], clean, mean)})
     return {"n_sequences": len(seq_ids), "clean_ce": clean, "zero_ablation_ce": zero, "mean_ablation_ce": mean,
             "zero_ablation_kl": losses["zero"]["kl"], "mean_ablation_kl": losses["mean"]["kl"]}
+
+
+def _model_entry(store, source: str) -> dict:
+    """How to load the model that wrote `source` (the second model for chat/... in a pair)."""
+    label = source.split("/", 1)[0] if "/" in source else None
+    for entry in store.info["models"]:
+        if entry["label"] == label:
+            return entry
+    raise ValueError(f"store {store.path} does not record the model of {source}")
 
 
 def _heldout_mean(store, summary, device) -> torch.Tensor:

@@ -137,3 +137,27 @@ def test_paired_model_path_with_own_labels_and_another_width(tmp_path, text_dir,
 def test_bad_labels_are_refused(tmp_path, text_dir, labels):
     result = CliRunner().invoke(generate_activations.main, paired_args(tmp_path / "x", text_dir, **{"--labels": labels}))
     assert_one_line_error(result, "--labels", "two different names")
+
+
+def test_a_sweep_on_the_chat_source_exports_and_evaluates_against_the_chat_model(paired_store, tmp_path):
+    """The exported metadata and the spliced CE use the model that wrote the source."""
+    import json
+
+    import train_sweep
+
+    out = tmp_path / "chat-run"
+    args = ["--cache", str(paired_store.path), "--source", "chat/blocks.1.hook_resid_post", "--output_dir", str(out),
+            "--n_models", "2", "--ratio", "2", "--batch_size", "64", "--lr", "1e-2", "--eval_tokens", "300",
+            "--eval_sequences", "4"]
+    result = CliRunner().invoke(train_sweep.main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "sweep.json").read_text())
+    member = summary["members"][0]
+    cfg = json.loads((out / member["dir"] / "cfg.json").read_text())
+    assert cfg["metadata"]["model_name"] == "pythia-160m"
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    base_args = [a.replace("chat/", "base/") if a.startswith("chat/") else a for a in args]
+    base_args[base_args.index(str(out))] = str(tmp_path / "base-run")
+    assert CliRunner().invoke(train_sweep.main, base_args).exit_code == 0
+    base = json.loads((tmp_path / "base-run" / "sweep.json").read_text())
+    assert summary["eval"]["clean_ce"] != pytest.approx(base["eval"]["clean_ce"])  # another model's loss

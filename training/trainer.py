@@ -283,7 +283,8 @@ def _export(cfg, ensemble: Ensemble, axes: list[str], stream: ActivationStream, 
     """Every member as a SAELens directory (normalisation folded in) + the training summary."""
     dictionary = ensemble.dictionary
     dead_train_E = (dictionary.tokens_since_fired >= cfg.dead_window).float().mean(-1)
-    store_info = {**store.info, "context_length": store.attrs["context_length"]}
+    # the source's own model: in a paired store the second source belongs to the second model
+    store_info = {**store.info, "model_name": store.source(source).model, "context_length": store.attrs["context_length"]}
     rows = []
     for e, member in enumerate(ensemble.members):
         name = member_name(e, member, axes)
