@@ -1,0 +1,215 @@
+"""Every architecture: recovery of planted features, ensemble == solo, SAELens round trip, and
+the estimators that need their own known answers (JumpReLU's STE, BatchTopK's threshold)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train_sweep
+from evaluation.export import sae_forward, saelens_cfg, save_saelens
+from training.dictionary import ARCHS, Dictionary, MemberConfig
+from training.ensemble import Ensemble
+from training.sweep import build_members, parse_axis
+from training.trainer import SweepConfig, _schedule_
+
+D, N_FEATURES, F = 16, 24, 48
+# Settings under which each architecture reaches the planted L0 (2.4 on average) in 800 steps.
+PLANTED = {
+    "relu": dict(l1_coeff=3e-2, lr=3e-3),
+    "relu_april": dict(l1_coeff=3e-2, lr=3e-3),
+    "topk": dict(k=3, lr=3e-3),
+    "batchtopk": dict(k=3, lr=3e-3),
+    "jumprelu": dict(l0_coeff=3e-3, lr=3e-3, bandwidth=0.05, threshold_init=0.1),
+}
+
+
+def planted_data(generator: torch.Generator, directions: torch.Tensor, batch: int, p: float = 0.1) -> torch.Tensor:
+    """Sparse non-negative combinations of known unit directions (each active with probability p)."""
+    n = directions.shape[0]
+    codes = torch.rand(batch, n, generator=generator) * 2 * (torch.rand(batch, n, generator=generator) < p)
+    return codes @ directions
+
+
+def directions(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(N_FEATURES, D, generator=g), dim=-1)
+
+
+def test_every_architecture_is_covered_by_the_planted_settings():
+    assert set(PLANTED) == set(ARCHS)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_each_architecture_recovers_planted_directions_at_a_sensible_l0(arch):
+    g = torch.Generator().manual_seed(1)
+    dirs = directions()
+    ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch=arch, **PLANTED[arch])], threshold_start_step=200,
+                        dead_tokens=2000)
+    for _ in range(800):
+        out = ensemble.step(planted_data(g, dirs, 256))
+    W = torch.nn.functional.normalize(ensemble.dictionary.W_dec[0].detach(), dim=-1)
+    best_cosine = (dirs @ W.T).max(dim=-1).values  # for each planted direction, its best latent
+    assert (best_cosine > 0.9).float().mean() >= 0.9, best_cosine
+    assert 1.0 <= out.l0.item() <= 8.0  # planted L0 is 2.4
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_member_of_any_architecture_equals_it_trained_alone(arch):
+    g = torch.Generator().manual_seed(2)
+    knob = {"relu": "l1_coeff", "relu_april": "l1_coeff", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coeff"}[arch]
+    values = {"l1_coeff": [1e-3, 1e-2, 3e-2], "k": [2, 4, 8], "l0_coeff": [1e-3, 1e-2, 3e-2]}[knob]
+    configs = [MemberConfig(d_in=D, d_sae=F, arch=arch, lr=3e-3, seed=e, threshold_init=0.1, bandwidth=0.05,
+                            grad_clip=0.05 if e == 0 else None, **{knob: v}) for e, v in enumerate(values)]
+    together = Ensemble(configs, member_chunk=2, threshold_start_step=3, dead_tokens=64)
+    alone = [Ensemble([c], threshold_start_step=3, dead_tokens=64) for c in configs]
+    for _ in range(8):
+        x = planted_data(g, directions(), 32)
+        together.step(x)
+        for solo in alone:
+            solo.step(x)
+    for e, solo in enumerate(alone):
+        for name, tensor in together.dictionary.state_dict().items():
+            if name in ("k", "l1_coeff", "l0_coeff", "bandwidth", "aux_coeff", "sparsity_scale"):
+                continue
+            torch.testing.assert_close(tensor[e].float(), solo.dictionary.state_dict()[name][0].float(),
+                                       rtol=1e-4, atol=1e-5, msg=f"{arch} member {e}: {name}")
+
+
+def test_gradient_clipping_is_per_member():
+    x = planted_data(torch.Generator().manual_seed(3), directions(), 32) * 50  # large gradients
+    clipped = Ensemble([MemberConfig(d_in=D, d_sae=F, l1_coeff=1e-2, grad_clip=1e-3),
+                        MemberConfig(d_in=D, d_sae=F, l1_coeff=1e-2)])
+    before = clipped.dictionary.b_enc.detach().clone()
+    clipped.step(x)
+    norms = [sum(p.grad[e].pow(2).sum() for p in clipped.dictionary.parameters()).sqrt() for e in range(2)]
+    assert norms[0] <= 1e-3 * 1.001 and norms[1] > 1e-2
+    assert not torch.equal(before, clipped.dictionary.b_enc)
+
+
+def _smoothed_loss(d: Dictionary, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """The JumpReLU loss with H(z − θ) replaced by its kernel-smoothed version clamp((z−θ)/ε + ½, 0, 1),
+    whose exact θ-gradient the straight-through estimator approximates."""
+    pre = d.pre_activation(x)
+    H = ((pre - theta) / d.bandwidth.view(-1, 1, 1) + 0.5).clamp(0, 1)
+    x_hat = d.decode(pre * H)
+    return ((x_hat - x).pow(2).mean(dim=(1, 2)) + d.l0_coeff * H.sum(-1).mean(-1)).sum()
+
+
+def test_jumprelu_threshold_gradient_is_nonzero_and_matches_finite_differences_of_the_smoothed_loss():
+    torch.manual_seed(0)
+    d = Dictionary([MemberConfig(d_in=8, d_sae=16, arch="jumprelu", l0_coeff=0.5, bandwidth=0.02, threshold_init=0.5)]).double()
+    with torch.no_grad():
+        d.b_enc.fill_(0.5)  # pre-activations around θ, so many fall inside the kernel window
+    x = torch.randn(4096, 8, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(d.loss(x).total.sum(), [d.jump_threshold])
+    assert grad.abs().sum() > 0
+    direction = torch.randn_like(grad)
+    h = 1e-4
+    theta = d.jump_threshold.detach()
+    with torch.no_grad():
+        fd = (_smoothed_loss(d, x, (theta + h * direction).unsqueeze(1))
+              - _smoothed_loss(d, x, (theta - h * direction).unsqueeze(1))) / (2 * h)
+    # the STE uses θ where the smoothed loss has z, and the hard step where it has the ramp; both
+    # differ only inside the window |z − θ| < ε/2 = 0.01 around θ = 0.5 (θ ≠ 1, so a lost θ factor shows)
+    assert (grad * direction).sum().item() == pytest.approx(fd.item(), rel=0.1)
+
+
+def test_jumprelu_l0_gradient_equals_the_smoothed_l0_gradient_exactly():
+    torch.manual_seed(1)
+    d = Dictionary([MemberConfig(d_in=8, d_sae=16, arch="jumprelu", l0_coeff=1.0, bandwidth=0.2, threshold_init=0.5)]).double()
+    x = torch.randn(256, 8, dtype=torch.float64)
+    theta = d.jump_threshold
+    (grad,) = torch.autograd.grad(d._penalty(d.activate(d.pre_activation(x)), d.pre_activation(x)).sum(), [theta])
+    pre = d.pre_activation(x).detach()
+    in_window = ((pre - theta.detach().unsqueeze(1)).abs() < 0.1).double()
+    torch.testing.assert_close(grad, -(1 / 0.2) * in_window.sum(1) / 256)
+
+
+def test_batchtopk_inference_threshold_gives_the_training_l0_on_held_out_data():
+    g = torch.Generator().manual_seed(4)
+    dirs = directions()
+    ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch="batchtopk", k=3, lr=3e-3)], threshold_start_step=200)
+    for _ in range(800):
+        ensemble.step(planted_data(g, dirs, 256))
+    held_out = planted_data(g, dirs, 4096)
+    with torch.no_grad():
+        train_rule_l0 = (ensemble.dictionary.encode(held_out) > 0).float().sum(-1).mean().item()
+    cfg = saelens_cfg(arch_fields=ensemble.dictionary.saelens_architecture(0), d_in=D, d_sae=F,
+                      store_info=_STORE_INFO, hook_name="h", member={})
+    f, _ = sae_forward(cfg, ensemble.dictionary.member_tensors(0), held_out)
+    exported_l0 = (f > 0).float().sum(-1).mean().item()
+    assert train_rule_l0 == pytest.approx(3.0, rel=1e-6)
+    assert exported_l0 == pytest.approx(train_rule_l0, rel=0.25)
+
+
+_STORE_INFO = {"model_name": "m", "context_length": 8, "prepend_bos": True, "dataset": "d", "exclude_bos": True}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_architecture_loads_in_saelens_with_identical_outputs(arch, tmp_path):
+    from sae_lens import SAE
+
+    g = torch.Generator().manual_seed(5)
+    ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch=arch, **PLANTED[arch])], threshold_start_step=5)
+    for _ in range(20):
+        ensemble.step(planted_data(g, directions(), 64))
+    scale = 2.5
+    tensors = ensemble.dictionary.member_tensors(0, scale)
+    cfg = saelens_cfg(arch_fields=ensemble.dictionary.saelens_architecture(0), d_in=D, d_sae=F,
+                      store_info=_STORE_INFO, hook_name="blocks.0.hook_resid_post", member={"arch": arch})
+    save_saelens(tmp_path / arch, tensors, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae = SAE.load_from_disk(tmp_path / arch)
+    x_raw = scale * planted_data(g, directions(), 128)
+    _, ours = sae_forward(cfg, tensors, x_raw)
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x_raw), ours, atol=1e-5, rtol=1e-5)
+        if arch != "batchtopk":  # batchtopk's export is its inference rule, not the batch rule
+            torch.testing.assert_close(ours, scale * ensemble.dictionary.reconstruct(x_raw / scale)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sweep_axes_parse_and_form_a_grid():
+    assert parse_axis("k=16,32") == ("k", [16, 32])
+    field, values = parse_axis("l1=logspace(-4,-2,3)")
+    assert field == "l1_coeff" and values == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert parse_axis("lr=linspace(1e-4,3e-4,3)")[1] == pytest.approx([1e-4, 2e-4, 3e-4])
+    base = MemberConfig(d_in=4, d_sae=8, arch="topk", k=2)
+    grid = build_members(base, {"k": [1, 2], "seed": [0, 1, 2]})
+    assert [(m.k, m.seed) for m in grid] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    with pytest.raises(ValueError, match="topk does not use l1_coeff"):
+        build_members(base, {"l1_coeff": [1e-3]})
+    with pytest.raises(ValueError, match="NAME=VALUES"):
+        parse_axis("width=3")
+
+
+def test_schedules_warm_up_and_decay():
+    cfg = SweepConfig(cache="c", output_dir="o", lr_warmup_steps=10, lr_decay_start=0.5, sparsity_warmup_steps=4)
+    ensemble = Ensemble([MemberConfig(d_in=4, d_sae=8, l1_coeff=1e-3)])
+    seen = []
+    for step in (0, 4, 9, 50, 75, 99):
+        _schedule_(cfg, ensemble, step, total=100)
+        seen.append((ensemble.optimizer.lr_scale, ensemble.dictionary.sparsity_scale.item()))
+    expected = [(0.1, 0.25), (0.5, 1.0), (1.0, 1.0), (1.0, 1.0), (0.5, 1.0), (0.02, 1.0)]
+    assert [v for pair in seen for v in pair] == pytest.approx([v for pair in expected for v in pair])
+
+
+def test_cli_sweeps_k_for_topk_and_names_members_by_knob(small_store, tmp_path):
+    import json
+
+    out = tmp_path / "topk"
+    args = ["--cache", str(small_store), "--source", "blocks.1.hook_resid_post", "--output_dir", str(out),
+            "--arch", "topk", "--sweep", "k=2,8", "seed=0,1", "--ratio", "2", "--batch_size", "64", "--lr", "1e-2",
+            "--eval_tokens", "400", "--eval_sequences", "2"]
+    result = CliRunner().invoke(train_sweep.main, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "sweep.json").read_text())["members"]
+    assert [r["name"] for r in rows] == ["00_k_2_seed_0", "01_k_2_seed_1", "02_k_8_seed_0", "03_k_8_seed_1"]
+    assert [round(r["l0"]) for r in rows] == [2, 2, 8, 8]
+    cfg = json.loads((out / rows[2]["dir"] / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 8
+    bad = CliRunner().invoke(train_sweep.main, args[:-2] + ["--sweep", "l1=1e-3", "--output_dir", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "topk does not use l1_coeff" in bad.output
