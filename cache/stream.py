@@ -1,8 +1,9 @@
 """Stage 2 input: stream batches of one source from a store onto the training device.
 
-Rows [0, n_train) are training rows; the last `eval_rows` rows of the store are held out (they
-come from the last sequences cached, so no held-out token's document is trained on, except at
-most one sequence that straddles the boundary). Per epoch:
+Held out: every row of the last sequences cached, about `eval_rows` rows of whole sequences, so
+evaluation can re-run the model on sequences no dictionary saw a token of. Blocks hold
+contiguous ranges of sequences, so the held-out rows all lie in the store's tail (the last
+block or few), where training reads filter them out by their sequence id. Per epoch:
   * the training chunks are visited in a random order (seeded by (seed, epoch));
   * `shuffle_chunks` chunks at a time are loaded, concatenated and permuted together;
   * consecutive batches of `batch_size` rows are cut from that stream, carrying leftovers across
@@ -28,7 +29,7 @@ class StreamConfig:
     batch_size: int = 4096
     """Rows per training batch."""
     eval_rows: int = 50_000
-    """Rows at the end of the store held out from training (capped at a tenth of the store)."""
+    """Rows of whole sequences held out from training (at most a tenth of the store)."""
     shuffle_chunks: int = 8
     """Chunks loaded and shuffled together."""
     prefetch: int = 8
@@ -53,7 +54,14 @@ class ActivationStream:
         self.cfg = cfg
         self.device = torch.device(device)
         self.scale = store.norm_scale(self.source) if cfg.normalise else 1.0
-        self.n_eval = min(cfg.eval_rows, store.n_rows // 10)
+        rows_per_seq = store.n_rows // store.attrs["n_sequences"]
+        n_eval_seqs = math.ceil(min(cfg.eval_rows, store.n_rows // 10) / rows_per_seq)
+        self.eval_sequence_start = store.attrs["n_sequences"] - n_eval_seqs  # sequences ≥ this are held out
+        # first row of the block holding that sequence: rows before it are all training rows
+        seqs_per_block = store.block_rows // rows_per_seq
+        self.tail_start = min(self.eval_sequence_start // seqs_per_block * store.block_rows, store.n_rows)
+        self._tail_in_eval = store.read_column("sequence", self.tail_start) >= self.eval_sequence_start  # [N - tail_start]
+        self.n_eval = int(self._tail_in_eval.sum())
         self.n_train = store.n_rows - self.n_eval
         if self.n_train < 1:
             raise StoreError(f"store {store.path} has too few rows ({store.n_rows}) to train on")
@@ -63,9 +71,29 @@ class ActivationStream:
         return math.ceil(self.n_train / self.cfg.batch_size)
 
     def chunk_ranges(self) -> list[tuple[int, int]]:
-        """Row range [start, stop) of every training chunk (the last one may be cut short)."""
+        """Row range [start, stop) of every stored chunk (those in the tail also hold held-out rows)."""
         size = self.store.chunk_rows
-        return [(a, min(a + size, self.n_train)) for a in range(0, self.n_train, size)]
+        return [(a, min(a + size, self.store.n_rows)) for a in range(0, self.store.n_rows, size)]
+
+    def read_training_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) without the held-out ones, in store order.  → [≤ stop-start, D]"""
+        return self._read_filtered(start, stop, held_out=False)
+
+    def n_training_rows(self, start: int, stop: int) -> int:
+        """How many of rows [start, stop) are training rows (no read needed)."""
+        if stop <= self.tail_start:
+            return stop - start
+        lo = max(start, self.tail_start) - self.tail_start
+        return stop - start - int(self._tail_in_eval[lo : stop - self.tail_start].sum())
+
+    def _read_filtered(self, start: int, stop: int, held_out: bool) -> torch.Tensor:
+        rows = self.store.read_rows(self.source, start, stop)
+        if stop <= self.tail_start:
+            return rows if not held_out else rows[:0]
+        in_eval = torch.zeros(stop - start, dtype=torch.bool)
+        lo = max(start, self.tail_start)
+        in_eval[lo - start :] = torch.from_numpy(self._tail_in_eval[lo - self.tail_start : stop - self.tail_start])
+        return rows[in_eval if held_out else ~in_eval]
 
     def epoch_groups(self, epoch: int) -> list[list[tuple[int, int]]]:
         """This epoch's chunk ranges in visiting order, grouped `shuffle_chunks` at a time."""
@@ -80,16 +108,18 @@ class ActivationStream:
         for batch in prefetched(self._cpu_batches(epoch, start_batch), self.cfg.prefetch):
             yield self._to_device(batch)
 
-    def eval_batches(self, batch_size: int | None = None) -> Iterator[torch.Tensor]:
-        """The held-out rows in store order.  → [B, D] float32 on device"""
-        size = batch_size or self.cfg.batch_size
-        for start in range(self.n_train, self.store.n_rows, size):
-            yield self._to_device(self.store.read_rows(self.source, start, min(start + size, self.store.n_rows)))
+    def eval_batches(self) -> Iterator[torch.Tensor]:
+        """The held-out rows in store order, in batches of at most batch_size.  → [B, D] float32 on device"""
+        size = self.cfg.batch_size
+        for start in range(self.tail_start, self.store.n_rows, size):
+            rows = self._read_filtered(start, min(start + size, self.store.n_rows), held_out=True)
+            if len(rows):
+                yield self._to_device(rows)
 
     def sample_mean(self, n_rows: int = 32_768) -> torch.Tensor:
         """Mean of the first `n_rows` training rows, normalised (rows are pre-shuffled on disk, so
         these are a random sample of the first block).  → [D] float32 on device"""
-        rows = self.store.read_rows(self.source, 0, min(n_rows, self.n_train))
+        rows = self.read_training_rows(0, min(n_rows, self.store.n_rows))
         return self._to_device(rows).mean(0)
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
@@ -105,11 +135,11 @@ class ActivationStream:
         pending: list[torch.Tensor] = []
         n_pending = 0
         for g, group in enumerate(self.epoch_groups(epoch)):
-            group_rows = sum(b - a for a, b in group)
+            group_rows = sum(self.n_training_rows(a, b) for a, b in group)
             if skip >= group_rows:  # resume: this whole group was consumed before
                 skip -= group_rows
                 continue
-            rows = torch.cat([self.store.read_rows(self.source, a, b) for a, b in group])
+            rows = torch.cat([self.read_training_rows(a, b) for a, b in group])
             rows = rows[torch.randperm(len(rows), generator=_generator(self.cfg.seed, epoch, g + 1))]
             rows, skip = rows[skip:], 0
             pending.append(rows)

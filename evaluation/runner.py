@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -24,7 +23,7 @@ from evaluation.export import load_member, sae_forward
 from evaluation.metrics import MetricAccumulator
 from evaluation.plots import plot_sweep
 from evaluation.report import write_report, write_summary
-from evaluation.splice import heldout_sequences, recovered, spliced_losses
+from evaluation.splice import recovered, spliced_losses
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def evaluate_run(cfg: EvalConfig) -> list[dict]:
 def _reconstruction_metrics(cfg: EvalConfig, store, summary, members, rows) -> dict[str, torch.Tensor]:
     """Held-out L0/MSE/FVU/... into `rows`; return each member's log10 density."""
     scale = summary["store"]["norm_scale"]
-    stream_cfg = StreamConfig(batch_size=cfg.row_batch_size, eval_rows=summary["store"]["eval_rows"], normalise=False)
+    stream_cfg = StreamConfig(batch_size=cfg.row_batch_size, eval_rows=summary["config"]["eval_tokens"], normalise=False)
     stream = ActivationStream(store, summary["store"]["source"], stream_cfg, cfg.device)
     d_sae = max(m[0]["d_sae"] for m in members)
     acc = MetricAccumulator(len(members), stream.d, d_sae, cfg.device)
@@ -93,12 +92,9 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members, rows) -> dict:
 
     entry = _model_entry(store, summary["store"]["source"])
     model = load_model(entry["model"], entry["model_path"], device=cfg.device, dtype=store.identity["model_dtype"])
-    train_rows = summary["store"]["train_rows"]
-    last_train_seq = int(store.read_column("sequence", 0, train_rows).max())
-    seq_ids = heldout_sequences(store.read_column("sequence", train_rows), last_train_seq, cfg.n_sequences)
-    if not seq_ids:
-        raise ValueError("no held-out sequence is free of training rows: cache more tokens or raise --eval_tokens")
-    sequences = torch.from_numpy(np.stack([store.read_sequences(i, i + 1)[0] for i in seq_ids])).long()
+    start = summary["store"]["eval_sequence_start"]  # sequences from here on are held out whole
+    stop = min(start + cfg.n_sequences, store.attrs["n_sequences"])
+    sequences = torch.from_numpy(store.read_sequences(start, stop)).long()
     mean_D = _heldout_mean(store, summary, cfg.device)
     replacements = {"zero": torch.zeros_like, "mean": lambda x: mean_D.expand_as(x)}
     for r, (c, w) in zip(rows, members):
@@ -111,7 +107,7 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members, rows) -> dict:
         spliced = losses[r["name"]]
         r.update({"ce_spliced": spliced["ce"], "kl": spliced["kl"], "ce_recovered": recovered(spliced["ce"], clean, zero),
                   "ce_recovered_mean_ablation": recovered(spliced["ce"], clean, mean)})
-    return {"n_sequences": len(seq_ids), "clean_ce": clean, "zero_ablation_ce": zero, "mean_ablation_ce": mean,
+    return {"n_sequences": len(sequences), "clean_ce": clean, "zero_ablation_ce": zero, "mean_ablation_ce": mean,
             "zero_ablation_kl": losses["zero"]["kl"], "mean_ablation_kl": losses["mean"]["kl"]}
 
 
@@ -126,7 +122,7 @@ def _model_entry(store, source: str) -> dict:
 
 def _heldout_mean(store, summary, device) -> torch.Tensor:
     """Mean raw activation over the held-out rows (the mean-ablation baseline).  → [D]"""
-    stream_cfg = StreamConfig(eval_rows=summary["store"]["eval_rows"], normalise=False)
+    stream_cfg = StreamConfig(eval_rows=summary["config"]["eval_tokens"], normalise=False)
     stream = ActivationStream(store, summary["store"]["source"], stream_cfg, device)
     total, count = 0, 0
     for x in stream.eval_batches():

@@ -11,7 +11,7 @@ the dictionary never saw them. Sums are per token, so results do not depend on b
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -71,8 +71,3 @@ def _ce_sum(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _kl_sum(clean_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return (clean_logp.exp() * (clean_logp - logp)).sum(-1).double().sum()  # per-token sums, then float64
-
-
-def heldout_sequences(sequence_ids: Iterable[int], last_train_sequence: int, limit: int) -> list[int]:
-    """Up to `limit` sequence indices none of whose rows were trained on."""
-    return sorted({int(s) for s in sequence_ids if s > last_train_sequence})[:limit]

@@ -173,3 +173,28 @@ def test_b_dec_starts_at_the_normalised_sample_mean(tmp_path):
     d = Dictionary(members(2, d_in=4))
     d.init_b_dec_(mean)
     torch.testing.assert_close(d.b_dec, mean.expand(2, 4))
+
+
+def test_held_out_rows_are_whole_sequences_even_inside_a_shuffled_block(tmp_path):
+    """One shuffled block of 250 sequences × 4 rows: the held-out set is every row of the last
+    sequences, wherever the shuffle put them, and training never sees one of them."""
+    n_rows, per_seq, d = 1000, 4, 2
+    seq_of_row = np.random.default_rng(0).permutation(np.arange(n_rows) // per_seq).astype(np.int32)
+    store = ActivationStore.create(
+        tmp_path / "blk", identity={}, sources=[SourceInfo("s", "m", "h", d)], n_rows=n_rows, n_sequences=n_rows // per_seq,
+        context_length=per_seq, chunk_rows=64, block_rows=n_rows, storage_dtype="float32", info={},
+    )
+    values = np.repeat(np.arange(n_rows, dtype=np.float32)[:, None], d, axis=1)
+    ids = np.arange(n_rows, dtype=np.int32)
+    store.write_block(RowBlock(ids, ids % per_seq, seq_of_row, {"s": values}, {"s": (1.0, 1.0, n_rows)},
+                               np.zeros((n_rows // per_seq, per_seq), dtype=np.int32)))
+    store.finish()
+    stream = ActivationStream(store, "s", StreamConfig(batch_size=37, eval_rows=90, shuffle_chunks=2, normalise=False))
+    assert stream.eval_sequence_start == 250 - 23  # ceil(90 / 4) whole sequences
+    held_out = set(np.flatnonzero(seq_of_row >= 227).tolist())
+    trained = torch.cat(list(stream.train_batches(0)))[:, 0].long().tolist()
+    assert sorted(trained) == sorted(set(range(n_rows)) - held_out)
+    assert sorted(torch.cat(list(stream.eval_batches()))[:, 0].long().tolist()) == sorted(held_out)
+    assert stream.n_eval == 92 and stream.n_train == 908
+    resumed = torch.cat(list(stream.train_batches(0, start_batch=5)))[:, 0].long().tolist()
+    assert resumed == trained[5 * 37 :]
