@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import SpaceSeparated, run_or_exit
+from cache.cli_options import COUNT, SpaceSeparated, run_or_exit
 from cache.generate import GenerateConfig, generate
 from cache.models import DEMO_MODEL_NAME, HOOK_KINDS, default_gguf_path
 from cache.store import STORAGE_DTYPES
 from cache.text import STDLIB_DOCSTRINGS
-
-
-def _tokens(value: str) -> int:
-    return int(str(value).replace("_", ""))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -43,7 +39,7 @@ def _tokens(value: str) -> int:
 @click.option("--context_length", type=int, default=128, help="Tokens per sequence, BOS included.")
 @click.option("--prepend_bos/--no_prepend_bos", default=None, help="Start each sequence with BOS [default: the model's default].")
 @click.option("--exclude_bos/--include_bos", default=True, help="Store no rows for the BOS position.")
-@click.option("--n_tokens", type=_tokens, default=2_000_000, help="Rows (tokens) to store, rounded up to whole chunks.")
+@click.option("--n_tokens", type=COUNT, default=2_000_000, help="Rows (tokens) to store, rounded up to whole chunks.")
 @click.option("--n_chunks", type=int, default=None, help="Store exactly this many chunks instead of --n_tokens.")
 @click.option("--chunk_mb", type=float, default=8.0, help="Target chunk size in MB (whole sequences per chunk).")
 @click.option("--chunks_per_block", type=int, default=16, help="Chunks shuffled together before writing (on-disk mixing window).")

@@ -15,16 +15,12 @@ from pathlib import Path
 
 import click
 
-from cache.cli_options import SpaceSeparated, run_or_exit
+from cache.cli_options import COUNT, SpaceSeparated, run_or_exit
 from evaluation.report import format_table
 from evaluation.runner import EvalConfig, evaluate_run
 from training.dictionary import ARCHS
 from training.tracking import WandbTracker
 from training.trainer import SweepConfig, train_sweep
-
-
-def _int(value: str) -> int:
-    return int(str(value).replace("_", ""))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -42,6 +38,7 @@ def _int(value: str) -> int:
 @click.option("--l0_coeff", type=float, default=1e-3, help="L0 coefficient (jumprelu) unless swept.")
 @click.option("--bandwidth", type=float, default=1e-3, help="JumpReLU straight-through bandwidth.")
 @click.option("--grad_clip", type=float, default=None, help="Clip each member's gradient norm to this value.")
+@click.option("--threshold_start_step", type=int, default=1000, help="BatchTopK: step from which the inference threshold is averaged.")
 @click.option("--ratio", type=float, default=8.0, help="d_sae = ratio × d_in.")
 @click.option("--d_sae", type=int, default=None, help="Number of latents (overrides --ratio).")
 @click.option("--batch_size", type=int, default=4096, help="Rows per step, shared by every member.")
@@ -51,11 +48,11 @@ def _int(value: str) -> int:
 @click.option("--sparsity_warmup_steps", type=int, default=0, help="Linear warm-up steps of the sparsity coefficient.")
 @click.option("--b_dec_init", type=click.Choice(["mean", "zeros"]), default="mean", help="Initial decoder bias.")
 @click.option("--n_epochs", type=int, default=1, help="Passes over the training rows.")
-@click.option("--n_tokens", type=_int, default=None, help="Train on this many rows instead of --n_epochs.")
-@click.option("--eval_tokens", type=_int, default=50_000, help="Rows held out for evaluation (at most a tenth of the store).")
+@click.option("--n_tokens", type=COUNT, default=None, help="Train on this many rows instead of --n_epochs.")
+@click.option("--eval_tokens", type=COUNT, default=50_000, help="Rows of whole sequences held out for evaluation (at most a tenth of the store).")
 @click.option("--shuffle_chunks", type=int, default=8, help="Store chunks shuffled together in memory.")
 @click.option("--prefetch", type=int, default=8, help="Batches read ahead in the background.")
-@click.option("--dead_window", type=_int, default=1_000_000, help="Tokens without firing after which a latent counts as dead.")
+@click.option("--dead_window", type=COUNT, default=1_000_000, help="Tokens without firing after which a latent counts as dead.")
 @click.option("--checkpoint_every", type=int, default=500, help="Steps between checkpoints.")
 @click.option("--device", default="cpu", help="Training device (cpu, cuda, cuda:1, mps).")
 @click.option("--seed", type=int, default=0, help="Seed of initialisation and data order.")

@@ -54,3 +54,18 @@ def run_or_exit(step: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to resume", err=True)
         sys.exit(130)
+
+
+class Count(click.ParamType):
+    """An integer that may be written with underscores: 2_000_000."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        try:
+            return int(str(value).replace("_", ""))
+        except ValueError:
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+
+
+COUNT = Count()
