@@ -213,3 +213,38 @@ def test_cli_sweeps_k_for_topk_and_names_members_by_knob(small_store, tmp_path):
     assert cfg["architecture"] == "topk" and cfg["k"] == 8
     bad = CliRunner().invoke(train_sweep.main, args[:-2] + ["--sweep", "l1=1e-3", "--output_dir", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "topk does not use l1_coeff" in bad.output
+
+
+def test_a_killed_batchtopk_sweep_resumes_to_the_same_weights(small_store, tmp_path, monkeypatch):
+    """A crash with no chance to save (as kill -9): the periodic checkpoint carries parameters,
+    Adam moments, dead-latent counters and the threshold average, so the resumed run matches."""
+    import training.trainer as trainer
+    from safetensors.torch import load_file
+
+    def args(out):
+        return ["--cache", str(small_store), "--source", "blocks.1.hook_resid_post", "--output_dir", str(out),
+                "--arch", "batchtopk", "--sweep", "k=2,4", "--ratio", "2", "--batch_size", "64", "--lr", "1e-2",
+                "--n_epochs", "2", "--eval_tokens", "400", "--threshold_start_step", "4", "--checkpoint_every", "5",
+                "--dead_window", "128", "--no_eval"]
+
+    assert CliRunner().invoke(train_sweep.main, args(tmp_path / "whole")).exit_code == 0
+    original = trainer.Ensemble.step
+    calls = {"n": 0}
+
+    def killed_at_step_13(self, x):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise RuntimeError("killed")  # not KeyboardInterrupt: no checkpoint is written on the way out
+        return original(self, x)
+
+    monkeypatch.setattr(trainer.Ensemble, "step", killed_at_step_13)
+    assert CliRunner().invoke(train_sweep.main, args(tmp_path / "killed")).exit_code != 0
+    monkeypatch.setattr(trainer.Ensemble, "step", original)
+    resumed = CliRunner().invoke(train_sweep.main, args(tmp_path / "killed"))
+    assert resumed.exit_code == 0 and "resuming" in resumed.output and "step 10" in resumed.output
+    for member in (tmp_path / "whole" / "members").iterdir():
+        a = load_file(member / "sae_weights.safetensors")
+        b = load_file(tmp_path / "killed" / "members" / member.name / "sae_weights.safetensors")
+        assert a.keys() == b.keys() and "threshold" in a
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
