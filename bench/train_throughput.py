@@ -1,18 +1,29 @@
-"""Training throughput of N ReLU+L1 SAEs, in token·SAEs/s, three ways on the same data.
+"""Training throughput of N SAEs (ReLU+L1 or TopK), in token·SAEs/s, three ways on the same data.
 
-    python -m bench.train_throughput                  # d_in 512, d_sae 4096, batch 4096, N=8
-    python -m bench.train_throughput --quick          # tiny sizes, one step: a smoke test
+    python -m bench.train_throughput                  # ReLU: d_in 512, d_sae 4096, batch 4096, N=8
+    python -m bench.train_throughput --arch topk      # TopK k=32: d_in 512, d_sae 16384, batch 4096, N=2
+    python -m bench.train_throughput --quick          # tiny sizes, one step: a smoke test (either --arch)
     python -m bench.train_throughput --n_members 16 --steps 5
 
-Every variant trains the same N members (same d_in, d_sae, batch size, fp32, learning rate, a
-different L1 coefficient per member) on the same in-memory batches of normalised Gaussian rows
-(mean norm √d_in), in this one process:
+Every variant trains the same N members (same d_in, d_sae, batch size, fp32, learning rate; for
+ReLU a different L1 coefficient per member, for TopK the same k) on the same in-memory batches of
+normalised Gaussian rows (mean norm √d_in), in this one process:
 
   (a) vectorised   one `training.ensemble.Ensemble` of N members: one batched step trains all N;
   (b) sequential   each member as an Ensemble of 1, trained one after another (same code, no batching);
-  (c) SAELens      each member as SAELens's `StandardTrainingSAE` (architecture "standard"),
-                   trained one after another by SAELens's own `SAETrainer` (skipped when sae_lens
-                   is not installed).
+  (c) SAELens      each member as SAELens's own training SAE of that architecture, trained one
+                   after another by SAELens's own `SAETrainer` (skipped when sae_lens is not
+                   installed): `StandardTrainingSAE` ("standard") for --arch relu,
+                   `TopKTrainingSAE` ("topk") for --arch topk.
+
+Ours is built only through `MemberConfig(arch=..., k=..., l1_coeff=..., lr=...)` and
+`Ensemble(members).step(x)`; nothing here depends on how our TopK computes its step (dense or
+sparse decode), so the numbers follow whatever `training/` does when the script runs. Ours on a
+CPU runs the forward/backward in groups of members (`Ensemble.member_chunk`, ~64 MB of [B, F]
+activations per group, as of this writing): at d_sae 16384 × batch 4096 one member's dense
+activations are 256 MB, so the "vectorised" ensemble then steps one member at a time and
+(a) ≈ (b) is expected. The header names the `training/` code that ran (commit, uncommitted
+changes, a hash of dictionary.py + ensemble.py).
 
 All models of all variants are built first, and each takes `--warmup` untimed steps
 (first-step allocations, Adam state). Then every timed batch goes through every variant (the
@@ -24,18 +35,39 @@ a-time variants compute exactly what training the N models one after another com
 the order of the steps differs.)
 
 How (c) is driven: an `SAETrainer` is built per SAE exactly as SAELens's runner builds it
-(torch Adam, constant lr scheduler, L1 coefficient scheduler, no autocast, no wandb), and each
+(torch Adam, constant lr scheduler, coefficient schedulers, no autocast, no wandb), and each
 step runs the body of `SAETrainer.fit()`'s loop: `maybe_reset_sparsity()`, the public
-`step(batch)` seam (activation scaler → `_train_step`: `training_forward_pass` with MSE + L1
-loss, firing statistics, backward, grad-norm clipping to 1, Adam step, zero_grad, scheduler
-steps), then `n_training_steps += 1`. Only `fit()`'s wandb logging, checkpointing and progress
-bar are left out (all of them off or no-ops in this configuration). For a like-for-like step:
-`normalize_activations="none"` (the data is already normalised, as ours is), the same Adam
-betas (0.9, 0.99) and lr, and SAELens's L1 coefficient set to λ·d_in, the same objective as
-ours up to the loss scale (SAELens sums the squared error over d, ours averages it). The two
-implementations still differ per step in what each library does: SAELens weights the L1 term
-by decoder row norms and clips the gradient norm; ours projects the decoder gradient and
-renormalises decoder rows. Those are part of what each library costs per step, so they stay.
+`step(batch)` seam (activation scaler → `_train_step`: `training_forward_pass`, firing
+statistics, backward, grad-norm clipping to 1, Adam step, zero_grad, scheduler steps), then
+`n_training_steps += 1`. Only `fit()`'s wandb logging, checkpointing and progress bar are left
+out (all of them off or no-ops in this configuration). Both sides get `normalize_activations=
+"none"` (the data is already normalised, as ours is), the same lr, and the Adam betas of our
+architecture: (0.9, 0.99) for relu, (0.9, 0.999) for topk (SAELens's default). The two
+implementations still differ per step in what each library does; those differences are part of
+what each library costs per step, so they stay:
+
+  relu  SAELens's L1 coefficient is set to λ·d_in, the same objective as ours up to the loss
+        scale (SAELens sums the squared error over d, ours averages it). SAELens weights the L1
+        term by decoder row norms and clips the gradient norm; ours projects the decoder
+        gradient and renormalises decoder rows.
+  topk  SAELens's `TopKTrainingSAEConfig` defaults, only k, sizes and normalisation set:
+        apply_b_dec_to_input, rescale_acts_by_decoder_norm (pre-activations × ‖W_dec,i‖ before
+        the top-k, activations ÷ ‖W_dec,i‖ before decoding; free decoder norms, initialised to
+        0.1), AuxK with aux_loss_coefficient 1 and k_aux = d_in/2, and use_sparse_activations
+        False. Its step is dense throughout: encode x W_enc [B, F], torch.topk(k), ReLU of the
+        kept values scattered into a dense zero [B, F] tensor, decode as a dense [B, F] @ [F, D]
+        matmul (as many FLOPs as a ReLU SAE's decode), dense backward, firing statistics on
+        the dense [B, F] activations. (use_sparse_activations=True would build a COO tensor and
+        decode with torch.sparse.mm; it is not measured: with rescale_acts_by_decoder_norm on,
+        its backward fails on CPU in torch 2.13 ("aten::view" has no SparseCPU kernel).) Ours
+        (MemberConfig defaults): unit-norm decoder rows kept by gradient projection and
+        renormalisation, no gradient clipping, AuxK coefficient 1/32.
+        AuxK is on for both but costs nothing extra in a run this short unless latents die:
+        SAELens counts a latent dead after `dead_feature_window` = 1000 steps without firing,
+        ours after 10M tokens, so by default both only check for dead latents each step.
+        `--force_auxk` makes both count a latent dead after a single batch without firing
+        (SAELens dead_feature_window=0, ours `Ensemble(dead_tokens=batch)`), so the AuxK top-k
+        and decode run whenever some latent stayed silent in the previous batch.
 
 Memory: the process RSS is sampled (psutil) while each variant is built and warmed up, smallest
 footprint first; "RSS growth" is its rise over the RSS before that variant, i.e. its models plus
@@ -46,7 +78,9 @@ memory), accuracy, or GPU throughput (it runs on whatever device `--device` name
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +96,18 @@ from bench._common import RssPeak, Stopwatch, format_table, mib, track_rss  # no
 from training.dictionary import MemberConfig  # noqa: E402
 from training.ensemble import Ensemble  # noqa: E402
 
-ADAM_BETAS = (0.9, 0.99)  # BatchedAdam's; SAELens is given the same
+ARCHS = ("relu", "topk")
+# Our Adam betas per architecture (MemberConfig's spec where it says, else these); SAELens gets the same.
+ADAM_BETAS = {"relu": (0.9, 0.99), "topk": (0.9, 0.999)}
+# Defaults per architecture: (d_sae, n_members). TopK's width is the target config of the issue;
+# N=2 keeps the default TopK run (3 variants × N SAEs × 4 batches, ~7 s per dense step on 2 cores)
+# to a few minutes.
+DEFAULTS = {"relu": (4096, 8), "topk": (16384, 2)}
 
 
 @dataclass(frozen=True)
 class BenchConfig:
+    arch: str
     d_in: int
     d_sae: int
     batch_size: int
@@ -75,6 +116,8 @@ class BenchConfig:
     warmup: int
     lr: float
     device: str
+    k: int = 32  # topk only
+    force_auxk: bool = False  # topk only: a latent counts dead after one silent batch, both sides
 
 
 @dataclass(frozen=True)
@@ -113,8 +156,11 @@ def make_batches(n: int, batch_size: int, d_in: int, device: str, seed: int = 0)
 
 
 def make_members(cfg: BenchConfig) -> list[MemberConfig]:
-    """N members of one width with L1 coefficients spread geometrically over 1e-3 … 1e-1."""
+    """relu: N members of one width with L1 coefficients spread geometrically over 1e-3 … 1e-1.
+    topk: N members of one width and one k (seeds differ)."""
     n = cfg.n_members
+    if cfg.arch == "topk":
+        return [MemberConfig(cfg.d_in, cfg.d_sae, arch="topk", k=cfg.k, lr=cfg.lr, seed=i) for i in range(n)]
     l1s = [1e-3 * 100 ** (i / max(n - 1, 1)) for i in range(n)]
     return [MemberConfig(cfg.d_in, cfg.d_sae, l1_coeff=l1, lr=cfg.lr, seed=i) for i, l1 in enumerate(l1s)]
 
@@ -137,22 +183,47 @@ class Variant:
             step(x)
 
 
+def our_betas(member: MemberConfig) -> tuple[float, float]:
+    """The Adam betas our ensemble uses for `member`'s architecture (what SAELens is given)."""
+    spec = getattr(member, "spec", None)
+    return tuple(getattr(spec, "betas", None) or ADAM_BETAS[member.arch])
+
+
+def make_ensemble(cfg: BenchConfig, members: list[MemberConfig]) -> Ensemble:
+    if cfg.force_auxk:
+        # a latent that did not fire in the last batch counts dead (SAELens: dead_feature_window=0)
+        return Ensemble(members, device=cfg.device, dead_tokens=cfg.batch_size)
+    return Ensemble(members, device=cfg.device)
+
+
 def vectorised_steps(cfg: BenchConfig, members: list[MemberConfig]) -> list[StepFn]:
-    return [Ensemble(members, device=cfg.device).step]
+    return [make_ensemble(cfg, members).step]
 
 
 def sequential_steps(cfg: BenchConfig, members: list[MemberConfig]) -> list[StepFn]:
-    return [Ensemble([member], device=cfg.device).step for member in members]
+    return [make_ensemble(cfg, [member]).step for member in members]
 
 
-def saelens_step_fn(cfg: BenchConfig, member: MemberConfig) -> StepFn:
-    """One SAELens `SAETrainer` for `member`, returned as the body of its `fit()` loop."""
-    from sae_lens.config import SAETrainerConfig
+def saelens_sae(cfg: BenchConfig, member: MemberConfig):
+    """SAELens's own training SAE for `member`'s architecture (see the module docstring)."""
+    if member.arch == "topk":
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        # Everything else at SAELens's defaults: rescale_acts_by_decoder_norm, AuxK (coefficient
+        # 1), decoder_init_norm 0.1, apply_b_dec_to_input, use_sparse_activations=False (dense).
+        return TopKTrainingSAE(
+            TopKTrainingSAEConfig(
+                d_in=member.d_in,
+                d_sae=member.d_sae,
+                k=member.k,
+                dtype="float32",
+                device=cfg.device,
+                normalize_activations="none",
+            )
+        )
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-    from sae_lens.training.sae_trainer import SAETrainer
 
-    torch.manual_seed(member.seed)  # SAELens initialises from the global generator
-    sae = StandardTrainingSAE(
+    return StandardTrainingSAE(
         StandardTrainingSAEConfig(
             d_in=member.d_in,
             d_sae=member.d_sae,
@@ -162,15 +233,26 @@ def saelens_step_fn(cfg: BenchConfig, member: MemberConfig) -> StepFn:
             l1_coefficient=member.l1_coeff * member.d_in,  # SAELens sums the squared error over d
         )
     )
+
+
+def saelens_step_fn(cfg: BenchConfig, member: MemberConfig) -> StepFn:
+    """One SAELens `SAETrainer` for `member`, returned as the body of its `fit()` loop."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(member.seed)  # SAELens initialises from the global generator
+    sae = saelens_sae(cfg, member)
+    beta1, beta2 = our_betas(member)
     trainer = SAETrainer(
         cfg=SAETrainerConfig(
             total_training_samples=(cfg.warmup + cfg.steps) * cfg.batch_size,
             train_batch_size_samples=cfg.batch_size,
             lr=member.lr,
             lr_end=member.lr / 10,  # what LanguageModelSAERunnerConfig fills in
-            adam_beta1=ADAM_BETAS[0],
-            adam_beta2=ADAM_BETAS[1],
+            adam_beta1=beta1,
+            adam_beta2=beta2,
             device=cfg.device,
+            **({"dead_feature_window": 0} if cfg.force_auxk else {}),
         ),
         sae=sae,
         data_provider=iter(()),  # batches are handed to step() directly
@@ -214,6 +296,28 @@ def to_result(variant: Variant, cfg: BenchConfig) -> Result:
     return Result(variant.name, variant.n_saes, cfg.batch_size, cfg.steps, variant.watch.seconds, variant.rss)
 
 
+def our_code_version() -> str:
+    """Which `training/` code variants (a) and (b) ran: git commit (+ whether training/ has
+    uncommitted changes) and a hash of the imported dictionary/ensemble source files, so runs
+    made while `training/` changes can be told apart."""
+    import training.dictionary
+    import training.ensemble
+
+    digest = hashlib.sha256()
+    for module in (training.dictionary, training.ensemble):
+        digest.update(Path(module.__file__).read_bytes())
+    root = Path(training.dictionary.__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "training"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        where = f"git {head}" + (" + uncommitted changes in training/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        where = "not a git checkout"
+    return f"ours: {where}; sha256(dictionary.py+ensemble.py)={digest.hexdigest()[:12]}"
+
+
 def saelens_version() -> str | None:
     try:
         import sae_lens
@@ -243,28 +347,41 @@ def print_report(results: list[Result]) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--arch", type=click.Choice(ARCHS), default="relu", help="Architecture of every SAE.")
+@click.option("--k", type=int, default=32, help="Active latents per row (--arch topk).")
 @click.option("--d_in", type=int, default=512, help="Activation width.")
-@click.option("--d_sae", type=int, default=4096, help="Latents per SAE.")
+@click.option("--d_sae", type=int, default=None, show_default="4096 relu, 16384 topk", help="Latents per SAE.")
 @click.option("--batch_size", type=int, default=4096, help="Rows per step.")
-@click.option("--n_members", type=int, default=8, help="SAEs trained (N).")
+@click.option("--n_members", type=int, default=None, show_default="8 relu, 2 topk", help="SAEs trained (N).")
 @click.option("--steps", type=int, default=3, help="Timed steps per SAE.")
 @click.option("--warmup", type=int, default=1, help="Untimed steps per SAE before the timed ones.")
 @click.option("--lr", type=float, default=1e-4, help="Adam learning rate of every SAE.")
 @click.option("--device", default="cpu", help="Torch device.")
 @click.option("--skip_saelens", is_flag=True, help="Do not run variant (c).")
-@click.option("--quick", is_flag=True, help="Tiny sizes and one timed step (smoke test); overrides the sizes.")
-def main(d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, skip_saelens, quick) -> None:
+@click.option("--force_auxk", is_flag=True,
+              help="topk: count a latent dead after one batch without firing, both sides, so AuxK runs.")
+@click.option("--quick", is_flag=True, help="Tiny sizes (k ≤ 8) and one timed step (smoke test); overrides the sizes.")
+def main(arch, k, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, skip_saelens, force_auxk, quick) -> None:
     """Token·SAEs/s of our vectorised ensemble vs sequential training vs SAELens's trainer."""
+    d_sae = DEFAULTS[arch][0] if d_sae is None else d_sae
+    n_members = DEFAULTS[arch][1] if n_members is None else n_members
     if quick:
         d_in, d_sae, batch_size, n_members, steps, warmup = 32, 128, 256, 3, 1, 1
+        k = min(k, 8)
     if min(d_in, d_sae, batch_size, n_members, steps) < 1 or warmup < 0:
         raise click.BadParameter("sizes and --steps must be positive, --warmup ≥ 0")
-    cfg = BenchConfig(d_in, d_sae, batch_size, n_members, steps, warmup, lr, device)
+    if arch == "topk" and not 1 <= k <= d_sae:
+        raise click.BadParameter(f"--k must be between 1 and d_sae={d_sae}")
+    if force_auxk and arch != "topk":
+        raise click.BadParameter("--force_auxk applies to --arch topk only")
+    cfg = BenchConfig(arch, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, k, force_auxk)
     version = None if skip_saelens else saelens_version()
-    print(f"d_in={d_in} d_sae={d_sae} batch={batch_size} N={n_members} fp32 device={device} "
-          f"torch {torch.__version__} threads={torch.get_num_threads()} "
-          f"warmup={warmup} timed steps={steps} (per SAE) sae_lens={version or 'not run'}")
     members = make_members(cfg)
+    arch_desc = f"arch=topk k={k}{' force_auxk' if force_auxk else ''}" if arch == "topk" else "arch=relu"
+    print(f"{arch_desc} d_in={d_in} d_sae={d_sae} batch={batch_size} N={n_members} fp32 device={device} "
+          f"lr={lr} adam_betas={our_betas(members[0])} torch {torch.__version__} threads={torch.get_num_threads()} "
+          f"warmup={warmup} timed steps={steps} (per SAE) sae_lens={version or 'not run'}")
+    print(our_code_version())
     batches = make_batches(warmup + steps, batch_size, d_in, device)
     warm, timed = batches[:warmup], batches[warmup:]
     # Smallest per-step footprint first, so each variant's RSS growth is its own.
