@@ -248,3 +248,38 @@ def test_a_killed_batchtopk_sweep_resumes_to_the_same_weights(small_store, tmp_p
         assert a.keys() == b.keys() and "threshold" in a
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def _dense_topk_reference(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
+    """The TopK loss written densely (all of f materialised, AuxK over a masked dense matrix)."""
+    from training.dictionary import keep_top
+
+    pre = d.pre_activation(x)
+    f = keep_top(torch.relu(pre), d.k)
+    x_hat = torch.bmm(f, d.W_dec) + d.b_dec.unsqueeze(1)
+    mse = (x_hat - x).pow(2).mean(dim=(1, 2))
+    dead = (d.tokens_since_fired >= d.aux_dead_tokens).unsqueeze(1)
+    residual = (x - x_hat).detach()
+    aux_f = keep_top(torch.relu(pre).masked_fill(~dead, 0.0), torch.full_like(d.k, d.aux_k))
+    err = (torch.bmm(aux_f, d.W_dec) - residual).pow(2).sum(dim=(1, 2))
+    var = (residual - residual.mean(1, keepdim=True)).pow(2).sum(dim=(1, 2))
+    aux = torch.where(dead.flatten(1).any(-1), err / var, torch.zeros_like(err))
+    return (mse + d.aux_coeff * aux).sum()
+
+
+def test_sparse_topk_path_equals_the_dense_computation_in_loss_and_gradients():
+    torch.manual_seed(0)
+    d = Dictionary([MemberConfig(d_in=D, d_sae=F, arch="topk", k=k, aux_k=5) for k in (3, 7)]).double()
+    with torch.no_grad():
+        d.b_dec.normal_()
+        d.b_enc.normal_(std=0.1)
+        d.tokens_since_fired[0, ::3] = 10**9  # some dead latents in member 0, none in member 1
+    d.eval()  # no counter updates, so both computations see the same dead set
+    x = torch.randn(40, D, dtype=torch.float64)
+    params = list(d.parameters())
+    sparse_loss = d.loss(x).total.sum()
+    dense_loss = _dense_topk_reference(d, x)
+    torch.testing.assert_close(sparse_loss, dense_loss)
+    for g_sparse, g_dense, p in zip(torch.autograd.grad(sparse_loss, params), torch.autograd.grad(dense_loss, params),
+                                    dict(d.named_parameters())):
+        torch.testing.assert_close(g_sparse, g_dense, msg=p)

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F_
 from torch import nn
 
 LOSS_CONVENTION = "mse_mean_over_d+penalty_sum_over_latents_mean_over_batch"
@@ -124,7 +125,7 @@ class LossOutput(NamedTuple):
     mse: torch.Tensor  # [E] mean over batch and d of (x̂ − x)²
     sparsity: torch.Tensor  # [E] the penalty before its coefficient (L1, L0 or 0)
     l0: torch.Tensor  # [E] mean over batch of #{f_i > 0}
-    f: torch.Tensor  # [E, B, F]
+    f: torch.Tensor | None  # [E, B, F]; None where only the active latents are materialised (topk)
     x_hat: torch.Tensor  # [E, B, D]
 
 
@@ -171,13 +172,16 @@ class Dictionary(nn.Module):
     # ---------------------------------------------------------------- forward
     def pre_activation(self, x_BD: torch.Tensor) -> torch.Tensor:
         """x [B, D] → pre [E, B, F]"""
+        E, B = self.W_enc.shape[0], x_BD.shape[0]
+        return torch.baddbmm(self._encoder_bias(), x_BD.expand(E, B, -1), self.W_enc)
+
+    def _encoder_bias(self) -> torch.Tensor:
+        """→ [E, 1, F]. (x − b_dec) W_enc + b_enc = x W_enc + (b_enc − b_dec W_enc): the batch-sized
+        product stays free of b_dec, so its gradient costs a vector product, not a third matmul."""
         bias_E1F = self.b_enc.unsqueeze(1)
         if self.spec.subtract_b_dec:
-            # (x − b_dec) W_enc + b_enc = x W_enc + (b_enc − b_dec W_enc): the batch-sized product
-            # stays free of b_dec, so its gradient costs a vector product, not a third matmul.
             bias_E1F = bias_E1F - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc)
-        E, B = self.W_enc.shape[0], x_BD.shape[0]
-        return torch.baddbmm(bias_E1F, x_BD.expand(E, B, -1), self.W_enc)
+        return bias_E1F
 
     def activate(self, pre_EBF: torch.Tensor) -> torch.Tensor:
         """Latent activations from pre-activations (training-time rule).  → [E, B, F]"""
@@ -208,19 +212,38 @@ class Dictionary(nn.Module):
         return self.loss(x_BD)
 
     def loss(self, x_BD: torch.Tensor) -> LossOutput:
-        pre_EBF = self.pre_activation(x_BD)
-        f_EBF = self.activate(pre_EBF)
-        x_hat_EBD = self.decode(f_EBF)
+        bias_E1F = self._encoder_bias()
+        if self.spec.activation == "topk":
+            # Sparse path: only the k selected latents are decoded and receive gradients.
+            vals_EBK, idx_EBK = TopKEncode.apply(x_BD, self.W_enc, bias_E1F, self.k)
+            x_hat_EBD = self._decode_sparse(vals_EBK, idx_EBK)
+            f_EBF = None
+            fires_EF = torch.zeros_like(self.tokens_since_fired, dtype=vals_EBK.dtype)
+            fired_EF = fires_EF.scatter_add_(-1, idx_EBK.flatten(1), (vals_EBK > 0).flatten(1).to(vals_EBK.dtype)) > 0
+            sparsity_E = torch.zeros_like(self.l1_coeff)
+            l0_E = (vals_EBK > 0).float().sum(-1).mean(-1)
+        else:
+            pre_EBF = torch.baddbmm(bias_E1F, x_BD.expand(self.W_enc.shape[0], -1, -1), self.W_enc)
+            f_EBF = self.activate(pre_EBF)
+            x_hat_EBD = self.decode(f_EBF)
+            fired_EF = (f_EBF > 0).any(dim=1)
+            sparsity_E = self._penalty(f_EBF, pre_EBF)
+            l0_E = (f_EBF > 0).float().sum(-1).mean(-1)
         mse_E = (x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2))
-        sparsity_E = self._penalty(f_EBF, pre_EBF)
         coeff_E = self.l0_coeff if self.spec.penalty == "l0" else self.l1_coeff
         total_E = mse_E + coeff_E * self.sparsity_scale * sparsity_E
         if self.spec.aux_k:
-            total_E = total_E + self.aux_coeff * self._aux_k_loss(x_BD, x_hat_EBD, pre_EBF)
+            total_E = total_E + self.aux_coeff * self._aux_k_loss(x_BD, x_hat_EBD, bias_E1F)
         if self.training:
-            self._track_(f_EBF, len(x_BD))
-        l0_E = (f_EBF > 0).float().sum(-1).mean(-1)
+            self._track_(fired_EF, f_EBF, len(x_BD))
         return LossOutput(total_E, mse_E, sparsity_E, l0_E, f_EBF, x_hat_EBD)
+
+    def _decode_sparse(self, vals_EBK: torch.Tensor, idx_EBK: torch.Tensor) -> torch.Tensor:
+        """x̂ from the k active latents of each row: a gather-and-sum of decoder rows (B·k·D work
+        instead of B·F·D).  → [E, B, D]"""
+        rows = [F_.embedding_bag(idx_EBK[e], self.W_dec[e], per_sample_weights=vals_EBK[e], mode="sum")
+                for e in range(len(vals_EBK))]
+        return torch.stack(rows) + self.b_dec.unsqueeze(1)
 
     def _penalty(self, f_EBF: torch.Tensor, pre_EBF: torch.Tensor) -> torch.Tensor:
         kind = self.spec.penalty
@@ -233,25 +256,30 @@ class Dictionary(nn.Module):
             return Step.apply(pre_EBF, theta, self.bandwidth.view(-1, 1, 1)).sum(-1).mean(-1)
         return torch.zeros_like(self.l1_coeff)
 
-    def _aux_k_loss(self, x_BD: torch.Tensor, x_hat_EBD: torch.Tensor, pre_EBF: torch.Tensor) -> torch.Tensor:
-        """AuxK (Gao et al. 2024, A.2): reconstruct the residual from the top-k_aux dead latents,
-        normalised by the residual's variance.  → [E]"""
-        dead_E1F = (self.tokens_since_fired >= self.aux_dead_tokens).unsqueeze(1)
-        if not dead_E1F.any():
-            return torch.zeros_like(self.aux_coeff)
-        residual_EBD = (x_BD - x_hat_EBD).detach()
-        dead_pre = torch.relu(pre_EBF).masked_fill(~dead_E1F, 0.0)
-        k_aux = torch.full_like(self.k, min(self.aux_k, pre_EBF.shape[-1]))
-        residual_hat_EBD = torch.bmm(keep_top(dead_pre, k_aux), self.W_dec)
-        err_E = (residual_hat_EBD - residual_EBD).pow(2).sum(dim=(1, 2))
-        var_E = (residual_EBD - residual_EBD.mean(1, keepdim=True)).pow(2).sum(dim=(1, 2)).clamp_min(1e-12)
-        return torch.where(dead_E1F.flatten(1).any(-1), err_E / var_E, torch.zeros_like(err_E))
+    def _aux_k_loss(self, x_BD: torch.Tensor, x_hat_EBD: torch.Tensor, bias_E1F: torch.Tensor) -> torch.Tensor:
+        """AuxK (Gao et al. 2024, A.2): reconstruct the residual from the top-k_aux pre-activations
+        among dead latents, normalised by the residual's variance. Only the dead latents' encoder
+        columns are computed.  → [E]"""
+        dead_EF = self.tokens_since_fired >= self.aux_dead_tokens
+        losses = []
+        for e in range(len(dead_EF)):
+            cols = dead_EF[e].nonzero().squeeze(1)
+            if len(cols) == 0:
+                losses.append(torch.zeros((), device=x_BD.device))
+                continue
+            residual_BD = (x_BD - x_hat_EBD[e]).detach()
+            pre_dead = torch.addmm(bias_E1F[e, 0, cols], x_BD, self.W_enc[e][:, cols])  # [B, n_dead]
+            vals, pos = torch.relu(pre_dead).topk(min(self.aux_k, len(cols)), dim=-1)
+            residual_hat_BD = F_.embedding_bag(cols[pos], self.W_dec[e], per_sample_weights=vals, mode="sum")
+            variance = (residual_BD - residual_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+            losses.append((residual_hat_BD - residual_BD).pow(2).sum() / variance)
+        return torch.stack(losses)
 
     @torch.no_grad()
-    def _track_(self, f_EBF: torch.Tensor, batch_size: int) -> None:
+    def _track_(self, fired_EF: torch.Tensor, f_EBF: torch.Tensor | None, batch_size: int) -> None:
         """Dead-latent counters (AuxK) and the BatchTopK inference threshold (EMA of the smallest
         kept activation, from `threshold_start_step` on)."""
-        self.tokens_since_fired.add_(batch_size).masked_fill_((f_EBF > 0).any(dim=1), 0)
+        self.tokens_since_fired.add_(batch_size).masked_fill_(fired_EF, 0)
         self.steps.add_(1)
         if self.spec.activation == "batchtopk":
             smallest_E = torch.where(f_EBF > 0, f_EBF, torch.inf).amin(dim=(1, 2))
@@ -320,6 +348,38 @@ def keep_top(values_EBN: torch.Tensor, k_E: torch.Tensor) -> torch.Tensor:
     top_values, top_index = values_EBN.topk(k_max, dim=-1, sorted=True)
     rank_mask = torch.arange(k_max, device=values_EBN.device) < k_E.view(-1, 1, 1)
     return torch.zeros_like(values_EBN).scatter(-1, top_index, top_values * rank_mask)
+
+
+class TopKEncode(torch.autograd.Function):
+    """(values, indices) of the k_e largest ReLU pre-activations of each row, pre = x W_enc + bias,
+    with a sparse backward: only the B·k selected entries carry gradient, so W_enc's gradient is a
+    sparse [F, B] × dense [B, D] product instead of a dense [D, B] × [B, F] one.
+    x [B, D], W_enc [E, D, F], bias [E, 1, F], k [E] → values [E, B, K], indices [E, B, K] (K = max k)."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_EDF, bias_E1F, k_E):
+        E, B = W_enc_EDF.shape[0], x_BD.shape[0]
+        pre_EBF = torch.baddbmm(bias_E1F, x_BD.expand(E, B, -1), W_enc_EDF)
+        values, index = torch.relu(pre_EBF).topk(int(k_E.max()), dim=-1)
+        keep = (values > 0) & (torch.arange(values.shape[-1], device=values.device) < k_E.view(-1, 1, 1))
+        ctx.save_for_backward(x_BD, index, keep)
+        ctx.d_sae = W_enc_EDF.shape[-1]
+        ctx.mark_non_differentiable(index)
+        return values * keep, index
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_index):
+        x_BD, index, keep = ctx.saved_tensors
+        g_EBK = grad_values * keep  # ReLU and rank mask
+        E, B, K = g_EBK.shape
+        grad_bias = g_EBK.new_zeros(E, 1, ctx.d_sae).scatter_add_(-1, index.reshape(E, 1, B * K), g_EBK.reshape(E, 1, B * K))
+        rows = torch.arange(B, device=x_BD.device).repeat_interleave(K)
+        grad_W = []
+        for e in range(E):
+            sparse_FB = torch.sparse_coo_tensor(torch.stack([index[e].reshape(-1), rows]), g_EBK[e].reshape(-1),
+                                                (ctx.d_sae, B), check_invariants=False)  # valid by construction
+            grad_W.append(torch.sparse.mm(sparse_FB, x_BD).T)  # [D, F]
+        return None, torch.stack(grad_W), grad_bias, None
 
 
 class JumpReLU(torch.autograd.Function):
