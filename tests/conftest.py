@@ -149,3 +149,19 @@ def small_store(tmp_path_factory, text_dir) -> Path:
     result = CliRunner().invoke(generate_activations.main, gen_args(out, text_dir) + ["--hooks", "blocks.2.hook_mlp_out"])
     assert result.exit_code == 0, result.output
     return out
+
+
+def fail_at_call(monkeypatch, owner, name: str, n: int, error: BaseException):
+    """Make the n-th call (1-based) of owner.name raise `error`, as if the process died there;
+    calls before it run normally. Returns the original, to put back with monkeypatch.setattr."""
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+    return original

@@ -13,6 +13,7 @@ from evaluation.export import sae_forward, saelens_cfg, save_saelens
 from training.dictionary import ARCHS, Dictionary, MemberConfig
 from training.ensemble import Ensemble
 from training.sweep import build_members, parse_axis
+from tests.conftest import fail_at_call
 from training.trainer import SweepConfig, _schedule_
 
 D, N_FEATURES, F = 16, 24, 48
@@ -228,16 +229,8 @@ def test_a_killed_batchtopk_sweep_resumes_to_the_same_weights(small_store, tmp_p
                 "--dead_window", "128", "--no_eval"]
 
     assert CliRunner().invoke(train_sweep.main, args(tmp_path / "whole")).exit_code == 0
-    original = trainer.Ensemble.step
-    calls = {"n": 0}
-
-    def killed_at_step_13(self, x):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise RuntimeError("killed")  # not KeyboardInterrupt: no checkpoint is written on the way out
-        return original(self, x)
-
-    monkeypatch.setattr(trainer.Ensemble, "step", killed_at_step_13)
+    # not KeyboardInterrupt: no checkpoint is written on the way out
+    original = fail_at_call(monkeypatch, trainer.Ensemble, "step", 13, RuntimeError("killed"))
     assert CliRunner().invoke(train_sweep.main, args(tmp_path / "killed")).exit_code != 0
     monkeypatch.setattr(trainer.Ensemble, "step", original)
     resumed = CliRunner().invoke(train_sweep.main, args(tmp_path / "killed"))

@@ -11,7 +11,7 @@ from cache.generate import GenerateConfig, generate
 from cache.models import load_model, resolve_hooks, stop_layer
 from cache.store import ActivationStore, from_storage, to_storage
 from cache.text import iter_documents, token_sequences
-from tests.conftest import TINY_LAYERS, TINY_NAME, gen_args
+from tests.conftest import TINY_LAYERS, TINY_NAME, fail_at_call, gen_args
 
 
 def test_token_sequences_join_documents_with_eos_and_start_rows_with_bos():
@@ -101,16 +101,7 @@ def test_interrupted_generation_resumes_to_an_identical_store(tmp_path, text_dir
     args = gen_args(tmp_path / "full", text_dir)
     assert CliRunner().invoke(generate_activations.main, args).exit_code == 0
     crashed = tmp_path / "crashed"
-    original = ActivationStore.write_block
-    calls = {"n": 0}
-
-    def crash_after_two_blocks(self, block):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # as if the process died mid-run
-        calls["n"] += 1
-        original(self, block)
-
-    monkeypatch.setattr(ActivationStore, "write_block", crash_after_two_blocks)
+    original = fail_at_call(monkeypatch, ActivationStore, "write_block", 3, KeyboardInterrupt())  # after 2 blocks
     result = CliRunner().invoke(generate_activations.main, gen_args(crashed, text_dir))
     assert result.exit_code == 130 and "rerun the same command" in result.output
     partial = ActivationStore.open(crashed, allow_incomplete=True)

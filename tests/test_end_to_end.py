@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import generate_activations
 import train_sweep
 from cache.store import ActivationStore
-from tests.conftest import gen_args
+from tests.conftest import fail_at_call, gen_args
 
 SOURCE = "blocks.1.hook_resid_post"
 
@@ -87,16 +87,7 @@ def test_sweep_resumes_from_a_checkpoint_to_the_same_weights(small_store, tmp_pa
     whole = tmp_path / "whole"
     assert CliRunner().invoke(train_sweep.main, sweep_args(small_store, whole, **{"--checkpoint_every": 3})).exit_code == 0
     broken = tmp_path / "broken"
-    original = trainer.Ensemble.step
-    calls = {"n": 0}
-
-    def die_at_step_8(self, x):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return original(self, x)
-
-    monkeypatch.setattr(trainer.Ensemble, "step", die_at_step_8)
+    original = fail_at_call(monkeypatch, trainer.Ensemble, "step", 8, KeyboardInterrupt())
     result = CliRunner().invoke(train_sweep.main, sweep_args(small_store, broken, **{"--checkpoint_every": 3}))
     assert result.exit_code == 130 and (broken / "checkpoint.pt").exists()
     monkeypatch.setattr(trainer.Ensemble, "step", original)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import generate_activations
 from cache.models import load_model
 from cache.store import ActivationStore
-from tests.conftest import OTHER_TOKENIZER_NAME, TINY_NAME, TWIN_NAME, gen_args
+from tests.conftest import OTHER_TOKENIZER_NAME, TINY_NAME, TWIN_NAME, fail_at_call, gen_args
 
 HOOKS = ("blocks.1.hook_resid_post", "blocks.2.hook_mlp_out")
 MODELS = {"base": TINY_NAME, "chat": TWIN_NAME}
@@ -96,16 +96,7 @@ def test_pair_with_another_tokenizer_is_refused_before_anything_is_written(tmp_p
 
 def test_paired_generation_resumes_to_the_uninterrupted_store(paired_store, tmp_path, text_dir, monkeypatch):
     crashed = tmp_path / "crashed"
-    original = ActivationStore.write_block
-    calls = {"n": 0}
-
-    def crash_after_two_blocks(self, block):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # as if the process died mid-run
-        calls["n"] += 1
-        original(self, block)
-
-    monkeypatch.setattr(ActivationStore, "write_block", crash_after_two_blocks)
+    original = fail_at_call(monkeypatch, ActivationStore, "write_block", 3, KeyboardInterrupt())  # after 2 blocks
     assert CliRunner().invoke(generate_activations.main, paired_args(crashed, text_dir)).exit_code == 130
     assert _state(crashed) is False
     monkeypatch.setattr(ActivationStore, "write_block", original)

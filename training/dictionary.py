@@ -226,9 +226,10 @@ class Dictionary(nn.Module):
             pre_EBF = torch.baddbmm(bias_E1F, x_BD.expand(self.W_enc.shape[0], -1, -1), self.W_enc)
             f_EBF = self.activate(pre_EBF)
             x_hat_EBD = self.decode(f_EBF)
-            fired_EF = (f_EBF > 0).any(dim=1)
+            active_EBF = f_EBF > 0  # one pass, one byte per entry, for both statistics
+            fired_EF = active_EBF.any(dim=1)
             sparsity_E = self._penalty(f_EBF, pre_EBF)
-            l0_E = (f_EBF > 0).float().sum(-1).mean(-1)
+            l0_E = active_EBF.sum(-1).float().mean(-1)
         mse_E = (x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2))
         coeff_E = self.l0_coeff if self.spec.penalty == "l0" else self.l1_coeff
         total_E = mse_E + coeff_E * self.sparsity_scale * sparsity_E
