@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from cache.models import HOOK_KINDS, ModelError, check_same_tokenizer, load_model, resolve_hooks, stop_layer
 from cache.background import prefetched
+from cache.devices import check_device
 from cache.store import STORAGE_DTYPES, STORAGE_MAX, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError, json_normal, to_storage
 from cache.text import STDLIB_DOCSTRINGS, TextSourceError, iter_documents, token_sequences
 
@@ -118,6 +119,7 @@ class GenerateConfig:
             raise ValueError("--context_length must be at least 2")
         if self.n_chunks is not None and self.n_chunks < 1:
             raise ValueError(f"--n_chunks must be positive, got {self.n_chunks}")
+        check_device(self.device)
         if self.chunk_mb <= 0:
             raise ValueError(f"--chunk_mb must be positive, got {self.chunk_mb}")
         labels = tuple(self.labels)

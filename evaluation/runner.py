@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from cache.devices import check_device
 from cache.store import ActivationStore
 from cache.stream import ActivationStream, StreamConfig
 from evaluation.export import load_member, sae_forward
@@ -42,6 +43,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.n_sequences < 0 or self.batch_size < 1 or self.row_batch_size < 1:
             raise ValueError("n_sequences must be ≥ 0, batch sizes positive")
+        check_device(self.device)
 
 
 def evaluate_run(cfg: EvalConfig) -> list[dict]:

@@ -129,6 +129,7 @@ def _store_state(path):
         ({"--dataset": "/does/not/exist.txt"}, ["does not exist"]),
         ({"--dataset": "someone/not-cached-here"}, ["cannot load dataset", "not a local file or folder"]),
         ({"--context_length": "100000"}, ["no complete sequence"]),
+        ({"--device": "not-a-device"}, ["is not a device name"]),
     ],
 )
 def test_bad_generation_input_gives_one_line_error_and_no_complete_store(tmp_path, text_dir, extra, fragments):
@@ -190,6 +191,7 @@ def test_incomplete_store_is_refused_by_the_trainer(tmp_path, small_store):
         ({"--l1_min": "-1", "--l1_max": "-3"}, ["--l1_min", "larger than --l1_max"]),
         ({"--d_sae": "0"}, ["--d_sae must be positive"]),
         ({"--ratio": "-2"}, ["--ratio must be positive"]),
+        ({"--device": "cuda:7"} if not torch.cuda.is_available() else {"--device": "gpu0"}, ["--device"]),
     ],
 )
 def test_bad_sweep_input_gives_one_line_error(small_store, tmp_path, extra, fragments):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from cache.devices import check_device
 from cache.store import ActivationStore, StoreError, json_normal
 from cache.stream import ActivationStream, StreamConfig
 from evaluation.export import saelens_cfg, save_saelens
@@ -122,6 +123,7 @@ class SweepConfig:
             raise ValueError("warm-up steps must be ≥ 0")
         if self.lr_decay_start is not None and not 0 <= self.lr_decay_start < 1:
             raise ValueError(f"--lr_decay_start is a fraction in [0, 1), got {self.lr_decay_start}")
+        check_device(self.device)
         if self.b_dec_init not in ("mean", "zeros"):
             raise ValueError(f"--b_dec_init must be 'mean' or 'zeros', got {self.b_dec_init!r}")
 
