@@ -38,6 +38,7 @@ from training.trainer import SweepConfig, train_sweep
 @click.option("--l0_coeff", type=float, default=1e-3, help="L0 coefficient (jumprelu) unless swept.")
 @click.option("--bandwidth", type=float, default=1e-3, help="JumpReLU straight-through bandwidth.")
 @click.option("--grad_clip", type=float, default=None, help="Clip each member's gradient norm to this value.")
+@click.option("--k_anneal_steps", type=int, default=0, help="TopK family: anneal k from d_in down to --k over this many steps.")
 @click.option("--threshold_start_step", type=int, default=1000, help="BatchTopK: step from which the inference threshold is averaged.")
 @click.option("--ratio", type=float, default=8.0, help="d_sae = ratio × d_in.")
 @click.option("--d_sae", type=int, default=None, help="Number of latents (overrides --ratio).")

@@ -24,6 +24,8 @@ PLANTED = {
     "topk": dict(k=3, lr=3e-3),
     "batchtopk": dict(k=3, lr=3e-3),
     "jumprelu": dict(l0_coeff=3e-3, lr=3e-3, bandwidth=0.05, threshold_init=0.1),
+    # a first prefix as wide as the planted set (24): smaller prefixes must merge features by design
+    "matryoshka": dict(k=3, lr=3e-3, group_fractions=(1 / 2,)),
 }
 
 
@@ -60,7 +62,8 @@ def test_each_architecture_recovers_planted_directions_at_a_sensible_l0(arch):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_member_of_any_architecture_equals_it_trained_alone(arch):
     g = torch.Generator().manual_seed(2)
-    knob = {"relu": "l1_coeff", "relu_april": "l1_coeff", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coeff"}[arch]
+    knob = {"relu": "l1_coeff", "relu_april": "l1_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k",
+            "jumprelu": "l0_coeff"}[arch]
     values = {"l1_coeff": [1e-3, 1e-2, 3e-2], "k": [2, 4, 8], "l0_coeff": [1e-3, 1e-2, 3e-2]}[knob]
     configs = [MemberConfig(d_in=D, d_sae=F, arch=arch, lr=3e-3, seed=e, threshold_init=0.1, bandwidth=0.05,
                             grad_clip=0.05 if e == 0 else None, **{knob: v}) for e, v in enumerate(values)]
@@ -73,7 +76,7 @@ def test_member_of_any_architecture_equals_it_trained_alone(arch):
             solo.step(x)
     for e, solo in enumerate(alone):
         for name, tensor in together.dictionary.state_dict().items():
-            if name in ("k", "l1_coeff", "l0_coeff", "bandwidth", "aux_coeff", "sparsity_scale"):
+            if name in ("k", "k_active", "l1_coeff", "l0_coeff", "bandwidth", "aux_coeff", "sparsity_scale"):
                 continue
             torch.testing.assert_close(tensor[e].float(), solo.dictionary.state_dict()[name][0].float(),
                                        rtol=1e-4, atol=1e-5, msg=f"{arch} member {e}: {name}")
@@ -169,7 +172,7 @@ def test_every_architecture_loads_in_saelens_with_identical_outputs(arch, tmp_pa
     _, ours = sae_forward(cfg, tensors, x_raw)
     with torch.no_grad():
         torch.testing.assert_close(sae(x_raw), ours, atol=1e-5, rtol=1e-5)
-        if arch != "batchtopk":  # batchtopk's export is its inference rule, not the batch rule
+        if arch not in ("batchtopk", "matryoshka"):  # their export is the inference rule, not the batch rule
             torch.testing.assert_close(ours, scale * ensemble.dictionary.reconstruct(x_raw / scale)[0], atol=1e-5, rtol=1e-5)
 
 
@@ -276,3 +279,32 @@ def test_sparse_topk_path_equals_the_dense_computation_in_loss_and_gradients():
     for g_sparse, g_dense, p in zip(torch.autograd.grad(sparse_loss, params), torch.autograd.grad(dense_loss, params),
                                     dict(d.named_parameters())):
         torch.testing.assert_close(g_sparse, g_dense, msg=p)
+
+
+def test_matryoshka_loss_is_the_mean_reconstruction_loss_of_its_nested_prefixes():
+    from training.dictionary import nested_prefix_ends
+
+    assert nested_prefix_ends(1024, (1 / 32, 1 / 16)) == [32, 96, 1024]
+    torch.manual_seed(0)
+    d = Dictionary([MemberConfig(d_in=D, d_sae=F, arch="matryoshka", k=4, group_fractions=(1 / 8, 1 / 4))])
+    d.eval()
+    x = torch.randn(16, D)
+    out = d.loss(x)
+    f = out.f[0]
+    ends = [6, 18, 48]
+    expected = torch.stack([((f[:, :m] @ d.W_dec[0, :m] + d.b_dec[0]) - x).pow(2).mean() for m in ends]).mean()
+    torch.testing.assert_close(out.total[0], expected)  # no AuxK yet: nothing is dead
+    torch.testing.assert_close(out.mse[0], ((f @ d.W_dec[0] + d.b_dec[0]) - x).pow(2).mean())
+
+
+def test_k_anneals_from_d_in_down_to_k():
+    cfg = SweepConfig(cache="c", output_dir="o", k_anneal_steps=10)
+    ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch="topk", k=k) for k in (2, 4)])
+    seen = []
+    for step in (0, 5, 10, 20):
+        _schedule_(cfg, ensemble, step, total=30)
+        seen.append(ensemble.dictionary.k_active.tolist())
+    assert seen == [[16, 16], [9, 10], [2, 4], [2, 4]]
+    x = planted_data(torch.Generator().manual_seed(0), directions(), 8)
+    _schedule_(cfg, ensemble, 0, total=30)
+    assert all(l0 > 4 for l0 in ensemble.step(x).l0.tolist())  # the annealed k, not the final one, is in force

@@ -17,11 +17,14 @@ Every architecture is the same mechanism with different parameters (see ARCHS):
                 smallest kept value, exported as JumpReLU (Bussmann et al. 2024)
     jumprelu    f = z·H(z − θ), θ > 0 learned through a straight-through estimator with a
                 rectangle kernel of bandwidth ε; penalty L0 (Rajamanoharan et al. 2024)
+    matryoshka  BatchTopK whose reconstruction loss is averaged over nested prefixes of the
+                latents (the first m_1 < … < m_G = F), so early latents stand on their own;
+                exported as JumpReLU like BatchTopK (Bussmann et al. 2025; Nabeshima 2025)
 
 c is the member's l1_coeff or l0_coeff, s_t a schedule factor (sparsity warm-up) set by the
 trainer. Unit-norm decoders: the gradient is projected onto each row's tangent space before the
 step and rows are renormalised after it. The reconstruction term is averaged over d (λ from a
-loss summed over d: λ_sum = λ · d). Not here yet: gated, p-annealing, Matryoshka, resampling.
+loss summed over d: λ_sum = λ · d). Not here yet: gated, p-annealing, resampling.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class ArchSpec:
     saelens: str  # architecture name of the export
     knobs: tuple[str, ...]  # MemberConfig fields this architecture reads (what a sweep may vary)
     betas: tuple[float, float] = (0.9, 0.99)  # Adam betas shared by the ensemble
+    nested: bool = False  # reconstruction loss averaged over nested prefixes of the latents (Matryoshka)
 
 
 _COMMON = ("lr", "seed", "grad_clip")
@@ -59,6 +63,8 @@ ARCHS = {
     "batchtopk": ArchSpec("batchtopk", "none", True, True, True, "jumprelu", ("k", "aux_coeff", *_COMMON), (0.9, 0.999)),
     "jumprelu": ArchSpec("jumprelu", "l0", False, False, False, "jumprelu",
                          ("l0_coeff", "bandwidth", "threshold_init", *_COMMON), (0.0, 0.999)),
+    "matryoshka": ArchSpec("batchtopk", "none", True, True, True, "jumprelu", ("k", "aux_coeff", *_COMMON),
+                           (0.9, 0.999), nested=True),
 }
 
 
@@ -88,6 +94,8 @@ class MemberConfig:
     """Dead latents AuxK reconstructs from; default d_in // 2."""
     decoder_init_norm: float = 0.1
     """Initial decoder row norm where rows are free (relu_april)."""
+    group_fractions: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
+    """Matryoshka: sizes of the nested groups as fractions of d_sae; the rest is the last group."""
     lr: float = 1e-4
     """Adam learning rate."""
     grad_clip: float | None = None
@@ -104,11 +112,13 @@ class MemberConfig:
             value = getattr(self, name)
             if value < 0 or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
-        if self.spec.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
+        if "k" in self.spec.knobs and not 1 <= self.k <= self.d_sae:
             raise ValueError(f"k must be between 1 and d_sae={self.d_sae}, got {self.k}")
         for name in ("lr", "bandwidth", "threshold_init", "decoder_init_norm"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if any(f <= 0 for f in self.group_fractions) or sum(self.group_fractions) >= 1:
+            raise ValueError(f"group_fractions must be positive and sum below 1, got {self.group_fractions}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
 
@@ -136,7 +146,7 @@ class Dictionary(nn.Module):
         """`aux_dead_tokens`: tokens without firing after which AuxK counts a latent dead;
         `threshold_start_step`: step from which BatchTopK's inference threshold is averaged."""
         super().__init__()
-        _check_same(members, "d_in", "d_sae", "arch", "aux_k")
+        _check_same(members, "d_in", "d_sae", "arch", "aux_k", "group_fractions")
         E, D, F = len(members), members[0].d_in, members[0].d_sae
         self.members = list(members)
         self.spec = members[0].spec
@@ -156,6 +166,8 @@ class Dictionary(nn.Module):
             dtype = torch.long if knob == "k" else torch.float32
             self.register_buffer(knob, torch.tensor([getattr(m, knob) for m in members], dtype=dtype))
         self.register_buffer("sparsity_scale", torch.ones(E))  # schedule factor, set by the trainer
+        self.register_buffer("k_active", self.k.clone())  # k in force this step (k annealing), set by the trainer
+        self.prefix_ends = nested_prefix_ends(F, members[0].group_fractions) if self.spec.nested else [F]
         self.register_buffer("tokens_since_fired", torch.zeros(E, F, dtype=torch.long))  # AuxK's dead latents
         self.register_buffer("threshold", torch.zeros(E))  # batchtopk inference threshold (EMA)
         self.register_buffer("steps", torch.zeros(E, dtype=torch.long))
@@ -189,10 +201,10 @@ class Dictionary(nn.Module):
         if kind == "relu":
             return torch.relu(pre_EBF)
         if kind == "topk":
-            return keep_top(torch.relu(pre_EBF), self.k)
+            return keep_top(torch.relu(pre_EBF), self.k_active)
         if kind == "batchtopk":
             E, B, F = pre_EBF.shape
-            return keep_top(torch.relu(pre_EBF).reshape(E, 1, B * F), self.k * B).reshape(E, B, F)
+            return keep_top(torch.relu(pre_EBF).reshape(E, 1, B * F), self.k_active * B).reshape(E, B, F)
         return JumpReLU.apply(pre_EBF, self.jump_threshold.unsqueeze(1), self.bandwidth.view(-1, 1, 1))
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -215,7 +227,7 @@ class Dictionary(nn.Module):
         bias_E1F = self._encoder_bias()
         if self.spec.activation == "topk":
             # Sparse path: only the k selected latents are decoded and receive gradients.
-            vals_EBK, idx_EBK = TopKEncode.apply(x_BD, self.W_enc, bias_E1F, self.k)
+            vals_EBK, idx_EBK = TopKEncode.apply(x_BD, self.W_enc, bias_E1F, self.k_active)
             x_hat_EBD = self._decode_sparse(vals_EBK, idx_EBK)
             f_EBF = None
             fires_EF = torch.zeros_like(self.tokens_since_fired, dtype=vals_EBK.dtype)
@@ -225,19 +237,34 @@ class Dictionary(nn.Module):
         else:
             pre_EBF = torch.baddbmm(bias_E1F, x_BD.expand(self.W_enc.shape[0], -1, -1), self.W_enc)
             f_EBF = self.activate(pre_EBF)
-            x_hat_EBD = self.decode(f_EBF)
+            x_hat_EBD, recon_E = self._decode_nested(x_BD, f_EBF)
             active_EBF = f_EBF > 0  # one pass, one byte per entry, for both statistics
             fired_EF = active_EBF.any(dim=1)
             sparsity_E = self._penalty(f_EBF, pre_EBF)
             l0_E = active_EBF.sum(-1).float().mean(-1)
         mse_E = (x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2))
+        if f_EBF is None:
+            recon_E = mse_E
         coeff_E = self.l0_coeff if self.spec.penalty == "l0" else self.l1_coeff
-        total_E = mse_E + coeff_E * self.sparsity_scale * sparsity_E
+        total_E = recon_E + coeff_E * self.sparsity_scale * sparsity_E
         if self.spec.aux_k:
             total_E = total_E + self.aux_coeff * self._aux_k_loss(x_BD, x_hat_EBD, bias_E1F)
         if self.training:
             self._track_(fired_EF, f_EBF, len(x_BD))
         return LossOutput(total_E, mse_E, sparsity_E, l0_E, f_EBF, x_hat_EBD)
+
+    def _decode_nested(self, x_BD: torch.Tensor, f_EBF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂, reconstruction loss). With nested groups (Matryoshka; Bussmann et al. 2025, Nabeshima
+        2025) the loss is the mean over prefixes m_1 < … < m_G = F of the MSE of reconstructing from
+        the first m_g latents alone; the partial sums cost no more than one full decode.
+        → x̂ [E, B, D], loss [E]"""
+        x_hat_EBD = self.b_dec.unsqueeze(1).expand(-1, x_BD.shape[0], -1)
+        losses, start = [], 0
+        for end in self.prefix_ends:
+            x_hat_EBD = torch.baddbmm(x_hat_EBD, f_EBF[:, :, start:end], self.W_dec[:, start:end])
+            losses.append((x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2)))
+            start = end
+        return x_hat_EBD, torch.stack(losses).mean(0)
 
     def _decode_sparse(self, vals_EBK: torch.Tensor, idx_EBK: torch.Tensor) -> torch.Tensor:
         """x̂ from the k active latents of each row: a gather-and-sum of decoder rows (B·k·D work
@@ -339,6 +366,16 @@ class Dictionary(nn.Module):
         if self.spec.saelens == "topk":
             fields.update(k=int(self.k[e]), rescale_acts_by_decoder_norm=False)
         return fields
+
+
+def nested_prefix_ends(d_sae: int, fractions: tuple[float, ...]) -> list[int]:
+    """End of each nested prefix: cumulative group sizes, the last group taking the rest.
+    E.g. 1024 latents, (1/32, 1/16) → [32, 96, 1024]."""
+    ends, total = [], 0
+    for fraction in fractions:
+        total += max(1, round(fraction * d_sae))
+        ends.append(min(total, d_sae))
+    return sorted(set(ends) | {d_sae})
 
 
 def keep_top(values_EBN: torch.Tensor, k_E: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,8 @@ class SweepConfig:
     """JumpReLU straight-through bandwidth ε."""
     grad_clip: float | None = None
     """Clip each member's gradient norm to this (per member, never across the ensemble)."""
+    k_anneal_steps: int = 0
+    """TopK family: k decreases linearly from d_in (at most d_sae) to its value over this many steps."""
     threshold_start_step: int = 1000
     """BatchTopK: step from which the inference threshold is averaged (at most half the run)."""
     ratio: float = 8.0
@@ -119,7 +121,7 @@ class SweepConfig:
             raise ValueError(f"--n_tokens must be positive, got {self.n_tokens}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.lr_warmup_steps < 0 or self.sparsity_warmup_steps < 0:
+        if self.lr_warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.k_anneal_steps < 0:
             raise ValueError("warm-up steps must be ≥ 0")
         if self.lr_decay_start is not None and not 0 <= self.lr_decay_start < 1:
             raise ValueError(f"--lr_decay_start is a fraction in [0, 1), got {self.lr_decay_start}")
@@ -216,8 +218,8 @@ class _TrainState:
 
 
 def _schedule_(cfg: SweepConfig, ensemble: Ensemble, step: int, total: int) -> None:
-    """Learning-rate warm-up/decay and sparsity warm-up factors for this step (a function of
-    the step alone, so a resumed run follows the same schedule)."""
+    """Learning-rate warm-up/decay, sparsity warm-up and k annealing for this step (a function
+    of the step alone, so a resumed run follows the same schedule)."""
     lr_scale = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     if cfg.lr_decay_start is not None:
         decay_from = cfg.lr_decay_start * total
@@ -225,7 +227,13 @@ def _schedule_(cfg: SweepConfig, ensemble: Ensemble, step: int, total: int) -> N
             lr_scale *= max(0.0, (total - step) / max(total - decay_from, 1))
     ensemble.optimizer.lr_scale = lr_scale
     sparsity = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
-    ensemble.dictionary.sparsity_scale.fill_(sparsity)
+    dictionary = ensemble.dictionary
+    dictionary.sparsity_scale.fill_(sparsity)
+    if cfg.k_anneal_steps:
+        start_E = torch.full_like(dictionary.k, min(dictionary.W_enc.shape[1], dictionary.W_enc.shape[2]))
+        start_E = torch.maximum(start_E, dictionary.k)
+        progress = min(1.0, step / cfg.k_anneal_steps)
+        dictionary.k_active.copy_(torch.round(start_E + (dictionary.k - start_E) * progress).long())
 
 
 def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state: _TrainState, total: int, out: Path,
