@@ -234,17 +234,16 @@ class Dictionary(nn.Module):
             fired_EF = fires_EF.scatter_add_(-1, idx_EBK.flatten(1), (vals_EBK > 0).flatten(1).to(vals_EBK.dtype)) > 0
             sparsity_E = torch.zeros_like(self.l1_coeff)
             l0_E = (vals_EBK > 0).float().sum(-1).mean(-1)
+            mse_E = recon_E = (x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2))
         else:
             pre_EBF = torch.baddbmm(bias_E1F, x_BD.expand(self.W_enc.shape[0], -1, -1), self.W_enc)
             f_EBF = self.activate(pre_EBF)
-            x_hat_EBD, recon_E = self._decode_nested(x_BD, f_EBF)
+            x_hat_EBD, prefix_mse_GE = self._decode_nested(x_BD, f_EBF)
+            mse_E, recon_E = prefix_mse_GE[-1], prefix_mse_GE.mean(0)  # one prefix (all latents) unless nested
             active_EBF = f_EBF > 0  # one pass, one byte per entry, for both statistics
             fired_EF = active_EBF.any(dim=1)
             sparsity_E = self._penalty(f_EBF, pre_EBF)
             l0_E = active_EBF.sum(-1).float().mean(-1)
-        mse_E = (x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2))
-        if f_EBF is None:
-            recon_E = mse_E
         coeff_E = self.l0_coeff if self.spec.penalty == "l0" else self.l1_coeff
         total_E = recon_E + coeff_E * self.sparsity_scale * sparsity_E
         if self.spec.aux_k:
@@ -254,17 +253,18 @@ class Dictionary(nn.Module):
         return LossOutput(total_E, mse_E, sparsity_E, l0_E, f_EBF, x_hat_EBD)
 
     def _decode_nested(self, x_BD: torch.Tensor, f_EBF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x̂, reconstruction loss). With nested groups (Matryoshka; Bussmann et al. 2025, Nabeshima
-        2025) the loss is the mean over prefixes m_1 < … < m_G = F of the MSE of reconstructing from
-        the first m_g latents alone; the partial sums cost no more than one full decode.
-        → x̂ [E, B, D], loss [E]"""
+        """(x̂, MSE of each prefix's reconstruction). With nested groups (Matryoshka; Bussmann et al.
+        2025, Nabeshima 2025) the training loss is the mean over prefixes m_1 < … < m_G = F of the
+        MSE of reconstructing from the first m_g latents alone; the partial sums cost no more than
+        one full decode. Without groups the only prefix is all F latents.
+        → x̂ [E, B, D], MSE [G, E]"""
         x_hat_EBD = self.b_dec.unsqueeze(1).expand(-1, x_BD.shape[0], -1)
         losses, start = [], 0
         for end in self.prefix_ends:
             x_hat_EBD = torch.baddbmm(x_hat_EBD, f_EBF[:, :, start:end], self.W_dec[:, start:end])
             losses.append((x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2)))
             start = end
-        return x_hat_EBD, torch.stack(losses).mean(0)
+        return x_hat_EBD, torch.stack(losses)
 
     def _decode_sparse(self, vals_EBK: torch.Tensor, idx_EBK: torch.Tensor) -> torch.Tensor:
         """x̂ from the k active latents of each row: a gather-and-sum of decoder rows (B·k·D work
