@@ -55,19 +55,20 @@ def evaluate_run(cfg: EvalConfig) -> list[dict]:
     rows = summary["members"]
     store = ActivationStore.open(summary["store"]["path"])
     members = [load_member(out / r["dir"], cfg.device) for r in rows]
-    density = _reconstruction_metrics(cfg, store, summary, members, rows)
+    density, mean_D = _reconstruction_metrics(cfg, store, summary, members, rows)
     for r, log10_density in zip(rows, density.values()):
         save_file({"sparsity": log10_density.cpu().contiguous()}, out / r["dir"] / "sparsity.safetensors")
     if cfg.n_sequences > 0:
-        summary["eval"] = _downstream_metrics(cfg, store, summary, members, rows)
+        summary["eval"] = _downstream_metrics(cfg, store, summary, members, rows, mean_D)
     write_summary(out, summary)
     write_report(out, summary, plot_sweep(rows, out, density))
     return rows
 
 
 @torch.no_grad()
-def _reconstruction_metrics(cfg: EvalConfig, store, summary, members, rows) -> dict[str, torch.Tensor]:
-    """Held-out L0/MSE/FVU/... into `rows`; return each member's log10 density."""
+def _reconstruction_metrics(cfg: EvalConfig, store, summary, members, rows) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Held-out L0/MSE/FVU/... into `rows`; return each member's log10 density and the held-out
+    mean raw activation [D] (the mean-ablation baseline), from the same one pass over the rows."""
     scale = summary["store"]["norm_scale"]
     stream_cfg = StreamConfig(batch_size=cfg.row_batch_size, eval_rows=summary["config"]["eval_tokens"], normalise=False)
     stream = ActivationStream(store, summary["store"]["source"], stream_cfg, cfg.device)
@@ -81,14 +82,15 @@ def _reconstruction_metrics(cfg: EvalConfig, store, summary, members, rows) -> d
     for r, metrics in zip(rows, acc.results()):
         r.update(metrics)
     log10 = torch.log10(acc.density().float().clamp_min(1e-10))
-    return {r["name"]: log10[e, : m[0]["d_sae"]] for e, (r, m) in enumerate(zip(rows, members))}
+    mean_D = (acc.sum_x_D / acc.n_tokens * scale).float()
+    return {r["name"]: log10[e, : m[0]["d_sae"]] for e, (r, m) in enumerate(zip(rows, members))}, mean_D
 
 
 def _pad(f_BF: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(f_BF, (0, width - f_BF.shape[1])) if f_BF.shape[1] < width else f_BF
 
 
-def _downstream_metrics(cfg: EvalConfig, store, summary, members, rows) -> dict:
+def _downstream_metrics(cfg: EvalConfig, store, summary, members, rows, mean_D: torch.Tensor) -> dict:
     """Spliced CE/KL of every member into `rows`; return the clean and ablation baselines."""
     from cache.models import load_model  # the model is needed only here
 
@@ -97,7 +99,6 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members, rows) -> dict:
     start = summary["store"]["eval_sequence_start"]  # sequences from here on are held out whole
     stop = min(start + cfg.n_sequences, store.attrs["n_sequences"])
     sequences = torch.from_numpy(store.read_sequences(start, stop)).long()
-    mean_D = _heldout_mean(store, summary, cfg.device)
     replacements = {"zero": torch.zeros_like, "mean": lambda x: mean_D.expand_as(x)}
     for r, (c, w) in zip(rows, members):
         replacements[r["name"]] = lambda x, c=c, w=w: sae_forward(c, w, x)[1]
@@ -120,13 +121,3 @@ def _model_entry(store, source: str) -> dict:
         if entry["label"] == label:
             return entry
     raise ValueError(f"store {store.path} does not record the model of {source}")
-
-
-def _heldout_mean(store, summary, device) -> torch.Tensor:
-    """Mean raw activation over the held-out rows (the mean-ablation baseline).  → [D]"""
-    stream_cfg = StreamConfig(eval_rows=summary["config"]["eval_tokens"], normalise=False)
-    stream = ActivationStream(store, summary["store"]["source"], stream_cfg, device)
-    total, count = 0, 0
-    for x in stream.eval_batches():
-        total, count = total + x.double().sum(0), count + len(x)
-    return (total / count).float()

@@ -6,8 +6,9 @@
 One loop, all members at once: every batch is read once and stepped by the whole ensemble.
 Checkpoints (ensemble, optimiser, stream position, dead-latent counters) are written every
 `checkpoint_every` steps, on Ctrl-C and at the end; rerunning the same command resumes from the
-last one. After training, the held-out rows are evaluated and every member is exported for
-SAELens with the normalisation folded in. Not here: LR/penalty schedules, resampling.
+last one. After training every member is exported for SAELens with the normalisation folded
+in, and sweep.json records the run; `evaluation.runner.evaluate_run` measures the members.
+Not here yet: resampling of dead latents, width sweeps.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class SweepConfig:
     source: str | None = None
     """Source in the store to train on; default: the store's only source."""
     arch: str = "relu"
-    """Architecture of every member: relu, relu_april, topk, batchtopk, jumprelu."""
+    """Architecture of every member: one of training.dictionary.ARCHS."""
     sweep: tuple[str, ...] = ()
     """Knob axes, e.g. ("k=16,32", "seed=0,1"); members are their grid (see training.sweep)."""
     l1_min: float = -4.0
