@@ -197,7 +197,7 @@ def generate(cfg: GenerateConfig) -> ActivationStore:
         raise ModelError("the tokenizer has no BOS token: pass --no_prepend_bos")
     first_pos = int(prepend_bos and cfg.exclude_bos)
     sources = [src for member in members for src in member.sources]
-    bytes_per_row = sum(s.d for s in sources) * np.dtype(np.float32 if cfg.dtype == "float32" else np.float16).itemsize
+    bytes_per_row = sum(s.d for s in sources) * STORAGE_TORCH_DTYPE[cfg.dtype].itemsize
     layout = plan_layout(cfg, bytes_per_row, first_pos)
 
     sequences = token_sequences(
