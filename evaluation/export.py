@@ -70,6 +70,10 @@ def sae_forward(cfg: dict, w: dict[str, torch.Tensor], x_BD: torch.Tensor) -> tu
     """SAELens inference semantics on raw activations.  x [B, D] → (f [B, F], x̂ [B, D])"""
     arch = cfg["architecture"]
     x_in = x_BD - w["b_dec"] if cfg.get("apply_b_dec_to_input", True) else x_BD
+    if arch == "gated":
+        gate_BF = x_in @ w["W_enc"] + w["b_gate"]
+        f_BF = (gate_BF > 0) * torch.relu(x_in @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
+        return f_BF, f_BF @ w["W_dec"] + w["b_dec"]
     pre_BF = x_in @ w["W_enc"] + w["b_enc"]
     f_BF = torch.relu(pre_BF)
     if arch == "topk":

@@ -26,6 +26,8 @@ PLANTED = {
     "jumprelu": dict(l0_coeff=3e-3, lr=3e-3, bandwidth=0.05, threshold_init=0.1),
     # a first prefix as wide as the planted set (24): smaller prefixes must merge features by design
     "matryoshka": dict(k=3, lr=3e-3, group_fractions=(1 / 2,)),
+    "gated": dict(l1_coeff=3e-2, lr=3e-3),
+    "panneal": dict(l1_coeff=3e-2, lr=3e-3, p_end=0.5),
 }
 
 
@@ -51,7 +53,9 @@ def test_each_architecture_recovers_planted_directions_at_a_sensible_l0(arch):
     dirs = directions()
     ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch=arch, **PLANTED[arch])], threshold_start_step=200,
                         dead_tokens=2000)
-    for _ in range(800):
+    schedule = SweepConfig(cache="c", output_dir="o", arch=arch)  # p-annealing from step 160 on; no-op elsewhere
+    for step in range(800):
+        _schedule_(schedule, ensemble, step, total=800)
         out = ensemble.step(planted_data(g, dirs, 256))
     W = torch.nn.functional.normalize(ensemble.dictionary.W_dec[0].detach(), dim=-1)
     best_cosine = (dirs @ W.T).max(dim=-1).values  # for each planted direction, its best latent
@@ -63,7 +67,7 @@ def test_each_architecture_recovers_planted_directions_at_a_sensible_l0(arch):
 def test_member_of_any_architecture_equals_it_trained_alone(arch):
     g = torch.Generator().manual_seed(2)
     knob = {"relu": "l1_coeff", "relu_april": "l1_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k",
-            "jumprelu": "l0_coeff"}[arch]
+            "jumprelu": "l0_coeff", "gated": "l1_coeff", "panneal": "l1_coeff"}[arch]
     values = {"l1_coeff": [1e-3, 1e-2, 3e-2], "k": [2, 4, 8], "l0_coeff": [1e-3, 1e-2, 3e-2]}[knob]
     configs = [MemberConfig(d_in=D, d_sae=F, arch=arch, lr=3e-3, seed=e, threshold_init=0.1, bandwidth=0.05,
                             grad_clip=0.05 if e == 0 else None, **{knob: v}) for e, v in enumerate(values)]
@@ -187,7 +191,7 @@ def test_sweep_axes_parse_and_form_a_grid():
     with pytest.raises(ValueError, match="topk does not use l1_coeff"):
         build_members(base, {"l1_coeff": [1e-3]})
     with pytest.raises(ValueError, match="NAME=VALUES"):
-        parse_axis("width=3")
+        parse_axis("depth=3")
 
 
 def test_schedules_warm_up_and_decay():
@@ -219,16 +223,22 @@ def test_cli_sweeps_k_for_topk_and_names_members_by_knob(small_store, tmp_path):
     assert bad.exit_code == 1 and "topk does not use l1_coeff" in bad.output
 
 
-def test_a_killed_batchtopk_sweep_resumes_to_the_same_weights(small_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch_args", [
+    ["--arch", "batchtopk", "--sweep", "k=2,4", "--threshold_start_step", "4"],
+    ["--arch", "panneal", "--sweep", "l1=1e-3,3e-2", "d_sae=8,16", "--p_anneal_start", "0.3", "--p_anneal_updates", "3",
+     "--resample_every", "4", "--resample_stop", "0.9"],
+], ids=["batchtopk", "panneal-widths-resampling"])
+def test_a_killed_sweep_resumes_to_the_same_weights(small_store, tmp_path, monkeypatch, arch_args):
     """A crash with no chance to save (as kill -9): the periodic checkpoint carries parameters,
-    Adam moments, dead-latent counters and the threshold average, so the resumed run matches."""
+    Adam moments, dead-latent counters, the threshold average, the Lp rescale and its queue, so
+    the resumed run matches (resampling and p steps included)."""
     import training.trainer as trainer
     from safetensors.torch import load_file
 
     def args(out):
         return ["--cache", str(small_store), "--source", "blocks.1.hook_resid_post", "--output_dir", str(out),
-                "--arch", "batchtopk", "--sweep", "k=2,4", "--ratio", "2", "--batch_size", "64", "--lr", "1e-2",
-                "--n_epochs", "2", "--eval_tokens", "400", "--threshold_start_step", "4", "--checkpoint_every", "5",
+                *arch_args, "--ratio", "2", "--batch_size", "64", "--lr", "1e-2",
+                "--n_epochs", "2", "--eval_tokens", "400", "--checkpoint_every", "5",
                 "--dead_window", "128", "--no_eval"]
 
     assert CliRunner().invoke(train_sweep.main, args(tmp_path / "whole")).exit_code == 0
@@ -241,7 +251,7 @@ def test_a_killed_batchtopk_sweep_resumes_to_the_same_weights(small_store, tmp_p
     for member in (tmp_path / "whole" / "members").iterdir():
         a = load_file(member / "sae_weights.safetensors")
         b = load_file(tmp_path / "killed" / "members" / member.name / "sae_weights.safetensors")
-        assert a.keys() == b.keys() and "threshold" in a
+        assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
@@ -308,3 +318,166 @@ def test_k_anneals_from_d_in_down_to_k():
     x = planted_data(torch.Generator().manual_seed(0), directions(), 8)
     _schedule_(cfg, ensemble, 0, total=30)
     assert all(l0 > 4 for l0 in ensemble.step(x).l0.tolist())  # the annealed k, not the final one, is in force
+
+
+# ---------------------------------------------------------------- gated and p-annealing
+
+def test_gated_loss_and_gradients_equal_the_written_out_formula():
+    torch.manual_seed(0)
+    d = Dictionary([MemberConfig(d_in=D, d_sae=F, arch="gated", l1_coeff=0.3)]).double()
+    with torch.no_grad():
+        d.b_dec.normal_()
+        d.b_enc.normal_(std=0.1)
+        d.r_mag.normal_(std=0.3)
+        d.b_mag.normal_(std=0.1)
+    d.eval()
+    x = torch.randn(32, D, dtype=torch.float64)
+    W, W_dec, b_dec = d.W_enc[0], d.W_dec[0], d.b_dec[0]
+    centred = x - b_dec
+    gate = centred @ W + d.b_enc[0]
+    f = (gate > 0) * torch.relu(centred @ (W * d.r_mag[0].exp()) + d.b_mag[0])
+    x_hat = f @ W_dec + b_dec
+    aux = torch.relu(gate) @ W_dec.detach() + b_dec.detach()
+    expected = ((x_hat - x).pow(2).mean() + 0.3 * torch.relu(gate).sum(-1).mean() + (aux - x).pow(2).mean())
+    ours = d.loss(x).total.sum()
+    torch.testing.assert_close(ours, expected)
+    params = list(d.parameters())
+    for g_ours, g_ref, name in zip(torch.autograd.grad(ours, params), torch.autograd.grad(expected, params),
+                                   dict(d.named_parameters())):
+        torch.testing.assert_close(g_ours, g_ref, msg=name)
+
+
+def test_lp_penalty_known_answer_and_finite_gradient_at_zero():
+    from training.dictionary import lp_penalty
+
+    f = torch.tensor([[[0.0, 0.25, 4.0]]], requires_grad=True)
+    value = lp_penalty(f, torch.tensor([0.5]))
+    assert value.item() == pytest.approx(0.5 + 2.0)
+    (grad,) = torch.autograd.grad(value.sum(), [f])
+    assert torch.isfinite(grad).all() and grad[0, 0, 0] == 0
+    assert grad[0, 0, 1].item() == pytest.approx(0.5 * 0.25**-0.5)
+
+
+def test_p_steps_from_one_to_p_end_and_lambda_keeps_the_penalty_size():
+    from training.dictionary import lp_penalty
+    from training.trainer import p_updates_done
+
+    assert [p_updates_done(s, 100, 0.2, 4) for s in (0, 19, 20, 39, 40, 99)] == [0, 0, 1, 1, 2, 4]
+    cfg = SweepConfig(cache="c", output_dir="o", arch="panneal", p_anneal_start=0.2, p_anneal_updates=4)
+    ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch="panneal", p_end=p, lr=1e-9) for p in (0.2, 0.6)])
+    x = planted_data(torch.Generator().manual_seed(6), directions(), 64)
+    for step in range(20):  # p = 1: the queue fills with L1 values of (practically) fixed weights
+        _schedule_(cfg, ensemble, step, total=100)
+        l1_E = ensemble.step(x).sparsity
+    _schedule_(cfg, ensemble, 20, total=100)
+    d = ensemble.dictionary
+    torch.testing.assert_close(d.p_active, torch.tensor([0.8, 0.9]))
+    out = ensemble.step(x)  # p moved: λ is rescaled so that r · Lp(new p) equals the recent L1
+    torch.testing.assert_close(d.coeff_rescale * out.sparsity, l1_E, rtol=1e-4, atol=0)
+    assert (d.coeff_rescale != 1).all()
+    _schedule_(cfg, ensemble, 99, total=100)
+    torch.testing.assert_close(d.p_active, torch.tensor([0.2, 0.6]))
+    f = d.encode(x).detach()
+    torch.testing.assert_close(out.sparsity, lp_penalty(f, torch.tensor([0.8, 0.9])), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- width sweeps
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated"])
+def test_a_narrow_member_masked_inside_a_wide_ensemble_equals_it_trained_alone(arch):
+    g = torch.Generator().manual_seed(7)
+    knobs = {k: v for k, v in PLANTED[arch].items()}
+    widths = [F, 20, 32]
+    together = Ensemble([MemberConfig(d_in=D, d_sae=w, arch=arch, seed=e, **knobs) for e, w in enumerate(widths)],
+                        threshold_start_step=3, dead_tokens=64)
+    alone = [Ensemble([m], threshold_start_step=3, dead_tokens=64) for m in together.members]
+    for _ in range(8):
+        x = planted_data(g, directions(), 32)
+        together.step(x)
+        for solo in alone:
+            solo.step(x)
+    d = together.dictionary
+    assert not (d.W_dec[1, 20:].any() or d.W_enc[1, :, 20:].any())  # masked latents never move from 0
+    assert (d.tokens_since_fired[1, 20:] > 0).all()  # ...and never fire
+    for e, solo in enumerate(alone):
+        ours, theirs = d.member_tensors(e, 2.0), solo.dictionary.member_tensors(0, 2.0)
+        assert ours["W_dec"].shape == (widths[e], D)
+        for name in theirs:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=f"{arch} member {e} {name}")
+
+
+def test_width_sweep_cli_exports_each_width(small_store, tmp_path):
+    import json
+
+    out = tmp_path / "widths"
+    args = ["--cache", str(small_store), "--source", "blocks.1.hook_resid_post", "--output_dir", str(out),
+            "--arch", "topk", "--k", "2", "--sweep", "d_sae=8,24", "--batch_size", "64", "--lr", "1e-2",
+            "--eval_tokens", "400", "--eval_sequences", "0"]
+    result = CliRunner().invoke(train_sweep.main, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "sweep.json").read_text())["members"]
+    assert [r["name"] for r in rows] == ["00_d_sae_8", "01_d_sae_24"]
+    for r, width in zip(rows, (8, 24)):
+        cfg = json.loads((out / r["dir"] / "cfg.json").read_text())
+        assert cfg["d_sae"] == width and r["l0"] == pytest.approx(2, abs=0.5)
+    bad = CliRunner().invoke(train_sweep.main, [*args[:-4], "--arch", "matryoshka", "--output_dir", str(tmp_path / "m")])
+    assert bad.exit_code == 1 and "matryoshka members must share d_sae" in bad.output
+
+
+# ---------------------------------------------------------------- resampling
+
+def _with_dead_latents(arch: str = "relu", seeds: tuple[int, ...] = (0, 1, 2)) -> Ensemble:
+    ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch=arch, l1_coeff=1e-2, lr=1e-2, seed=s) for s in seeds])
+    x = planted_data(torch.Generator().manual_seed(8), directions(), 64)
+    for _ in range(3):
+        ensemble.step(x)  # non-zero Adam moments everywhere
+    ensemble.dictionary.tokens_since_fired.zero_()
+    ensemble.dictionary.tokens_since_fired[:, ::4] = 10**6  # every fourth latent is dead
+    return ensemble
+
+
+@pytest.mark.parametrize("arch", ["relu", "relu_april", "gated"])
+def test_resampling_sets_dead_latents_from_high_loss_inputs_and_resets_their_adam_state(arch):
+    ensemble = _with_dead_latents(arch)
+    d = ensemble.dictionary
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[::4] = True
+    before = {n: p.detach().clone() for n, p in d.named_parameters()}
+    alive_enc_norm = d.W_enc[0][:, ~dead].norm(dim=0).mean()
+    alive_dec_norm = d.W_dec[0, ~dead].norm(dim=-1).mean()
+    # one input with a loss ~10⁶ times the others': drawn with probability ∝ loss², it is always picked
+    x = planted_data(torch.Generator().manual_seed(9), directions(), 32)
+    x[5] = 1000 * directions()[0]
+    n = ensemble.resample_dead_(x, window=1000, step=7)
+    assert n.tolist() == [12, 12, 12]
+    target = x[5] - d.b_dec[0] if d.spec.subtract_b_dec else x[5]
+    direction = target / target.norm()
+    norm = 1.0 if d.spec.unit_norm_decoder else alive_dec_norm
+    torch.testing.assert_close(d.W_dec[0, dead], direction.expand(12, D) * norm, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d.W_enc[0][:, dead].norm(dim=0), (0.2 * alive_enc_norm).expand(12), rtol=1e-4, atol=1e-6)
+    assert not d.b_enc[:, dead].any() and not d.tokens_since_fired[:, dead].any()
+    for name, p, axis in d.latent_params():
+        torch.testing.assert_close(p.index_select(axis, (~dead).nonzero().squeeze(1)),
+                                   before[name].index_select(axis, (~dead).nonzero().squeeze(1)), msg=name)
+        i = [id(q) for q in ensemble.optimizer.params].index(id(p))
+        for moments in (ensemble.optimizer.exp_avg[i], ensemble.optimizer.exp_avg_sq[i]):
+            assert not moments.index_select(axis, dead.nonzero().squeeze(1)).any(), name
+            assert moments.index_select(axis, (~dead).nonzero().squeeze(1)).any(), name
+
+
+def test_resampling_a_member_is_the_same_in_an_ensemble_and_alone():
+    together = _with_dead_latents(seeds=(0, 1, 2))
+    x = planted_data(torch.Generator().manual_seed(10), directions(), 64)
+    together.resample_dead_(x, window=1000, step=5)
+    for e in range(3):
+        alone = _with_dead_latents(seeds=(e,))
+        alone.resample_dead_(x, window=1000, step=5)
+        for name, tensor in alone.dictionary.named_parameters():
+            torch.testing.assert_close(dict(together.dictionary.named_parameters())[name][e], tensor[0], msg=name)
+
+
+def test_resampling_is_refused_where_the_architecture_has_its_own_remedy():
+    with pytest.raises(ValueError, match="L1 architectures"):
+        SweepConfig(cache="c", output_dir="o", arch="topk", resample_every=100)
+    with pytest.raises(ValueError, match="L1 architectures"):
+        Ensemble([MemberConfig(d_in=D, d_sae=F, arch="jumprelu")]).resample_dead_(torch.zeros(4, D), 1, 1)

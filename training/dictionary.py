@@ -6,9 +6,9 @@ Dimension key: B batch, D d_in, F d_sae, E members.
 Every architecture is the same mechanism with different parameters (see ARCHS):
 
     pre = (x − b_dec) W_enc + b_enc        (x W_enc + b_enc where `subtract_b_dec` is off)
-    f   = activation(pre)                  relu | topk | batchtopk | jumprelu
+    f   = activation(pre)                  relu | topk | batchtopk | jumprelu | gated
     x̂   = f W_dec + b_dec
-    L   = mean_{b,d} (x̂ − x)² + c · s_t · penalty(f) + α · AuxK
+    L   = mean_{b,d} (x̂ − x)² + c · s_t · r_t · penalty(f) + α · AuxK (+ the gated auxiliary loss)
 
     relu        penalty mean_b Σ_i f_i, unit-norm decoder rows (Bricken et al. 2023)
     relu_april  penalty mean_b Σ_i f_i ‖W_dec,i‖, free decoder norms (Anthropic, April 2024)
@@ -20,11 +20,21 @@ Every architecture is the same mechanism with different parameters (see ARCHS):
     matryoshka  BatchTopK whose reconstruction loss is averaged over nested prefixes of the
                 latents (the first m_1 < … < m_G = F), so early latents stand on their own;
                 exported as JumpReLU like BatchTopK (Bussmann et al. 2025; Nabeshima 2025)
+    gated       pre is the gate π; f = H(π) · ReLU((π − b_gate) e^{r_mag} + b_mag) (one W_enc for
+                both paths); penalty mean_b Σ ReLU(π)_i, plus the reconstruction from ReLU(π)
+                through a detached decoder; unit-norm decoder (Rajamanoharan et al. 2024a)
+    panneal     as relu with penalty mean_b Σ f_i^p, p stepped from 1 towards p_end by the
+                trainer; when p changes, r_t is rescaled so the penalty keeps its recent size
+                (Karvonen et al. 2024)
 
 c is the member's l1_coeff or l0_coeff, s_t a schedule factor (sparsity warm-up) set by the
-trainer. Unit-norm decoders: the gradient is projected onto each row's tangent space before the
+trainer, r_t the p-annealing rescale (1 elsewhere).
+
+Width sweeps: members may differ in d_sae. The tensors are as wide as the widest member and a
+[E, F] mask zeroes each member's latents beyond its own width (pre-activations and activations),
+so those latents never fire, get no gradient and are sliced off at export. Unit-norm decoders: the gradient is projected onto each row's tangent space before the
 step and rows are renormalised after it. The reconstruction term is averaged over d (λ from a
-loss summed over d: λ_sum = λ · d). Not here yet: gated, p-annealing, resampling.
+loss summed over d: λ_sum = λ · d).
 """
 from __future__ import annotations
 
@@ -43,8 +53,8 @@ LOSS_CONVENTION = "mse_mean_over_d+penalty_sum_over_latents_mean_over_batch"
 class ArchSpec:
     """What distinguishes one architecture from another: flags, not code."""
 
-    activation: str  # relu | topk | batchtopk | jumprelu
-    penalty: str  # l1 | l1_decoder_norm | l0 | none
+    activation: str  # relu | topk | batchtopk | jumprelu | gated
+    penalty: str  # l1 | l1_decoder_norm | l1_gate | lp | l0 | none
     subtract_b_dec: bool  # encode x − b_dec (SAELens apply_b_dec_to_input)
     unit_norm_decoder: bool
     aux_k: bool  # AuxK loss on dead latents
@@ -53,8 +63,14 @@ class ArchSpec:
     betas: tuple[float, float] = (0.9, 0.99)  # Adam betas shared by the ensemble
     nested: bool = False  # reconstruction loss averaged over nested prefixes of the latents (Matryoshka)
 
+    @property
+    def resamples(self) -> bool:
+        """Dead latents are resampled (Anthropic 2023) in the L1 family; the TopK family has
+        AuxK and JumpReLU its thresholds instead."""
+        return self.penalty in ("l1", "l1_decoder_norm", "l1_gate", "lp")
 
-_COMMON = ("lr", "seed", "grad_clip")
+
+_COMMON = ("lr", "seed", "grad_clip", "d_sae")
 ARCHS = {
     "relu": ArchSpec("relu", "l1", True, True, False, "standard", ("l1_coeff", *_COMMON)),
     "relu_april": ArchSpec("relu", "l1_decoder_norm", False, False, False, "standard",
@@ -65,7 +81,10 @@ ARCHS = {
                          ("l0_coeff", "bandwidth", "threshold_init", *_COMMON), (0.0, 0.999)),
     "matryoshka": ArchSpec("batchtopk", "none", True, True, True, "jumprelu", ("k", "aux_coeff", *_COMMON),
                            (0.9, 0.999), nested=True),
+    "gated": ArchSpec("gated", "l1_gate", True, True, False, "gated", ("l1_coeff", *_COMMON), (0.0, 0.999)),
+    "panneal": ArchSpec("relu", "lp", True, True, False, "standard", ("l1_coeff", "p_end", *_COMMON), (0.9, 0.999)),
 }
+PENALTY_QUEUE = 10  # recent penalties p-annealing rescales λ against
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,8 @@ class MemberConfig:
     """α of the AuxK loss (topk, batchtopk)."""
     aux_k: int | None = None
     """Dead latents AuxK reconstructs from; default d_in // 2."""
+    p_end: float = 0.2
+    """Final exponent of the Lp penalty (panneal), reached in steps from p = 1."""
     decoder_init_norm: float = 0.1
     """Initial decoder row norm where rows are free (relu_april)."""
     group_fractions: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
@@ -117,6 +138,8 @@ class MemberConfig:
         for name in ("lr", "bandwidth", "threshold_init", "decoder_init_norm"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.p_end <= 1:
+            raise ValueError(f"p_end must be in (0, 1], got {self.p_end}")
         if any(f <= 0 for f in self.group_fractions) or sum(self.group_fractions) >= 1:
             raise ValueError(f"group_fractions must be positive and sum below 1, got {self.group_fractions}")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -140,21 +163,24 @@ class LossOutput(NamedTuple):
 
 
 class Dictionary(nn.Module):
-    """E sparse dictionaries of one architecture and width as stacked parameters."""
+    """E sparse dictionaries of one architecture as stacked parameters, as wide as the widest."""
 
     def __init__(self, members: list[MemberConfig], aux_dead_tokens: int = 10_000_000, threshold_start_step: int = 1000):
         """`aux_dead_tokens`: tokens without firing after which AuxK counts a latent dead;
         `threshold_start_step`: step from which BatchTopK's inference threshold is averaged."""
         super().__init__()
-        _check_same(members, "d_in", "d_sae", "arch", "aux_k", "group_fractions")
-        E, D, F = len(members), members[0].d_in, members[0].d_sae
+        _check_same(members, "d_in", "arch", "aux_k", "group_fractions")
+        E, D, F = len(members), members[0].d_in, max(m.d_sae for m in members)
         self.members = list(members)
         self.spec = members[0].spec
+        if self.spec.nested and len({m.d_sae for m in members}) > 1:
+            raise ValueError("matryoshka members must share d_sae (its groups are fractions of it); "
+                             "train each width in its own run")
         self.aux_k = members[0].aux_k or max(1, D // 2)
         self.aux_dead_tokens = aux_dead_tokens
         self.threshold_start_step = threshold_start_step
         self.W_enc = nn.Parameter(torch.empty(E, D, F))
-        self.b_enc = nn.Parameter(torch.zeros(E, F))
+        self.b_enc = nn.Parameter(torch.zeros(E, F))  # b_gate for gated
         self.W_dec = nn.Parameter(torch.empty(E, F, D))
         self.b_dec = nn.Parameter(torch.zeros(E, D))
         if self.spec.activation == "jumprelu":
@@ -162,24 +188,50 @@ class Dictionary(nn.Module):
             # per step, on the scale of the normalised activations; a log-parameter would crawl.
             theta_E = torch.tensor([m.threshold_init for m in members])
             self.jump_threshold = nn.Parameter(theta_E.unsqueeze(1).repeat(1, F))
-        for knob in ("l1_coeff", "l0_coeff", "k", "bandwidth", "aux_coeff"):
+        if self.spec.activation == "gated":
+            self.r_mag = nn.Parameter(torch.zeros(E, F))  # magnitude path: W_enc ⊙ exp(r_mag)
+            self.b_mag = nn.Parameter(torch.zeros(E, F))
+        for knob in ("l1_coeff", "l0_coeff", "k", "bandwidth", "aux_coeff", "p_end"):
             dtype = torch.long if knob == "k" else torch.float32
             self.register_buffer(knob, torch.tensor([getattr(m, knob) for m in members], dtype=dtype))
         self.register_buffer("sparsity_scale", torch.ones(E))  # schedule factor, set by the trainer
         self.register_buffer("k_active", self.k.clone())  # k in force this step (k annealing), set by the trainer
+        self.register_buffer("p_active", torch.ones(E))  # Lp exponent in force (p-annealing), set by the trainer
+        self.register_buffer("p_previous", torch.ones(E))  # exponent of the previous step
+        self.register_buffer("coeff_rescale", torch.ones(E))  # p-annealing's λ rescale r_t
+        self.register_buffer("penalty_queue", torch.zeros(E, PENALTY_QUEUE))  # recent penalties (p-annealing)
         self.prefix_ends = nested_prefix_ends(F, members[0].group_fractions) if self.spec.nested else [F]
+        widths_E = torch.tensor([m.d_sae for m in members])
+        self.register_buffer("width_mask", torch.arange(F) < widths_E.unsqueeze(1))  # [E, F] latents each member has
+        self.masked = bool((widths_E < F).any())  # skip the mask's work when every member is full width
         self.register_buffer("tokens_since_fired", torch.zeros(E, F, dtype=torch.long))  # AuxK's dead latents
         self.register_buffer("threshold", torch.zeros(E))  # batchtopk inference threshold (EMA)
         self.register_buffer("steps", torch.zeros(E, dtype=torch.long))
         with torch.no_grad():
+            self.W_dec.zero_()
+            self.W_enc.zero_()
             for e, member in enumerate(members):
-                W_dec_FD = init_decoder(F, D, member.seed)
+                f = member.d_sae
+                W_dec_fD = init_decoder(f, D, member.seed)
                 if self.spec.unit_norm_decoder or self.spec.activation == "jumprelu":
                     # x̂ ≈ x at the start: for random unit rows w, E[ReLU(w·x) w] = x / (2D)
-                    self.W_dec[e], self.W_enc[e] = W_dec_FD, W_dec_FD.T * (2 * D / F)
+                    self.W_dec[e, :f], self.W_enc[e, :, :f] = W_dec_fD, W_dec_fD.T * (2 * D / f)
                 else:
-                    W_dec_FD = W_dec_FD * member.decoder_init_norm
-                    self.W_dec[e], self.W_enc[e] = W_dec_FD, W_dec_FD.T
+                    W_dec_fD = W_dec_fD * member.decoder_init_norm
+                    self.W_dec[e, :f], self.W_enc[e, :, :f] = W_dec_fD, W_dec_fD.T
+
+    def latent_params(self) -> list[tuple[str, nn.Parameter, int]]:
+        """(name, parameter, index of its latent axis) for every parameter with one."""
+        axis = {"W_enc": 2, "W_dec": 1, "b_dec": None}
+        return [(n, p, axis.get(n, 1)) for n, p in self.named_parameters() if axis.get(n, 1) is not None]
+
+    def dead_latents(self, window: int) -> torch.Tensor:
+        """Latents of each member's own width that have not fired for `window` tokens.  → [E, F] bool"""
+        return (self.tokens_since_fired >= window) & self.width_mask
+
+    def _masked(self, t_EBF: torch.Tensor) -> torch.Tensor:
+        """Zero each member's latents beyond its width (width sweeps).  → [E, B, F]"""
+        return t_EBF * self.width_mask.unsqueeze(1) if self.masked else t_EBF
 
     # ---------------------------------------------------------------- forward
     def pre_activation(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -196,7 +248,7 @@ class Dictionary(nn.Module):
         return bias_E1F
 
     def activate(self, pre_EBF: torch.Tensor) -> torch.Tensor:
-        """Latent activations from pre-activations (training-time rule).  → [E, B, F]"""
+        """Latent activations from (masked) pre-activations (training-time rule).  → [E, B, F]"""
         kind = self.spec.activation
         if kind == "relu":
             return torch.relu(pre_EBF)
@@ -205,11 +257,16 @@ class Dictionary(nn.Module):
         if kind == "batchtopk":
             E, B, F = pre_EBF.shape
             return keep_top(torch.relu(pre_EBF).reshape(E, 1, B * F), self.k_active * B).reshape(E, B, F)
-        return JumpReLU.apply(pre_EBF, self.jump_threshold.unsqueeze(1), self.bandwidth.view(-1, 1, 1))
+        if kind == "gated":
+            # π_mag = (x − b_dec)(W_enc ⊙ e^{r_mag}) + b_mag = (π − b_gate) ⊙ e^{r_mag} + b_mag
+            magnitude_EBF = (pre_EBF - self.b_enc.unsqueeze(1)) * self.r_mag.exp().unsqueeze(1) + self.b_mag.unsqueeze(1)
+            return (pre_EBF > 0) * torch.relu(magnitude_EBF)
+        # the mask again on the output: a masked latent's θ must get no gradient either
+        return self._masked(JumpReLU.apply(pre_EBF, self.jump_threshold.unsqueeze(1), self.bandwidth.view(-1, 1, 1)))
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Latent activations of every member.  x [B, D] → f [E, B, F]"""
-        return self.activate(self.pre_activation(x_BD))
+        return self.activate(self._masked(self.pre_activation(x_BD)))
 
     def decode(self, f_EBF: torch.Tensor) -> torch.Tensor:
         """Reconstructions.  f [E, B, F] → x̂ [E, B, D]"""
@@ -227,7 +284,8 @@ class Dictionary(nn.Module):
         bias_E1F = self._encoder_bias()
         if self.spec.activation == "topk":
             # Sparse path: only the k selected latents are decoded and receive gradients.
-            vals_EBK, idx_EBK = TopKEncode.apply(x_BD, self.W_enc, bias_E1F, self.k_active)
+            mask_E1F = self.width_mask.unsqueeze(1) if self.masked else None
+            vals_EBK, idx_EBK = TopKEncode.apply(x_BD, self.W_enc, bias_E1F, self.k_active, mask_E1F)
             x_hat_EBD = self._decode_sparse(vals_EBK, idx_EBK)
             f_EBF = None
             fires_EF = torch.zeros_like(self.tokens_since_fired, dtype=vals_EBK.dtype)
@@ -236,8 +294,10 @@ class Dictionary(nn.Module):
             l0_E = (vals_EBK > 0).float().sum(-1).mean(-1)
             mse_E = recon_E = (x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2))
         else:
-            pre_EBF = torch.baddbmm(bias_E1F, x_BD.expand(self.W_enc.shape[0], -1, -1), self.W_enc)
+            pre_EBF = self._masked(torch.baddbmm(bias_E1F, x_BD.expand(self.W_enc.shape[0], -1, -1), self.W_enc))
             f_EBF = self.activate(pre_EBF)
+            if self.spec.penalty == "lp" and self.training:
+                self._rescale_for_new_p_(f_EBF.detach())
             x_hat_EBD, prefix_mse_GE = self._decode_nested(x_BD, f_EBF)
             mse_E, recon_E = prefix_mse_GE[-1], prefix_mse_GE.mean(0)  # one prefix (all latents) unless nested
             active_EBF = f_EBF > 0  # one pass, one byte per entry, for both statistics
@@ -245,11 +305,13 @@ class Dictionary(nn.Module):
             sparsity_E = self._penalty(f_EBF, pre_EBF)
             l0_E = active_EBF.sum(-1).float().mean(-1)
         coeff_E = self.l0_coeff if self.spec.penalty == "l0" else self.l1_coeff
-        total_E = recon_E + coeff_E * self.sparsity_scale * sparsity_E
+        total_E = recon_E + coeff_E * self.sparsity_scale * self.coeff_rescale * sparsity_E
         if self.spec.aux_k:
             total_E = total_E + self.aux_coeff * self._aux_k_loss(x_BD, x_hat_EBD, bias_E1F)
+        if self.spec.penalty == "l1_gate":
+            total_E = total_E + self._gate_aux_loss(x_BD, pre_EBF)
         if self.training:
-            self._track_(fired_EF, f_EBF, len(x_BD))
+            self._track_(fired_EF, f_EBF, sparsity_E.detach(), len(x_BD))
         return LossOutput(total_E, mse_E, sparsity_E, l0_E, f_EBF, x_hat_EBD)
 
     def _decode_nested(self, x_BD: torch.Tensor, f_EBF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,16 +341,40 @@ class Dictionary(nn.Module):
             return f_EBF.sum(-1).mean(-1)
         if kind == "l1_decoder_norm":
             return (f_EBF * self.W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
+        if kind == "l1_gate":
+            return torch.relu(pre_EBF).sum(-1).mean(-1)
+        if kind == "lp":
+            return lp_penalty(f_EBF, self.p_active)
         if kind == "l0":
             theta = self.jump_threshold.unsqueeze(1)
-            return Step.apply(pre_EBF, theta, self.bandwidth.view(-1, 1, 1)).sum(-1).mean(-1)
+            return self._masked(Step.apply(pre_EBF, theta, self.bandwidth.view(-1, 1, 1))).sum(-1).mean(-1)
         return torch.zeros_like(self.l1_coeff)
 
+    def _gate_aux_loss(self, x_BD: torch.Tensor, pre_EBF: torch.Tensor) -> torch.Tensor:
+        """Gated SAE auxiliary loss (Rajamanoharan et al. 2024a, eq. 8): the reconstruction from
+        ReLU(π_gate) through a frozen decoder, so the gate alone must carry the input.  → [E]"""
+        x_hat_EBD = torch.baddbmm(self.b_dec.detach().unsqueeze(1), torch.relu(pre_EBF), self.W_dec.detach())
+        return (x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2))
+
+    @torch.no_grad()
+    def _rescale_for_new_p_(self, f_EBF: torch.Tensor) -> None:
+        """When the trainer has moved p, scale λ by (recent penalty at the old p) / (this batch's
+        penalty at the new p), so the sparsity term keeps its size across the change."""
+        changed_E = self.p_active != self.p_previous
+        if not changed_E.any():
+            return
+        filled_E = self.steps.clamp(max=PENALTY_QUEUE)
+        recent_E = self.penalty_queue.sum(-1) / filled_E.clamp_min(1)
+        new_E = lp_penalty(f_EBF, self.p_active)
+        usable_E = changed_E & (filled_E > 0) & (recent_E > 0) & (new_E > 0)
+        ratio_E = torch.where(usable_E, recent_E / new_E.clamp_min(1e-30), torch.ones_like(new_E))
+        self.coeff_rescale.mul_(ratio_E)
+        self.p_previous.copy_(self.p_active)
     def _aux_k_loss(self, x_BD: torch.Tensor, x_hat_EBD: torch.Tensor, bias_E1F: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al. 2024, A.2): reconstruct the residual from the top-k_aux pre-activations
         among dead latents, normalised by the residual's variance. Only the dead latents' encoder
         columns are computed.  → [E]"""
-        dead_EF = self.tokens_since_fired >= self.aux_dead_tokens
+        dead_EF = self.dead_latents(self.aux_dead_tokens)
         losses = []
         for e in range(len(dead_EF)):
             cols = dead_EF[e].nonzero().squeeze(1)
@@ -304,10 +390,14 @@ class Dictionary(nn.Module):
         return torch.stack(losses)
 
     @torch.no_grad()
-    def _track_(self, fired_EF: torch.Tensor, f_EBF: torch.Tensor | None, batch_size: int) -> None:
-        """Dead-latent counters (AuxK) and the BatchTopK inference threshold (EMA of the smallest
-        kept activation, from `threshold_start_step` on)."""
+    def _track_(self, fired_EF: torch.Tensor, f_EBF: torch.Tensor | None, penalty_E: torch.Tensor, batch_size: int) -> None:
+        """Dead-latent counters (AuxK, resampling), the recent penalties (p-annealing) and the
+        BatchTopK inference threshold (EMA of the smallest kept activation, from
+        `threshold_start_step` on)."""
         self.tokens_since_fired.add_(batch_size).masked_fill_(fired_EF, 0)
+        if self.spec.penalty == "lp":
+            slot_E1 = (self.steps % PENALTY_QUEUE).unsqueeze(1)
+            self.penalty_queue.scatter_(1, slot_E1, penalty_E.unsqueeze(1))
         self.steps.add_(1)
         if self.spec.activation == "batchtopk":
             smallest_E = torch.where(f_EBF > 0, f_EBF, torch.inf).amin(dim=(1, 2))
@@ -348,16 +438,20 @@ class Dictionary(nn.Module):
         normalised one (likewise without b_dec), so thresholds and k carry over unchanged,
         and the reconstruction scales by s.
         """
+        f = self.members[e].d_sae  # its own width (width sweeps)
         tensors = {
-            "W_enc": (self.W_enc[e] / scale).contiguous(),
-            "b_enc": self.b_enc[e].clone(),
-            "W_dec": (self.W_dec[e] * scale).contiguous(),
+            "W_enc": (self.W_enc[e, :, :f] / scale).contiguous(),
+            "b_enc": self.b_enc[e, :f].clone(),
+            "W_dec": (self.W_dec[e, :f] * scale).contiguous(),
             "b_dec": (self.b_dec[e] * scale).clone(),
         }
         if self.spec.activation == "jumprelu":
-            tensors["threshold"] = self.jump_threshold[e].clone()
+            tensors["threshold"] = self.jump_threshold[e, :f].clone()
         elif self.spec.activation == "batchtopk":
-            tensors["threshold"] = self.threshold[e].expand(self.W_enc.shape[-1]).clone()
+            tensors["threshold"] = self.threshold[e].expand(f).clone()
+        elif self.spec.activation == "gated":
+            tensors["b_gate"] = tensors.pop("b_enc")
+            tensors.update(r_mag=self.r_mag[e, :f].clone(), b_mag=self.b_mag[e, :f].clone())
         return tensors
 
     def saelens_architecture(self, e: int) -> dict:
@@ -378,6 +472,13 @@ def nested_prefix_ends(d_sae: int, fractions: tuple[float, ...]) -> list[int]:
     return sorted(set(ends) | {d_sae})
 
 
+def lp_penalty(f_EBF: torch.Tensor, p_E: torch.Tensor) -> torch.Tensor:
+    """mean_b Σ_i f_i^p per member, with f = 0 contributing 0 and no infinite gradient.  → [E]"""
+    positive = f_EBF > 0
+    powered = f_EBF.clamp_min(1e-12).pow(p_E.view(-1, 1, 1))
+    return torch.where(positive, powered, 0.0).sum(-1).mean(-1)
+
+
 def keep_top(values_EBN: torch.Tensor, k_E: torch.Tensor) -> torch.Tensor:
     """Keep the k_e largest entries of each row of member e, zero the rest.  → [E, B, N]
 
@@ -392,12 +493,15 @@ class TopKEncode(torch.autograd.Function):
     """(values, indices) of the k_e largest ReLU pre-activations of each row, pre = x W_enc + bias,
     with a sparse backward: only the B·k selected entries carry gradient, so W_enc's gradient is a
     sparse [F, B] × dense [B, D] product instead of a dense [D, B] × [B, F] one.
-    x [B, D], W_enc [E, D, F], bias [E, 1, F], k [E] → values [E, B, K], indices [E, B, K] (K = max k)."""
+    x [B, D], W_enc [E, D, F], bias [E, 1, F], k [E], optional width mask [E, 1, F]
+    → values [E, B, K], indices [E, B, K] (K = max k)."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_enc_EDF, bias_E1F, k_E):
+    def forward(ctx, x_BD, W_enc_EDF, bias_E1F, k_E, mask_E1F=None):
         E, B = W_enc_EDF.shape[0], x_BD.shape[0]
         pre_EBF = torch.baddbmm(bias_E1F, x_BD.expand(E, B, -1), W_enc_EDF)
+        if mask_E1F is not None:
+            pre_EBF = pre_EBF * mask_E1F
         values, index = torch.relu(pre_EBF).topk(int(k_E.max()), dim=-1)
         keep = (values > 0) & (torch.arange(values.shape[-1], device=values.device) < k_E.view(-1, 1, 1))
         ctx.save_for_backward(x_BD, index, keep)
@@ -417,7 +521,7 @@ class TopKEncode(torch.autograd.Function):
             sparse_FB = torch.sparse_coo_tensor(torch.stack([index[e].reshape(-1), rows]), g_EBK[e].reshape(-1),
                                                 (ctx.d_sae, B), check_invariants=False)  # valid by construction
             grad_W.append(torch.sparse.mm(sparse_FB, x_BD).T)  # [D, F]
-        return None, torch.stack(grad_W), grad_bias, None
+        return None, torch.stack(grad_W), grad_bias, None, None
 
 
 class JumpReLU(torch.autograd.Function):

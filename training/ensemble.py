@@ -134,9 +134,70 @@ class Ensemble:
             if self.device.type == "cuda":
                 chunk = E
             else:
-                bytes_per_member = batch_size * self.members[0].d_sae * 4
+                bytes_per_member = batch_size * max(m.d_sae for m in self.members) * 4
                 chunk = max(1, (64 * 2**20) // bytes_per_member)
         return [slice(i, min(i + chunk, E)) for i in range(0, E, chunk)]
+
+    @torch.no_grad()
+    def resample_dead_(self, x_BD: torch.Tensor, window: int, step: int) -> torch.Tensor:
+        """Anthropic-style resampling (Bricken et al. 2023, "Neuron resampling") of the latents
+        that have not fired for `window` tokens, using the batch x [B, D] as the input sample:
+
+          * each dead latent draws an input with probability ∝ (its member's loss on it)²;
+          * its decoder row becomes that input's direction (x − b_dec where the encoder
+            subtracts b_dec), at unit norm, or at the alive rows' mean norm where norms are free;
+          * its encoder column becomes the same direction × 0.2 × the alive columns' mean norm;
+          * its encoder bias (and gated magnitude parameters) become 0, its Adam moments 0.
+
+        Each member draws from its own generator seeded by (its seed, step), so a member
+        resamples the same in any ensemble and on resume.  → [E] latents resampled per member"""
+        d = self.dictionary
+        if not d.spec.resamples:
+            raise ValueError(f"resampling is for the L1 architectures, not {self.members[0].arch}")
+        dead_EF = d.dead_latents(window)
+        n_dead_E = dead_EF.sum(-1)
+        if not n_dead_E.any():
+            return n_dead_E
+        alive_EF = d.width_mask & ~dead_EF
+        for group in self._groups(len(x_BD)):
+            loss_EB = (self._reconstruct(x_BD, group) - x_BD).pow(2).sum(-1)
+            for i, e in enumerate(range(group.start, group.stop)):
+                if n_dead_E[e]:
+                    self._resample_member_(e, dead_EF[e].nonzero().squeeze(1), alive_EF[e], x_BD, loss_EB[i], step)
+        d.tokens_since_fired.masked_fill_(dead_EF, 0)
+        return n_dead_E
+
+    def _reconstruct(self, x_BD: torch.Tensor, group: slice) -> torch.Tensor:
+        """x̂ of the members in `group`, without touching training statistics.  → [E_group, B, D]"""
+        d = self.dictionary
+        tensors = {n: t[group] for n, t in (*d.named_parameters(), *d.named_buffers())}
+        d.eval()
+        try:
+            return functional_call(d, (tensors,), (x_BD,)).x_hat
+        finally:
+            d.train()
+
+    def _resample_member_(self, e: int, cols: torch.Tensor, alive_F: torch.Tensor, x_BD: torch.Tensor,
+                          loss_B: torch.Tensor, step: int) -> None:
+        d = self.dictionary
+        generator = torch.Generator().manual_seed(self.members[e].seed * 1_000_003 + step)
+        weights = loss_B.double().pow(2).cpu()
+        if not weights.sum() > 0:
+            weights = torch.ones_like(weights)
+        picked = torch.multinomial(weights, len(cols), replacement=True, generator=generator).to(x_BD.device)
+        inputs_nD = x_BD[picked] - d.b_dec[e] if d.spec.subtract_b_dec else x_BD[picked]
+        dirs_nD = inputs_nD / inputs_nD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        has_alive = bool(alive_F.any())
+        dec_norm = d.W_dec[e, alive_F].norm(dim=-1).mean() if has_alive and not d.spec.unit_norm_decoder else 1.0
+        enc_norm = d.W_enc[e][:, alive_F].norm(dim=0).mean() if has_alive else 1.0
+        d.W_dec[e, cols] = dirs_nD * dec_norm
+        d.W_enc[e][:, cols] = dirs_nD.T * (0.2 * enc_norm)
+        moments = {id(p): (m, v) for p, m, v in zip(self.optimizer.params, self.optimizer.exp_avg, self.optimizer.exp_avg_sq)}
+        for name, p, axis in d.latent_params():
+            if name in ("b_enc", "r_mag", "b_mag"):
+                p[e, cols] = 0.0
+            for moment in moments[id(p)]:
+                moment[e].index_fill_(axis - 1, cols, 0.0)
 
     def state_dict(self) -> dict:
         return {

@@ -3,6 +3,7 @@
     --sweep k=16,32,64             values
     --sweep l1=logspace(-4,-2,8)   8 log-spaced values from 1e-4 to 1e-2
     --sweep lr=linspace(1e-4,1e-3,4) --sweep seed=0,1,2    several axes: their grid
+    --sweep d_sae=4096,8192,16384  widths, trained as masks inside the widest member
 
 `--l1_min/--l1_max/--n_models` is the shorthand for a log-spaced axis over the architecture's
 sparsity coefficient (l1 for relu/relu_april, l0_coeff for jumprelu) when no --sweep names it.
@@ -19,8 +20,10 @@ from training.dictionary import MemberConfig
 
 # Axis names a user may write → MemberConfig field.
 AXES = {"l1": "l1_coeff", "l1_coeff": "l1_coeff", "l0": "l0_coeff", "l0_coeff": "l0_coeff", "k": "k",
-        "lr": "lr", "seed": "seed", "bandwidth": "bandwidth", "aux_coeff": "aux_coeff"}
-_INT_FIELDS = {"k", "seed"}
+        "lr": "lr", "seed": "seed", "bandwidth": "bandwidth", "aux_coeff": "aux_coeff", "d_sae": "d_sae",
+        "width": "d_sae", "p_end": "p_end", "threshold_init": "threshold_init",
+        "decoder_init_norm": "decoder_init_norm", "grad_clip": "grad_clip"}
+_INT_FIELDS = {"k", "seed", "d_sae"}
 _SHORT = {"l1_coeff": "l1", "l0_coeff": "l0"}  # how an axis appears in member names
 
 

@@ -8,7 +8,8 @@ Checkpoints (ensemble, optimiser, stream position, dead-latent counters) are wri
 `checkpoint_every` steps, on Ctrl-C and at the end; rerunning the same command resumes from the
 last one. After training every member is exported for SAELens with the normalisation folded
 in, and sweep.json records the run; `evaluation.runner.evaluate_run` measures the members.
-Not here yet: resampling of dead latents, width sweeps.
+Dead latents of the L1 architectures can be resampled every `resample_every` steps
+(Ensemble.resample_dead_); members of different widths train as masks inside the widest.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from cache.store import ActivationStore, StoreError, json_normal
 from cache.stream import ActivationStream, StreamConfig
 from evaluation.export import saelens_cfg, save_saelens
 from evaluation.report import write_summary
-from training.dictionary import LOSS_CONVENTION, MemberConfig
+from training.dictionary import ARCHS, LOSS_CONVENTION, MemberConfig
 from training.ensemble import Ensemble
 from training.sweep import build_members, member_name, parse_axis, shorthand_axis
 
@@ -69,6 +70,16 @@ class SweepConfig:
     """TopK family: k decreases linearly from d_in (at most d_sae) to its value over this many steps."""
     threshold_start_step: int = 1000
     """BatchTopK: step from which the inference threshold is averaged (at most half the run)."""
+    p_end: float = 0.2
+    """panneal: final exponent of the Lp penalty, unless swept."""
+    p_anneal_start: float = 0.2
+    """panneal: fraction of training after which p starts to move from 1 towards p_end."""
+    p_anneal_updates: int = 10
+    """panneal: p reaches p_end in this many equal steps, evenly spaced from p_anneal_start on."""
+    resample_every: int = 0
+    """L1 architectures: resample latents dead for `dead_window` tokens every this many steps (0: never)."""
+    resample_stop: float = 0.5
+    """No resampling after this fraction of training (resampled latents need time to train)."""
     ratio: float = 8.0
     """d_sae = ratio × d_in, unless d_sae is given."""
     d_sae: int | None = None
@@ -124,6 +135,15 @@ class SweepConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.lr_warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.k_anneal_steps < 0:
             raise ValueError("warm-up steps must be ≥ 0")
+        if not 0 <= self.p_anneal_start < 1 or self.p_anneal_updates < 1:
+            raise ValueError("--p_anneal_start is a fraction in [0, 1) and --p_anneal_updates at least 1")
+        if self.resample_every < 0 or not 0 < self.resample_stop <= 1:
+            raise ValueError("--resample_every must be ≥ 0 and --resample_stop a fraction in (0, 1]")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.resample_every and not ARCHS[self.arch].resamples:
+            raise ValueError(f"--resample_every is for the L1 architectures "
+                             f"({', '.join(a for a, s in ARCHS.items() if s.resamples)}); {self.arch} has its own remedy")
         if self.lr_decay_start is not None and not 0 <= self.lr_decay_start < 1:
             raise ValueError(f"--lr_decay_start is a fraction in [0, 1), got {self.lr_decay_start}")
         check_device(self.device)
@@ -140,7 +160,7 @@ def sweep_members(cfg: SweepConfig, d_in: int) -> tuple[list[MemberConfig], list
     if d_sae < 1:
         raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={d_in}")
     base = MemberConfig(d_in=d_in, d_sae=d_sae, arch=cfg.arch, k=min(cfg.k, d_sae), l0_coeff=cfg.l0_coeff,
-                        bandwidth=cfg.bandwidth, lr=cfg.lr, grad_clip=cfg.grad_clip, seed=cfg.seed)
+                        bandwidth=cfg.bandwidth, p_end=cfg.p_end, lr=cfg.lr, grad_clip=cfg.grad_clip, seed=cfg.seed)
     axes = dict(parse_axis(spec) for spec in cfg.sweep)
     shorthand = shorthand_axis(base.spec.penalty, cfg.l1_min, cfg.l1_max, cfg.n_models)
     axes = {**{k: v for k, v in shorthand.items() if k not in axes}, **axes}
@@ -235,6 +255,22 @@ def _schedule_(cfg: SweepConfig, ensemble: Ensemble, step: int, total: int) -> N
         start_E = torch.maximum(start_E, dictionary.k)
         progress = min(1.0, step / cfg.k_anneal_steps)
         dictionary.k_active.copy_(torch.round(start_E + (dictionary.k - start_E) * progress).long())
+    if dictionary.spec.penalty == "lp":
+        updates = p_updates_done(step, total, cfg.p_anneal_start, cfg.p_anneal_updates)
+        dictionary.p_active.copy_(1 + (dictionary.p_end - 1) * updates / cfg.p_anneal_updates)
+
+
+def p_updates_done(step: int, total: int, start: float, n_updates: int) -> int:
+    """How many of the p-annealing steps have happened by `step`: they fall at
+    start·total + j·(1 − start)·total / n_updates for j = 0 … n_updates − 1."""
+    first = start * total
+    if step < first:
+        return 0
+    return min(n_updates, int((step - first) // ((total - first) / n_updates)) + 1)
+
+
+def _resample_due(cfg: SweepConfig, step: int, total: int) -> bool:
+    return bool(cfg.resample_every) and step % cfg.resample_every == 0 and step <= cfg.resample_stop * total
 
 
 def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state: _TrainState, total: int, out: Path,
@@ -248,6 +284,8 @@ def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state
                 _schedule_(cfg, ensemble, state.step, total)
                 result = ensemble.step(x_BD)
                 state.step += 1
+                if _resample_due(cfg, state.step, total):
+                    ensemble.resample_dead_(x_BD, cfg.dead_window, state.step)
                 state.tokens_seen += len(x_BD)
                 bar.update()
                 if state.step % 10 == 0 or state.step == total:
@@ -293,7 +331,8 @@ def _export(cfg, ensemble: Ensemble, axes: list[str], stream: ActivationStream, 
             state: _TrainState, out: Path) -> list[dict]:
     """Every member as a SAELens directory (normalisation folded in) + the training summary."""
     dictionary = ensemble.dictionary
-    dead_train_E = (dictionary.tokens_since_fired >= cfg.dead_window).float().mean(-1)
+    widths_E = dictionary.width_mask.sum(-1)
+    dead_train_E = dictionary.dead_latents(cfg.dead_window).sum(-1) / widths_E
     # the source's own model: in a paired store the second source belongs to the second model
     store_info = {**store.info, "model_name": store.source(source).model, "context_length": store.attrs["context_length"]}
     rows = []
