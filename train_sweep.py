@@ -26,6 +26,8 @@ from training.trainer import SweepConfig, train_sweep
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--cache", "--dataset_dir", "cache", default="caches/demo", help="Activation store written by generate_activations.py.")
 @click.option("--source", default=None, help="Source in the store to train on [default: the store's only source].")
+@click.option("--sources", cls=SpaceSeparated, type=str, default=(),
+              help="Several sources read side by side for crosscoders, e.g. base/blocks.6.hook_resid_post,chat/blocks.6.hook_resid_post.")
 @click.option("--output_dir", default="runs/demo", help="Where checkpoints, members and the summary go.")
 @click.option("--arch", type=click.Choice(list(ARCHS)), default="relu", help="Architecture of every member.")
 @click.option("--sweep", cls=SpaceSeparated, split_commas=False, type=str,
@@ -70,6 +72,7 @@ from training.trainer import SweepConfig, train_sweep
 def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_project: str | None, **options) -> None:
     """Train many sparse dictionaries at once on one cached source."""
     options["sweep"] = tuple(options["sweep"])
+    options["sources"] = tuple(options["sources"])
     cfg = run_or_exit(lambda: SweepConfig(**options))
     out = options["output_dir"]
     tracker = run_or_exit(lambda: WandbTracker(wandb_project, Path(out).name, asdict(cfg))) if wandb_project else None

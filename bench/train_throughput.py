@@ -1,7 +1,9 @@
-"""Training throughput of N SAEs (ReLU+L1 or TopK), in token·SAEs/s, three ways on the same data.
+"""Training throughput of N SAEs of one architecture, in token·SAEs/s, up to three ways on the same data.
 
     python -m bench.train_throughput                  # ReLU: d_in 512, d_sae 4096, batch 4096, N=8
     python -m bench.train_throughput --arch topk      # TopK k=32: d_in 512, d_sae 16384, batch 4096, N=2
+    python -m bench.train_throughput --arch gated     # any architecture of training.dictionary.ARCHS
+    python -m bench.train_throughput --widths 1024,2048,4096   # a width sweep: masks inside the widest
     python -m bench.train_throughput --quick          # tiny sizes, one step: a smoke test (either --arch)
     python -m bench.train_throughput --n_members 16 --steps 5
 
@@ -14,7 +16,8 @@ normalised Gaussian rows (mean norm √d_in), in this one process:
   (c) SAELens      each member as SAELens's own training SAE of that architecture, trained one
                    after another by SAELens's own `SAETrainer` (skipped when sae_lens is not
                    installed): `StandardTrainingSAE` ("standard") for --arch relu,
-                   `TopKTrainingSAE` ("topk") for --arch topk.
+                   `TopKTrainingSAE` ("topk") for --arch topk; the other architectures are
+                   measured against (b) only.
 
 Ours is built only through `MemberConfig(arch=..., k=..., l1_coeff=..., lr=...)` and
 `Ensemble(members).step(x)`; nothing here depends on how our TopK computes its step (dense or
@@ -93,16 +96,19 @@ if not __package__:  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import RssPeak, Stopwatch, format_table, mib, track_rss  # noqa: E402
+from training.dictionary import ARCHS as OUR_ARCHS  # noqa: E402
 from training.dictionary import MemberConfig  # noqa: E402
 from training.ensemble import Ensemble  # noqa: E402
 
-ARCHS = ("relu", "topk")
+ARCHS = tuple(OUR_ARCHS)
+SAELENS_BASELINES = ("relu", "topk")  # architectures variant (c) is built for
 # Our Adam betas per architecture (MemberConfig's spec where it says, else these); SAELens gets the same.
 ADAM_BETAS = {"relu": (0.9, 0.99), "topk": (0.9, 0.999)}
 # Defaults per architecture: (d_sae, n_members). TopK's width is the target config of the issue;
 # N=2 keeps the default TopK run (3 variants × N SAEs × 4 batches, ~7 s per dense step on 2 cores)
-# to a few minutes.
+# to a few minutes. The others: ReLU's width, 4 members.
 DEFAULTS = {"relu": (4096, 8), "topk": (16384, 2)}
+OTHER_DEFAULT = (4096, 4)
 
 
 @dataclass(frozen=True)
@@ -116,8 +122,9 @@ class BenchConfig:
     warmup: int
     lr: float
     device: str
-    k: int = 32  # topk only
+    k: int = 32  # topk family only
     force_auxk: bool = False  # topk only: a latent counts dead after one silent batch, both sides
+    widths: tuple[int, ...] = ()  # a width sweep: member i gets widths[i % len(widths)] (d_sae is the widest)
 
 
 @dataclass(frozen=True)
@@ -156,13 +163,22 @@ def make_batches(n: int, batch_size: int, d_in: int, device: str, seed: int = 0)
 
 
 def make_members(cfg: BenchConfig) -> list[MemberConfig]:
-    """relu: N members of one width with L1 coefficients spread geometrically over 1e-3 … 1e-1.
-    topk: N members of one width and one k (seeds differ)."""
+    """N members of one architecture and width (or of `cfg.widths` in turn), seeds 0 … N−1, and
+    the architecture's sparsity coefficient spread geometrically: L1 over 1e-3 … 1e-1, L0 over
+    1e-4 … 1e-2; the TopK family shares one k."""
     n = cfg.n_members
-    if cfg.arch == "topk":
-        return [MemberConfig(cfg.d_in, cfg.d_sae, arch="topk", k=cfg.k, lr=cfg.lr, seed=i) for i in range(n)]
-    l1s = [1e-3 * 100 ** (i / max(n - 1, 1)) for i in range(n)]
-    return [MemberConfig(cfg.d_in, cfg.d_sae, l1_coeff=l1, lr=cfg.lr, seed=i) for i, l1 in enumerate(l1s)]
+    knobs = OUR_ARCHS[cfg.arch].knobs
+    spread = [100 ** (i / max(n - 1, 1)) for i in range(n)]
+    members = []
+    for i in range(n):
+        d_sae = cfg.widths[i % len(cfg.widths)] if cfg.widths else cfg.d_sae
+        knob = {"k": min(cfg.k, d_sae)} if "k" in knobs else {}
+        if "l1_coeff" in knobs:
+            knob = {"l1_coeff": 1e-3 * spread[i]}
+        elif "l0_coeff" in knobs:
+            knob = {"l0_coeff": 1e-4 * spread[i]}
+        members.append(MemberConfig(cfg.d_in, d_sae, arch=cfg.arch, lr=cfg.lr, seed=i, **knob))
+    return members
 
 
 StepFn = Callable[[torch.Tensor], object]
@@ -360,24 +376,31 @@ def print_report(results: list[Result]) -> None:
 @click.option("--skip_saelens", is_flag=True, help="Do not run variant (c).")
 @click.option("--force_auxk", is_flag=True,
               help="topk: count a latent dead after one batch without firing, both sides, so AuxK runs.")
+@click.option("--widths", default="", help="Comma-separated d_sae values: a width sweep (members cycle through them).")
 @click.option("--quick", is_flag=True, help="Tiny sizes (k ≤ 8) and one timed step (smoke test); overrides the sizes.")
-def main(arch, k, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, skip_saelens, force_auxk, quick) -> None:
+def main(arch, k, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, skip_saelens, force_auxk, widths,
+         quick) -> None:
     """Token·SAEs/s of our vectorised ensemble vs sequential training vs SAELens's trainer."""
-    d_sae = DEFAULTS[arch][0] if d_sae is None else d_sae
-    n_members = DEFAULTS[arch][1] if n_members is None else n_members
+    d_sae = DEFAULTS.get(arch, OTHER_DEFAULT)[0] if d_sae is None else d_sae
+    n_members = DEFAULTS.get(arch, OTHER_DEFAULT)[1] if n_members is None else n_members
+    width_list = tuple(int(w) for w in widths.split(",") if w.strip())
     if quick:
         d_in, d_sae, batch_size, n_members, steps, warmup = 32, 128, 256, 3, 1, 1
         k = min(k, 8)
+        width_list = tuple(min(w, d_sae) for w in width_list)
+    if width_list:
+        d_sae = max(width_list)
     if min(d_in, d_sae, batch_size, n_members, steps) < 1 or warmup < 0:
         raise click.BadParameter("sizes and --steps must be positive, --warmup ≥ 0")
     if arch == "topk" and not 1 <= k <= d_sae:
         raise click.BadParameter(f"--k must be between 1 and d_sae={d_sae}")
     if force_auxk and arch != "topk":
         raise click.BadParameter("--force_auxk applies to --arch topk only")
-    cfg = BenchConfig(arch, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, k, force_auxk)
-    version = None if skip_saelens else saelens_version()
+    cfg = BenchConfig(arch, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, k, force_auxk, width_list)
+    version = None if skip_saelens or arch not in SAELENS_BASELINES or width_list else saelens_version()
     members = make_members(cfg)
-    arch_desc = f"arch=topk k={k}{' force_auxk' if force_auxk else ''}" if arch == "topk" else "arch=relu"
+    arch_desc = f"arch={arch}" + (f" k={k}" if "k" in OUR_ARCHS[arch].knobs else "") + (" force_auxk" if force_auxk else "")
+    arch_desc += f" widths={','.join(map(str, width_list))}" if width_list else ""
     print(f"{arch_desc} d_in={d_in} d_sae={d_sae} batch={batch_size} N={n_members} fp32 device={device} "
           f"lr={lr} adam_betas={our_betas(members[0])} torch {torch.__version__} threads={torch.get_num_threads()} "
           f"warmup={warmup} timed steps={steps} (per SAE) sae_lens={version or 'not run'}")
@@ -388,7 +411,7 @@ def main(arch, k, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device,
     plan = [("(b) ours, sequential", sequential_steps), ("(a) ours, vectorised", vectorised_steps)]
     if version is not None:
         plan.insert(1, ("(c) SAELens SAETrainer, sequential", saelens_steps))
-    elif not skip_saelens:
+    elif not skip_saelens and arch in SAELENS_BASELINES and not width_list:
         print("note: sae_lens is not installed; variant (c) skipped")
     variants = [build_and_warm_up(name, lambda build=build: build(cfg, members), n_members, warm) for name, build in plan]
     run_timed(variants, timed)

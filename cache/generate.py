@@ -285,11 +285,11 @@ def _check_equal_widths(first: Member, second: Member) -> None:
 
 def _hook_widths(model, hooks: list[str]) -> dict[str, int]:
     """Width of each hook's activation per token (heads flattened), from a two-token forward."""
-    acts = _run_hooks(model, torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device), hooks)
+    acts = record_hooks(model, torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device), hooks)
     return {h: a.shape[-1] for h, a in acts.items()}
 
 
-def _run_hooks(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+def record_hooks(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
     """One forward pass, stopped after the deepest needed block.  -> hook: [batch·ctx, d] float32"""
     saved: dict[str, torch.Tensor] = {}
 
@@ -341,7 +341,7 @@ def _block_rows(cfg, members: list[Member], layout: Layout, batches: Iterator[to
     for batch in batches:  # [b, ctx]
         sequences.append(batch)
         for member in members:
-            acts = _run_hooks(member.model, batch.to(member.model.cfg.device), member.hooks)
+            acts = record_hooks(member.model, batch.to(member.model.cfg.device), member.hooks)
             for src in member.sources:
                 values = acts[src.hook].reshape(*batch.shape, -1)[:, keep].reshape(-1, src.d)  # [b·kept, d] fp32
                 _check_values(values, src.name, cfg.dtype)

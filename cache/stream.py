@@ -1,4 +1,6 @@
-"""Stage 2 input: stream batches of one source from a store onto the training device.
+"""Stage 2 input: stream batches of one source, or of several side by side, from a store onto
+the training device. Several sources (a crosscoder's layers × models) come as one row of their
+concatenation [x_1 … x_S], each normalised by its own factor; rows are aligned in the store.
 
 Held out: every row of the last sequences cached, about `eval_rows` rows of whole sequences, so
 evaluation can re-run the model on sequences no dictionary saw a token of. Blocks hold
@@ -45,15 +47,26 @@ class StreamConfig:
 
 
 class ActivationStream:
-    """Batches of one source of a complete store, normalised, on `device`."""
+    """Batches of one or several sources of a complete store, normalised, on `device`."""
 
-    def __init__(self, store: ActivationStore, source: str, cfg: StreamConfig, device: str | torch.device = "cpu"):
+    def __init__(self, store: ActivationStore, source: str | list[str], cfg: StreamConfig,
+                 device: str | torch.device = "cpu"):
+        infos = [store.source(name) for name in ([source] if isinstance(source, str) else source)]
+        widths = {info.name: info.d for info in infos}
+        if len(set(widths.values())) > 1:
+            raise StoreError(f"sources read together must have one width; got {widths} "
+                             "(a crosscoder needs equal d_model: cache pairs with --require_equal_widths)")
         self.store = store
-        self.source = store.source(source).name
-        self.d = store.source(source).d
+        self.sources = [info.name for info in infos]
+        self.source = self.sources[0] if len(infos) == 1 else ",".join(self.sources)
+        self.d = infos[0].d  # width of each source
         self.cfg = cfg
         self.device = torch.device(device)
-        self.scale = store.norm_scale(self.source) if cfg.normalise else 1.0
+        self.scales = [store.norm_scale(name) if cfg.normalise else 1.0 for name in self.sources]
+        self.scale = self.scales[0]  # the factor of a single source
+        # what a row is divided by: one factor, or one per column of the concatenated sources
+        self._divisor = (self.scale if len(self.scales) == 1
+                         else torch.tensor(self.scales, device=self.device).repeat_interleave(self.d))
         rows_per_seq = store.n_rows // store.attrs["n_sequences"]
         n_eval_seqs = math.ceil(min(cfg.eval_rows, store.n_rows // 10) / rows_per_seq)
         self.eval_sequence_start = store.attrs["n_sequences"] - n_eval_seqs  # sequences ≥ this are held out
@@ -76,7 +89,7 @@ class ActivationStream:
         return [(a, min(a + size, self.store.n_rows)) for a in range(0, self.store.n_rows, size)]
 
     def read_training_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) without the held-out ones, in store order.  → [≤ stop-start, D]"""
+        """Rows [start, stop) without the held-out ones, in store order.  → [≤ stop-start, S·D]"""
         return self._read_filtered(start, stop, held_out=False)
 
     def n_training_rows(self, start: int, stop: int) -> int:
@@ -87,7 +100,8 @@ class ActivationStream:
         return stop - start - int(self._tail_in_eval[lo : stop - self.tail_start].sum())
 
     def _read_filtered(self, start: int, stop: int, held_out: bool) -> torch.Tensor:
-        rows = self.store.read_rows(self.source, start, stop)
+        parts = [self.store.read_rows(name, start, stop) for name in self.sources]
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if stop <= self.tail_start:
             return rows if not held_out else rows[:0]
         in_eval = torch.zeros(stop - start, dtype=torch.bool)
@@ -126,7 +140,7 @@ class ActivationStream:
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         x = batch.to(self.device, non_blocking=True).float()
-        return x.div_(self.scale) if self.scale != 1.0 else x
+        return x.div_(self._divisor) if isinstance(self._divisor, torch.Tensor) or self._divisor != 1.0 else x
 
     def _cpu_batches(self, epoch: int, start_batch: int) -> Iterator[torch.Tensor]:
         """Batches in the storage dtype, cut from the shuffled groups with leftovers carried over."""

@@ -15,7 +15,9 @@ from typing import Callable
 
 import torch
 
-Replacement = Callable[[torch.Tensor], torch.Tensor]  # [rows, d] raw activations → [rows, d]
+# (raw activations [rows, d], the batch's sequences as a slice of `sequences`) → [rows, d]; the
+# slice lets a replacement use other data of the same tokens (a crosscoder's other sources).
+Replacement = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
 def spliced_losses(
@@ -38,8 +40,9 @@ def spliced_losses(
             targets = tokens[:, 1:]
             sums["clean"][0] += _ce_sum(clean_logp, targets)
             n_tokens += targets.numel()
+            batch = slice(start, start + len(tokens))
             for name, replace in replacements.items():
-                hooked = [(hook, _splice(replace, first_pos))]
+                hooked = [(hook, _splice(replace, first_pos, batch))]
                 logp = model.run_with_hooks(tokens, fwd_hooks=hooked).log_softmax(-1)[:, :-1]
                 sums[name] += torch.stack([_ce_sum(logp, targets), _kl_sum(clean_logp, logp)])
     out = {"clean": {"ce": sums["clean"][0].item() / n_tokens}}
@@ -54,10 +57,10 @@ def recovered(ce_spliced: float, ce_clean: float, ce_ablated: float) -> float:
     return (ce_ablated - ce_spliced) / gap if gap != 0 else float("nan")
 
 
-def _splice(replace: Replacement, first_pos: int):
+def _splice(replace: Replacement, first_pos: int, batch: slice):
     def hook_fn(act: torch.Tensor, hook) -> torch.Tensor:  # act [b, T, d]
         kept = act[:, first_pos:]
-        rows = replace(kept.reshape(-1, kept.shape[-1]).float())
+        rows = replace(kept.reshape(-1, kept.shape[-1]).float(), batch)
         act = act.clone()
         act[:, first_pos:] = rows.reshape(kept.shape).to(act.dtype)
         return act

@@ -28,6 +28,7 @@ PLANTED = {
     "matryoshka": dict(k=3, lr=3e-3, group_fractions=(1 / 2,)),
     "gated": dict(l1_coeff=3e-2, lr=3e-3),
     "panneal": dict(l1_coeff=3e-2, lr=3e-3, p_end=0.5),
+    "crosscoder": dict(l1_coeff=3e-2, lr=3e-3),  # one source: relu_april's objective
 }
 
 
@@ -67,7 +68,7 @@ def test_each_architecture_recovers_planted_directions_at_a_sensible_l0(arch):
 def test_member_of_any_architecture_equals_it_trained_alone(arch):
     g = torch.Generator().manual_seed(2)
     knob = {"relu": "l1_coeff", "relu_april": "l1_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k",
-            "jumprelu": "l0_coeff", "gated": "l1_coeff", "panneal": "l1_coeff"}[arch]
+            "jumprelu": "l0_coeff", "gated": "l1_coeff", "panneal": "l1_coeff", "crosscoder": "l1_coeff"}[arch]
     values = {"l1_coeff": [1e-3, 1e-2, 3e-2], "k": [2, 4, 8], "l0_coeff": [1e-3, 1e-2, 3e-2]}[knob]
     configs = [MemberConfig(d_in=D, d_sae=F, arch=arch, lr=3e-3, seed=e, threshold_init=0.1, bandwidth=0.05,
                             grad_clip=0.05 if e == 0 else None, **{knob: v}) for e, v in enumerate(values)]

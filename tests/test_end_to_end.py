@@ -166,8 +166,8 @@ def test_existing_store_with_another_config_is_refused(small_store, text_dir):
 def test_bad_activations_are_refused_and_the_store_stays_incomplete(tmp_path, text_dir, monkeypatch, values, fragments):
     import cache.generate as gen
 
-    original = gen._run_hooks
-    monkeypatch.setattr(gen, "_run_hooks", lambda *a: {k: torch.full_like(v, values) for k, v in original(*a).items()})
+    original = gen.record_hooks
+    monkeypatch.setattr(gen, "record_hooks", lambda *a: {k: torch.full_like(v, values) for k, v in original(*a).items()})
     out = tmp_path / "bad"
     assert_one_line_error(CliRunner().invoke(generate_activations.main, gen_args(out, text_dir)), *fragments)
     assert _store_state(out) in (None, False)

@@ -35,8 +35,8 @@ def test_identity_recovers_all_the_loss_and_zero_recovers_none():
     w = identity_weights(TINY_D)
     zero = {k: torch.zeros_like(v) for k, v in w.items()}
     losses = spliced_losses(model, tokens, HOOK, {
-        "zero": torch.zeros_like, "identity": lambda x: sae_forward(cfg, w, x)[1],
-        "zero_dict": lambda x: sae_forward(cfg, zero, x)[1]}, batch_size=4)
+        "zero": lambda x, _: torch.zeros_like(x), "identity": lambda x, _: sae_forward(cfg, w, x)[1],
+        "zero_dict": lambda x, _: sae_forward(cfg, zero, x)[1]}, batch_size=4)
     clean = losses["clean"]["ce"]
     assert losses["zero"]["ce"] != pytest.approx(clean)  # the hook matters, so the test can fail
     assert recovered(losses["identity"]["ce"], clean, losses["zero"]["ce"]) == pytest.approx(1.0, abs=1e-5)
@@ -47,7 +47,7 @@ def test_identity_recovers_all_the_loss_and_zero_recovers_none():
 def test_spliced_losses_do_not_depend_on_batch_size():
     model = load_model(TINY_NAME, None, device="cpu")
     tokens = torch.randint(0, model.cfg.d_vocab, (5, 10), generator=torch.Generator().manual_seed(1))
-    half = {"half": lambda x: 0.5 * x}
+    half = {"half": lambda x, _: 0.5 * x}
     a = spliced_losses(model, tokens, HOOK, half, batch_size=1)
     b = spliced_losses(model, tokens, HOOK, half, batch_size=5)
     assert a["half"]["ce"] == pytest.approx(b["half"]["ce"], rel=1e-6)
@@ -59,7 +59,7 @@ def test_spliced_losses_leave_excluded_positions_untouched():
     model = load_model(TINY_NAME, None, device="cpu")
     tokens = torch.randint(0, model.cfg.d_vocab, (3, 8), generator=torch.Generator().manual_seed(2))
     seen = []
-    spliced_losses(model, tokens, HOOK, {"spy": lambda x: seen.append(len(x)) or x}, first_pos=1)
+    spliced_losses(model, tokens, HOOK, {"spy": lambda x, _: seen.append(len(x)) or x}, first_pos=1)
     assert seen == [3 * 7]
 
 

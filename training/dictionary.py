@@ -1,7 +1,7 @@
 """Sparse dictionaries with a leading member axis: E dictionaries of one architecture in one set
 of tensors, differing only in the values of their knobs.
 
-Dimension key: B batch, D d_in, F d_sae, E members.
+Dimension key: B batch, D the width a member reads (n_sources × d_in), F d_sae, E members.
 
 Every architecture is the same mechanism with different parameters (see ARCHS):
 
@@ -32,7 +32,14 @@ trainer, r_t the p-annealing rescale (1 elsewhere).
 
 Width sweeps: members may differ in d_sae. The tensors are as wide as the widest member and a
 [E, F] mask zeroes each member's latents beyond its own width (pre-activations and activations),
-so those latents never fire, get no gradient and are sliced off at export. Unit-norm decoders: the gradient is projected onto each row's tangent space before the
+so those latents never fire, get no gradient and are sliced off at export.
+
+Crosscoders (Lindsey et al. 2024): a member reading S sources (layers × models) sees their
+concatenation, x = [x_1 … x_S], D = S·d_in wide, so W_enc [D, F] is W_enc [S, d_in, F] and W_dec
+[F, D] is W_dec [F, S, d_in] laid flat. `crosscoder` is relu_april with its decoder norm taken per
+source and summed, penalty mean_b Σ_i f_i Σ_s ‖W_dec[i, s]‖, and each source's decoder vector
+initialised at norm decoder_init_norm; the other activations work over S sources unchanged (a
+BatchTopK crosscoder is `batchtopk` over several sources). With S = 1 every formula is the SAE's. Unit-norm decoders: the gradient is projected onto each row's tangent space before the
 step and rows are renormalised after it. The reconstruction term is averaged over d (λ from a
 loss summed over d: λ_sum = λ · d).
 """
@@ -83,6 +90,8 @@ ARCHS = {
                            (0.9, 0.999), nested=True),
     "gated": ArchSpec("gated", "l1_gate", True, True, False, "gated", ("l1_coeff", *_COMMON), (0.0, 0.999)),
     "panneal": ArchSpec("relu", "lp", True, True, False, "standard", ("l1_coeff", "p_end", *_COMMON), (0.9, 0.999)),
+    "crosscoder": ArchSpec("relu", "l1_decoder_norm", False, False, False, "standard",
+                           ("l1_coeff", "decoder_init_norm", *_COMMON), (0.9, 0.999)),
 }
 PENALTY_QUEUE = 10  # recent penalties p-annealing rescales λ against
 
@@ -92,11 +101,13 @@ class MemberConfig:
     """One dictionary of a sweep."""
 
     d_in: int
-    """Width of the activations it reads."""
+    """Width of each source it reads."""
     d_sae: int
     """Number of latents."""
     arch: str = "relu"
     """Architecture; one of ARCHS."""
+    n_sources: int = 1
+    """Sources read side by side (a crosscoder's layers × models); the input is S·d_in wide."""
     l1_coeff: float = 0.0
     """λ of the L1 penalties (relu, relu_april), on activations normalised to mean norm √d."""
     l0_coeff: float = 0.0
@@ -114,7 +125,7 @@ class MemberConfig:
     p_end: float = 0.2
     """Final exponent of the Lp penalty (panneal), reached in steps from p = 1."""
     decoder_init_norm: float = 0.1
-    """Initial decoder row norm where rows are free (relu_april)."""
+    """Initial norm of each source's decoder vector where norms are free (relu_april, crosscoder)."""
     group_fractions: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
     """Matryoshka: sizes of the nested groups as fractions of d_sae; the rest is the last group."""
     lr: float = 1e-4
@@ -127,8 +138,11 @@ class MemberConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if self.d_in < 1 or self.d_sae < 1:
-            raise ValueError(f"dictionary widths must be positive (d_in={self.d_in}, d_sae={self.d_sae})")
+        if self.d_in < 1 or self.d_sae < 1 or self.n_sources < 1:
+            raise ValueError(f"dictionary widths must be positive (d_in={self.d_in}, d_sae={self.d_sae}, "
+                             f"n_sources={self.n_sources})")
+        if self.n_sources > 1 and self.arch == "gated":
+            raise ValueError("gated has no multi-source (crosscoder) form; use crosscoder, batchtopk, topk or jumprelu")
         for name in ("l1_coeff", "l0_coeff", "aux_coeff"):
             value = getattr(self, name)
             if value < 0 or not math.isfinite(value):
@@ -169,8 +183,9 @@ class Dictionary(nn.Module):
         """`aux_dead_tokens`: tokens without firing after which AuxK counts a latent dead;
         `threshold_start_step`: step from which BatchTopK's inference threshold is averaged."""
         super().__init__()
-        _check_same(members, "d_in", "arch", "aux_k", "group_fractions")
-        E, D, F = len(members), members[0].d_in, max(m.d_sae for m in members)
+        _check_same(members, "d_in", "n_sources", "arch", "aux_k", "group_fractions")
+        self.n_sources = S = members[0].n_sources
+        E, D, F = len(members), S * members[0].d_in, max(m.d_sae for m in members)
         self.members = list(members)
         self.spec = members[0].spec
         if self.spec.nested and len({m.d_sae for m in members}) > 1:
@@ -212,12 +227,12 @@ class Dictionary(nn.Module):
             self.W_enc.zero_()
             for e, member in enumerate(members):
                 f = member.d_sae
-                W_dec_fD = init_decoder(f, D, member.seed)
                 if self.spec.unit_norm_decoder or self.spec.activation == "jumprelu":
                     # x̂ ≈ x at the start: for random unit rows w, E[ReLU(w·x) w] = x / (2D)
+                    W_dec_fD = init_decoder(f, D, member.seed)
                     self.W_dec[e, :f], self.W_enc[e, :, :f] = W_dec_fD, W_dec_fD.T * (2 * D / f)
                 else:
-                    W_dec_fD = W_dec_fD * member.decoder_init_norm
+                    W_dec_fD = init_decoder(f, D, member.seed, n_sources=S) * member.decoder_init_norm
                     self.W_dec[e, :f], self.W_enc[e, :, :f] = W_dec_fD, W_dec_fD.T
 
     def latent_params(self) -> list[tuple[str, nn.Parameter, int]]:
@@ -340,7 +355,7 @@ class Dictionary(nn.Module):
         if kind == "l1":
             return f_EBF.sum(-1).mean(-1)
         if kind == "l1_decoder_norm":
-            return (f_EBF * self.W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
+            return (f_EBF * self.decoder_norms().unsqueeze(1)).sum(-1).mean(-1)
         if kind == "l1_gate":
             return torch.relu(pre_EBF).sum(-1).mean(-1)
         if kind == "lp":
@@ -349,6 +364,12 @@ class Dictionary(nn.Module):
             theta = self.jump_threshold.unsqueeze(1)
             return self._masked(Step.apply(pre_EBF, theta, self.bandwidth.view(-1, 1, 1))).sum(-1).mean(-1)
         return torch.zeros_like(self.l1_coeff)
+
+    def decoder_norms(self) -> torch.Tensor:
+        """Σ_s ‖W_dec[i, s]‖ per latent: the row norm for one source, summed per source for a
+        crosscoder.  → [E, F]"""
+        E, F, D = self.W_dec.shape
+        return self.W_dec.view(E, F, self.n_sources, D // self.n_sources).norm(dim=-1).sum(-1)
 
     def _gate_aux_loss(self, x_BD: torch.Tensor, pre_EBF: torch.Tensor) -> torch.Tensor:
         """Gated SAE auxiliary loss (Rajamanoharan et al. 2024a, eq. 8): the reconstruction from
@@ -431,19 +452,22 @@ class Dictionary(nn.Module):
 
     # ---------------------------------------------------------------- export
     @torch.no_grad()
-    def member_tensors(self, e: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """Member e's weights in SAELens names, for raw activations x_raw = scale · x.
+    def member_tensors(self, e: int, scale: float | torch.Tensor = 1.0) -> dict[str, torch.Tensor]:
+        """Member e's weights in SAELens names, for raw activations x_raw = scale · x; `scale` is
+        one factor or one per source ([S]) for crosscoders, whose tensors keep the flat layout.
 
         The pre-activation is invariant: (x_raw − s·b_dec)(W_enc / s) + b_enc equals the
         normalised one (likewise without b_dec), so thresholds and k carry over unchanged,
         and the reconstruction scales by s.
         """
         f = self.members[e].d_sae  # its own width (width sweeps)
+        scale_S = torch.as_tensor(scale, dtype=self.W_dec.dtype, device=self.W_dec.device).reshape(-1)
+        scale_D = scale_S.repeat_interleave(self.W_dec.shape[-1] // len(scale_S))  # one factor per input column
         tensors = {
-            "W_enc": (self.W_enc[e, :, :f] / scale).contiguous(),
+            "W_enc": (self.W_enc[e, :, :f] / scale_D.unsqueeze(1)).contiguous(),
             "b_enc": self.b_enc[e, :f].clone(),
-            "W_dec": (self.W_dec[e, :f] * scale).contiguous(),
-            "b_dec": (self.b_dec[e] * scale).clone(),
+            "W_dec": (self.W_dec[e, :f] * scale_D).contiguous(),
+            "b_dec": self.b_dec[e] * scale_D,
         }
         if self.spec.activation == "jumprelu":
             tensors["threshold"] = self.jump_threshold[e, :f].clone()
@@ -563,12 +587,13 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(dim=dims, keepdim=True)
 
 
-def init_decoder(d_sae: int, d_in: int, seed: int) -> torch.Tensor:
-    """Random unit-norm decoder rows, from this member's own generator (so a member's init does
-    not depend on its neighbours in the ensemble).  → [F, D]"""
+def init_decoder(d_sae: int, width: int, seed: int, n_sources: int = 1) -> torch.Tensor:
+    """Random decoder rows whose part for each of `n_sources` sources has unit norm (one source:
+    unit rows), from this member's own generator (so a member's init does not depend on its
+    neighbours in the ensemble).  → [F, width]"""
     generator = torch.Generator().manual_seed(seed)
-    W = torch.randn(d_sae, d_in, generator=generator)
-    return W / W.norm(dim=-1, keepdim=True)
+    W = torch.randn(d_sae, n_sources, width // n_sources, generator=generator)
+    return (W / W.norm(dim=-1, keepdim=True)).reshape(d_sae, width)
 
 
 def _check_same(members: list[MemberConfig], *fields: str) -> None:

@@ -1,4 +1,5 @@
-"""Stage 2: train a sweep of dictionaries on one source of an activation store.
+"""Stage 2: train a sweep of dictionaries on one source of an activation store, or crosscoders
+on several sources read side by side (`sources`: layers × models, rows aligned in the store).
 
     cfg = SweepConfig(cache="caches/p70m-l2", output_dir="runs/l1-sweep", l1_min=-4, l1_max=-2)
     train_sweep(cfg)
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from cache.devices import check_device
 from cache.store import ActivationStore, StoreError, json_normal
 from cache.stream import ActivationStream, StreamConfig
+from evaluation.crosscoder import save_crosscoder
 from evaluation.export import saelens_cfg, save_saelens
 from evaluation.report import write_summary
 from training.dictionary import ARCHS, LOSS_CONVENTION, MemberConfig
@@ -48,6 +50,8 @@ class SweepConfig:
     """Directory for checkpoints, exported members, sweep.json/csv and plots."""
     source: str | None = None
     """Source in the store to train on; default: the store's only source."""
+    sources: tuple[str, ...] = ()
+    """Several sources to train crosscoders on, read side by side (instead of `source`)."""
     arch: str = "relu"
     """Architecture of every member: one of training.dictionary.ARCHS."""
     sweep: tuple[str, ...] = ()
@@ -139,6 +143,10 @@ class SweepConfig:
             raise ValueError("--p_anneal_start is a fraction in [0, 1) and --p_anneal_updates at least 1")
         if self.resample_every < 0 or not 0 < self.resample_stop <= 1:
             raise ValueError("--resample_every must be ≥ 0 and --resample_stop a fraction in (0, 1]")
+        if self.source is not None and self.sources:
+            raise ValueError("give --source (one) or --sources (several), not both")
+        if len(set(self.sources)) < len(self.sources):
+            raise ValueError(f"--sources names a source twice: {', '.join(self.sources)}")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.resample_every and not ARCHS[self.arch].resamples:
@@ -154,12 +162,12 @@ class SweepConfig:
         return json_normal({k: v for k, v in asdict(self).items() if k not in _RUNTIME_FIELDS})
 
 
-def sweep_members(cfg: SweepConfig, d_in: int) -> tuple[list[MemberConfig], list[str]]:
+def sweep_members(cfg: SweepConfig, d_in: int, n_sources: int = 1) -> tuple[list[MemberConfig], list[str]]:
     """The sweep's members and the names of the knobs it varies."""
     d_sae = cfg.d_sae or int(round(cfg.ratio * d_in))
     if d_sae < 1:
         raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={d_in}")
-    base = MemberConfig(d_in=d_in, d_sae=d_sae, arch=cfg.arch, k=min(cfg.k, d_sae), l0_coeff=cfg.l0_coeff,
+    base = MemberConfig(d_in=d_in, d_sae=d_sae, arch=cfg.arch, n_sources=n_sources, k=min(cfg.k, d_sae), l0_coeff=cfg.l0_coeff,
                         bandwidth=cfg.bandwidth, p_end=cfg.p_end, lr=cfg.lr, grad_clip=cfg.grad_clip, seed=cfg.seed)
     axes = dict(parse_axis(spec) for spec in cfg.sweep)
     shorthand = shorthand_axis(base.spec.penalty, cfg.l1_min, cfg.l1_max, cfg.n_models)
@@ -176,19 +184,26 @@ def resolve_source(store: ActivationStore, source: str | None) -> str:
     return store.source(source).name
 
 
+def resolve_sources(store: ActivationStore, cfg: SweepConfig) -> list[str]:
+    """The sources a sweep reads: `cfg.sources`, or the one of `cfg.source`."""
+    if cfg.sources:
+        return [store.source(name).name for name in cfg.sources]
+    return [resolve_source(store, cfg.source)]
+
+
 def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
     """Train and export every member; return one row per member. `tracker`, if given, gets the
     training curves (see training.tracking.WandbTracker)."""
     store = ActivationStore.open(cfg.cache)
-    source = resolve_source(store, cfg.source)
+    sources = resolve_sources(store, cfg)
     out = Path(cfg.output_dir)
     if _claim_output_dir(out, cfg):
         print(f"{out} already holds this finished sweep; see {out / 'sweep.csv'}")
         return json.loads((out / "sweep.json").read_text())["members"]
     stream = ActivationStream(
-        store, source, StreamConfig(cfg.batch_size, cfg.eval_tokens, cfg.shuffle_chunks, cfg.prefetch, cfg.seed), cfg.device
+        store, sources, StreamConfig(cfg.batch_size, cfg.eval_tokens, cfg.shuffle_chunks, cfg.prefetch, cfg.seed), cfg.device
     )
-    members, axes = sweep_members(cfg, stream.d)
+    members, axes = sweep_members(cfg, stream.d, len(sources))
     total_steps = _total_steps(cfg, stream)
     ensemble = Ensemble(members, cfg.device, dead_tokens=cfg.dead_window,
                         threshold_start_step=min(cfg.threshold_start_step, total_steps // 2))
@@ -199,7 +214,7 @@ def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
         state = _load_checkpoint(out / CHECKPOINT, ensemble, cfg.device)
         print(f"resuming {out} at step {state.step}")
     _train(cfg, ensemble, stream, state, total_steps, out, tracker)
-    rows = _export(cfg, ensemble, axes, stream, store, source, state, out)
+    rows = _export(cfg, ensemble, axes, stream, store, state, out)
     (out / CHECKPOINT).unlink(missing_ok=True)  # the exported members are the result now
     return rows
 
@@ -327,29 +342,26 @@ def _load_checkpoint(path: Path, ensemble: Ensemble, device) -> _TrainState:
 
 
 @torch.no_grad()
-def _export(cfg, ensemble: Ensemble, axes: list[str], stream: ActivationStream, store, source: str,
-            state: _TrainState, out: Path) -> list[dict]:
-    """Every member as a SAELens directory (normalisation folded in) + the training summary."""
+def _export(cfg, ensemble: Ensemble, axes: list[str], stream: ActivationStream, store, state: _TrainState,
+            out: Path) -> list[dict]:
+    """Every member with the normalisation folded in (a SAELens directory, or the crosscoder
+    format for several sources) + the training summary."""
     dictionary = ensemble.dictionary
-    widths_E = dictionary.width_mask.sum(-1)
-    dead_train_E = dictionary.dead_latents(cfg.dead_window).sum(-1) / widths_E
-    # the source's own model: in a paired store the second source belongs to the second model
-    store_info = {**store.info, "model_name": store.source(source).model, "context_length": store.attrs["context_length"]}
+    dead_train_E = dictionary.dead_latents(cfg.dead_window).sum(-1) / dictionary.width_mask.sum(-1)
     rows = []
     for e, member in enumerate(ensemble.members):
         name = member_name(e, member, axes)
-        member_info = {**member.to_dict(), "loss_convention": LOSS_CONVENTION, "source": source}
-        cfg_json = saelens_cfg(
-            arch_fields=dictionary.saelens_architecture(e), d_in=member.d_in, d_sae=member.d_sae,
-            store_info=store_info, hook_name=store.source(source).hook, member=member_info,
-        )
-        save_saelens(out / "members" / name, dictionary.member_tensors(e, stream.scale), cfg_json)
+        member_info = {**member.to_dict(), "loss_convention": LOSS_CONVENTION, "source": stream.source}
+        save = _save_crosscoder if len(stream.sources) > 1 else _save_sae
+        save(out / "members" / name, dictionary, e, stream, store, member_info)
         rows.append({"name": name, "dir": f"members/{name}", **member_info,
                      "dead_fraction_train": dead_train_E[e].item(), "train_tokens": state.tokens_seen})
+    first = store.source(stream.sources[0])
     summary = {
         "config": asdict(cfg),
-        "store": {"path": str(store.path), "source": source, "hook": store.source(source).hook,
-                  "norm_scale": stream.scale, "train_rows": stream.n_train, "eval_rows": stream.n_eval,
+        "store": {"path": str(store.path), "source": stream.source, "hook": first.hook, "norm_scale": stream.scale,
+                  "sources": stream.sources, "norm_scales": stream.scales,
+                  "train_rows": stream.n_train, "eval_rows": stream.n_eval,
                   "eval_sequence_start": stream.eval_sequence_start},
         "loss_convention": LOSS_CONVENTION,
         "swept": axes,
@@ -357,3 +369,45 @@ def _export(cfg, ensemble: Ensemble, axes: list[str], stream: ActivationStream, 
     }
     write_summary(out, summary)
     return rows
+
+
+def _save_sae(directory: Path, dictionary, e: int, stream: ActivationStream, store, member_info: dict) -> None:
+    source = store.source(stream.source)
+    # the source's own model: in a paired store the second source belongs to the second model
+    store_info = {**store.info, "model_name": source.model, "context_length": store.attrs["context_length"]}
+    member = dictionary.members[e]
+    cfg_json = saelens_cfg(arch_fields=dictionary.saelens_architecture(e), d_in=member.d_in, d_sae=member.d_sae,
+                           store_info=store_info, hook_name=source.hook, member=member_info)
+    save_saelens(directory, dictionary.member_tensors(e, stream.scale), cfg_json)
+
+
+_CROSSCODER_RULE = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}  # inference rule by export kind
+
+
+def _save_crosscoder(directory: Path, dictionary, e: int, stream: ActivationStream, store, member_info: dict) -> None:
+    """The member in evaluation.crosscoder's format: W_enc [S, D, F], W_dec [F, S, D], b_dec [S, D]."""
+    S, D, member = len(stream.sources), stream.d, dictionary.members[e]
+    flat = dictionary.member_tensors(e, torch.tensor(stream.scales))
+    tensors = {**flat, "W_enc": flat["W_enc"].reshape(S, D, -1), "W_dec": flat["W_dec"].reshape(-1, S, D),
+               "b_dec": flat["b_dec"].reshape(S, D)}
+    fields = dictionary.saelens_architecture(e)
+    config = {
+        "architecture": _CROSSCODER_RULE[fields["architecture"]],
+        **({"k": fields["k"]} if "k" in fields else {}),
+        "apply_b_dec_to_input": fields["apply_b_dec_to_input"],
+        "n_sources": S, "d_in": D, "d_sae": member.d_sae,
+        "sources": [_source_entry(store, name) for name in stream.sources],
+        "normalisation": {"folded": True, "scales": stream.scales},
+        "context_size": store.attrs["context_length"],
+        "prepend_bos": store.info["prepend_bos"],
+        "exclude_bos": store.info["exclude_bos"],
+        "dataset": store.info["dataset"],
+        "sae_sweep": member_info,
+    }
+    save_crosscoder(directory, tensors, config)
+
+
+def _source_entry(store, name: str) -> dict:
+    info = store.source(name)
+    entry = {"name": name, "model": info.model, "hook": info.hook}
+    return {**entry, "label": name.split("/", 1)[0]} if "/" in name else entry
