@@ -4,6 +4,7 @@
     python -m bench.train_throughput --arch topk      # TopK k=32: d_in 512, d_sae 16384, batch 4096, N=2
     python -m bench.train_throughput --arch gated     # any architecture of training.dictionary.ARCHS
     python -m bench.train_throughput --widths 1024,2048,4096   # a width sweep: masks inside the widest
+    python -m bench.train_throughput --arch crosscoder --n_sources 2 --d_in 640 --d_sae 16384 --n_members 4
     python -m bench.train_throughput --quick          # tiny sizes, one step: a smoke test (either --arch)
     python -m bench.train_throughput --n_members 16 --steps 5
 
@@ -125,6 +126,7 @@ class BenchConfig:
     k: int = 32  # topk family only
     force_auxk: bool = False  # topk only: a latent counts dead after one silent batch, both sides
     widths: tuple[int, ...] = ()  # a width sweep: member i gets widths[i % len(widths)] (d_sae is the widest)
+    n_sources: int = 1  # crosscoders: sources read side by side, each d_in wide
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def make_members(cfg: BenchConfig) -> list[MemberConfig]:
             knob = {"l1_coeff": 1e-3 * spread[i]}
         elif "l0_coeff" in knobs:
             knob = {"l0_coeff": 1e-4 * spread[i]}
-        members.append(MemberConfig(cfg.d_in, d_sae, arch=cfg.arch, lr=cfg.lr, seed=i, **knob))
+        members.append(MemberConfig(cfg.d_in, d_sae, arch=cfg.arch, n_sources=cfg.n_sources, lr=cfg.lr, seed=i, **knob))
     return members
 
 
@@ -376,10 +378,11 @@ def print_report(results: list[Result]) -> None:
 @click.option("--skip_saelens", is_flag=True, help="Do not run variant (c).")
 @click.option("--force_auxk", is_flag=True,
               help="topk: count a latent dead after one batch without firing, both sides, so AuxK runs.")
+@click.option("--n_sources", type=int, default=1, help="Crosscoders: sources read side by side (rows are n_sources × d_in wide).")
 @click.option("--widths", default="", help="Comma-separated d_sae values: a width sweep (members cycle through them).")
 @click.option("--quick", is_flag=True, help="Tiny sizes (k ≤ 8) and one timed step (smoke test); overrides the sizes.")
-def main(arch, k, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, skip_saelens, force_auxk, widths,
-         quick) -> None:
+def main(arch, k, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, skip_saelens, force_auxk, n_sources,
+         widths, quick) -> None:
     """Token·SAEs/s of our vectorised ensemble vs sequential training vs SAELens's trainer."""
     d_sae = DEFAULTS.get(arch, OTHER_DEFAULT)[0] if d_sae is None else d_sae
     n_members = DEFAULTS.get(arch, OTHER_DEFAULT)[1] if n_members is None else n_members
@@ -396,22 +399,25 @@ def main(arch, k, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device,
         raise click.BadParameter(f"--k must be between 1 and d_sae={d_sae}")
     if force_auxk and arch != "topk":
         raise click.BadParameter("--force_auxk applies to --arch topk only")
-    cfg = BenchConfig(arch, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, k, force_auxk, width_list)
-    version = None if skip_saelens or arch not in SAELENS_BASELINES or width_list else saelens_version()
+    cfg = BenchConfig(arch, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, k, force_auxk, width_list,
+                      n_sources)
+    baseline = arch in SAELENS_BASELINES and not width_list and n_sources == 1
+    version = None if skip_saelens or not baseline else saelens_version()
     members = make_members(cfg)
     arch_desc = f"arch={arch}" + (f" k={k}" if "k" in OUR_ARCHS[arch].knobs else "") + (" force_auxk" if force_auxk else "")
     arch_desc += f" widths={','.join(map(str, width_list))}" if width_list else ""
+    arch_desc += f" n_sources={n_sources}" if n_sources > 1 else ""
     print(f"{arch_desc} d_in={d_in} d_sae={d_sae} batch={batch_size} N={n_members} fp32 device={device} "
           f"lr={lr} adam_betas={our_betas(members[0])} torch {torch.__version__} threads={torch.get_num_threads()} "
           f"warmup={warmup} timed steps={steps} (per SAE) sae_lens={version or 'not run'}")
     print(our_code_version())
-    batches = make_batches(warmup + steps, batch_size, d_in, device)
+    batches = make_batches(warmup + steps, batch_size, d_in * n_sources, device)
     warm, timed = batches[:warmup], batches[warmup:]
     # Smallest per-step footprint first, so each variant's RSS growth is its own.
     plan = [("(b) ours, sequential", sequential_steps), ("(a) ours, vectorised", vectorised_steps)]
     if version is not None:
         plan.insert(1, ("(c) SAELens SAETrainer, sequential", saelens_steps))
-    elif not skip_saelens and arch in SAELENS_BASELINES and not width_list:
+    elif not skip_saelens and baseline:
         print("note: sae_lens is not installed; variant (c) skipped")
     variants = [build_and_warm_up(name, lambda build=build: build(cfg, members), n_members, warm) for name, build in plan]
     run_timed(variants, timed)

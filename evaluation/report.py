@@ -9,7 +9,8 @@ from pathlib import Path
 # Columns of the terminal table and of report.md: (key, header, format). Knob columns appear
 # when the members differ in that knob.
 KNOBS = (("l1_coeff", "λ", "{:.2e}"), ("l0_coeff", "λ_L0", "{:.2e}"), ("k", "k", "{}"), ("lr", "lr", "{:.1e}"),
-         ("seed", "seed", "{}"), ("bandwidth", "ε", "{:.1e}"), ("aux_coeff", "α", "{:.3g}"))
+         ("seed", "seed", "{}"), ("bandwidth", "ε", "{:.1e}"), ("aux_coeff", "α", "{:.3g}"), ("p_end", "p_end", "{:.2g}"),
+         ("decoder_init_norm", "init norm", "{:.3g}"))
 TABLE = (
     ("name", "member", "{}"),
     ("arch", "arch", "{}"),
@@ -72,12 +73,32 @@ def write_report(out: Path, summary: dict, plots: list[Path]) -> Path:
                   f"mean ablation {ev['mean_ablation_ce']:.4f}.", ""]
     lines += ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(_cell(r, k, fmt) for k, _, fmt in columns) + " |" for r in rows]
-    lines += ["", "Members load with `sae_lens.SAE.load_from_disk(<dir>)`: "
-              + ", ".join(f"[{r['name']}]({r['dir']})" for r in rows), ""]
+    if any("per_source" in r for r in rows):
+        lines += ["", *_per_source_table(rows)]
+        loader = "Members load with `evaluation.crosscoder.load_crosscoder(<dir>)` (each has diff_summary.json, diff.png)"
+    else:
+        loader = "Members load with `sae_lens.SAE.load_from_disk(<dir>)`"
+    lines += ["", f"{loader}: " + ", ".join(f"[{r['name']}]({r['dir']})" for r in rows), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _per_source_table(rows: list[dict]) -> list[str]:
+    """Crosscoders: FVU and CE recovered of every member on every source, and the diff counts."""
+    sources = list(rows[0]["per_source"])
+    header = ["member", *(f"FVU {s}" for s in sources), *(f"CE rec. {s}" for s in sources)]
+    diff_keys = [k for k in rows[0].get("diff", {}) if k.startswith("n_")]
+    header += diff_keys
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rows:
+        per = r["per_source"]
+        cells = [r["name"], *(_cell(per[s], "fvu", "{:.3f}") for s in sources),
+                 *(_cell(per[s], "ce_recovered", "{:.3f}") for s in sources),
+                 *(str(r["diff"][k]) for k in diff_keys)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
