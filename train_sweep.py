@@ -43,6 +43,8 @@ from training.trainer import SweepConfig, train_sweep
 @click.option("--k_anneal_steps", type=int, default=0, help="TopK family: anneal k from d_in down to --k over this many steps.")
 @click.option("--threshold_start_step", type=int, default=1000, help="BatchTopK: step from which the inference threshold is averaged.")
 @click.option("--p_end", type=float, default=0.2, help="panneal: final exponent of the Lp penalty unless swept.")
+@click.option("--decoder_init_norm", type=float, default=0.1,
+              help="relu_april, crosscoder: initial norm of each source's decoder vector (e.g. 0.08 for 2 sources).")
 @click.option("--p_anneal_start", type=float, default=0.2, help="panneal: fraction of training after which p starts to fall.")
 @click.option("--p_anneal_updates", type=int, default=10, help="panneal: p reaches p_end in this many steps.")
 @click.option("--resample_every", type=int, default=0, help="L1 architectures: resample dead latents every N steps (0: never).")

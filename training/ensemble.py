@@ -70,7 +70,8 @@ class StepOutput(NamedTuple):
 
 
 class Ensemble:
-    """E members of one architecture and width, trained together on shared batches.
+    """E members of one architecture, trained together on shared batches (members of different
+    widths as masks inside the widest, see training.dictionary).
 
     The forward/backward runs over groups of `member_chunk` members at a time (the optimiser
     step always covers all of them). On a GPU one group of all members fills the device best;

@@ -76,6 +76,8 @@ class SweepConfig:
     """BatchTopK: step from which the inference threshold is averaged (at most half the run)."""
     p_end: float = 0.2
     """panneal: final exponent of the Lp penalty, unless swept."""
+    decoder_init_norm: float = 0.1
+    """relu_april, crosscoder: initial norm of each source's decoder vector, unless swept."""
     p_anneal_start: float = 0.2
     """panneal: fraction of training after which p starts to move from 1 towards p_end."""
     p_anneal_updates: int = 10
@@ -167,8 +169,9 @@ def sweep_members(cfg: SweepConfig, d_in: int, n_sources: int = 1) -> tuple[list
     d_sae = cfg.d_sae or int(round(cfg.ratio * d_in))
     if d_sae < 1:
         raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={d_in}")
-    base = MemberConfig(d_in=d_in, d_sae=d_sae, arch=cfg.arch, n_sources=n_sources, k=min(cfg.k, d_sae), l0_coeff=cfg.l0_coeff,
-                        bandwidth=cfg.bandwidth, p_end=cfg.p_end, lr=cfg.lr, grad_clip=cfg.grad_clip, seed=cfg.seed)
+    base = MemberConfig(d_in=d_in, d_sae=d_sae, arch=cfg.arch, n_sources=n_sources, k=min(cfg.k, d_sae),
+                        l0_coeff=cfg.l0_coeff, bandwidth=cfg.bandwidth, p_end=cfg.p_end, decoder_init_norm=cfg.decoder_init_norm, lr=cfg.lr,
+                        grad_clip=cfg.grad_clip, seed=cfg.seed)
     axes = dict(parse_axis(spec) for spec in cfg.sweep)
     shorthand = shorthand_axis(base.spec.penalty, cfg.l1_min, cfg.l1_max, cfg.n_models)
     axes = {**{k: v for k, v in shorthand.items() if k not in axes}, **axes}
