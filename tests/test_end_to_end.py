@@ -211,3 +211,15 @@ def test_missing_store_is_refused(tmp_path):
 def test_output_dir_of_another_run_is_refused(sweep_dir, small_store):
     result = CliRunner().invoke(train_sweep.main, sweep_args(small_store, sweep_dir, **{"--l1_min": "-4"}))
     assert_one_line_error(result, "holds another run", "l1_min", "--overwrite")
+
+
+def test_a_run_written_before_a_config_field_existed_is_still_this_run(sweep_dir, small_store):
+    """Fields added to SweepConfig later count as their defaults in an older sweep_config.json."""
+    config = json.loads((sweep_dir / "sweep_config.json").read_text())
+    older = {k: v for k, v in config.items() if k not in ("p_end", "sources", "resample_every")}
+    (sweep_dir / "sweep_config.json").write_text(json.dumps(older))
+    try:
+        result = CliRunner().invoke(train_sweep.main, sweep_args(small_store, sweep_dir))
+        assert result.exit_code == 0 and "already holds this finished sweep" in result.output, result.output
+    finally:
+        (sweep_dir / "sweep_config.json").write_text(json.dumps(config))

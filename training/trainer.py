@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -228,7 +228,8 @@ def _claim_output_dir(out: Path, cfg: SweepConfig) -> bool:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         if not config_file.exists():
             raise RunDirError(f"{out} is not empty and holds no sweep: choose another --output_dir or pass --overwrite")
-        theirs = json.loads(config_file.read_text())
+        # a field added to SweepConfig since that run was written counts as its default there
+        theirs = {**_default_identity(), **json.loads(config_file.read_text())}
         if theirs != cfg.identity():
             diff = sorted(k for k in set(theirs) | set(cfg.identity()) if theirs.get(k) != cfg.identity().get(k))
             raise RunDirError(
@@ -242,6 +243,12 @@ def _claim_output_dir(out: Path, cfg: SweepConfig) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     config_file.write_text(json.dumps(cfg.identity(), indent=2))
     return False
+
+
+def _default_identity() -> dict:
+    """The identity fields' defaults (those without one are always written by a run)."""
+    return json_normal({f.name: f.default for f in fields(SweepConfig)
+                        if f.default is not MISSING and f.name not in _RUNTIME_FIELDS})
 
 
 def _total_steps(cfg: SweepConfig, stream: ActivationStream) -> int:
