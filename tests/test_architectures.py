@@ -195,6 +195,18 @@ def test_sweep_axes_parse_and_form_a_grid():
         parse_axis("depth=3")
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_the_l1_shorthand_sweeps_each_architectures_own_sparsity_coefficient(arch):
+    from training.trainer import sweep_members
+
+    members, axes = sweep_members(SweepConfig(cache="c", output_dir="o", arch=arch, l1_min=-3, l1_max=-1, n_models=3), D)
+    field = next((f for f in ("l1_coeff", "l0_coeff") if f in ARCHS[arch].knobs), None)
+    if field is None:  # the TopK family has no sparsity coefficient: one member, k as set
+        assert len(members) == 1 and axes == []
+    else:
+        assert axes == [field] and [getattr(m, field) for m in members] == pytest.approx([1e-3, 1e-2, 1e-1])
+
+
 def test_schedules_warm_up_and_decay():
     cfg = SweepConfig(cache="c", output_dir="o", lr_warmup_steps=10, lr_decay_start=0.5, sparsity_warmup_steps=4)
     ensemble = Ensemble([MemberConfig(d_in=4, d_sae=8, l1_coeff=1e-3)])

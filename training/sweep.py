@@ -58,9 +58,10 @@ def build_members(base: MemberConfig, axes: dict[str, list[float]]) -> list[Memb
     return [dataclasses.replace(base, **dict(zip(names, point))) for point in itertools.product(*axes.values())]
 
 
-def shorthand_axis(arch_penalty: str, l1_min: float, l1_max: float, n_models: int) -> dict[str, list[float]]:
-    """The --l1_min/--l1_max/--n_models axis over the architecture's sparsity coefficient."""
-    field = {"l1": "l1_coeff", "l1_decoder_norm": "l1_coeff", "l0": "l0_coeff"}.get(arch_penalty)
+def shorthand_axis(arch_knobs: tuple[str, ...], l1_min: float, l1_max: float, n_models: int) -> dict[str, list[float]]:
+    """The --l1_min/--l1_max/--n_models axis over the architecture's sparsity coefficient: the
+    l1_coeff or l0_coeff among its knobs (none for the TopK family)."""
+    field = next((f for f in ("l1_coeff", "l0_coeff") if f in arch_knobs), None)
     if field is None:
         return {}
     values = np.logspace(l1_min, l1_max, n_models) if n_models > 1 else [10**l1_min]

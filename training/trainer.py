@@ -173,7 +173,7 @@ def sweep_members(cfg: SweepConfig, d_in: int, n_sources: int = 1) -> tuple[list
                         l0_coeff=cfg.l0_coeff, bandwidth=cfg.bandwidth, p_end=cfg.p_end, decoder_init_norm=cfg.decoder_init_norm, lr=cfg.lr,
                         grad_clip=cfg.grad_clip, seed=cfg.seed)
     axes = dict(parse_axis(spec) for spec in cfg.sweep)
-    shorthand = shorthand_axis(base.spec.penalty, cfg.l1_min, cfg.l1_max, cfg.n_models)
+    shorthand = shorthand_axis(base.spec.knobs, cfg.l1_min, cfg.l1_max, cfg.n_models)
     axes = {**{k: v for k, v in shorthand.items() if k not in axes}, **axes}
     return build_members(base, axes), list(axes)
 
