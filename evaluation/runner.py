@@ -126,11 +126,12 @@ def _reconstruction_metrics(cfg: EvalConfig, store, summary, sources: list[str],
         overall.update(x_BSD.flatten(1), x_hat_EBSD.flatten(2), f_EBF)
         for s, acc in enumerate(per_source):
             acc.update(x_BSD[:, s], x_hat_EBSD[:, :, s], f_EBF)
+    per_source_results = [acc.results() for acc in per_source]  # [S][E]
     for e, (r, metrics) in enumerate(zip(rows, overall.results())):
         r.update(metrics)
         if per_source:
-            r["per_source"] = {name: {k: acc.results()[e][k] for k in _PER_SOURCE_METRICS}
-                               for name, acc in zip(sources, per_source)}
+            r["per_source"] = {name: {k: results[e][k] for k in _PER_SOURCE_METRICS}
+                               for name, results in zip(sources, per_source_results)}
     log10 = torch.log10(overall.density().float().clamp_min(1e-10))
     mean_SD = (overall.sum_x_D / overall.n_tokens).float().view(S, D) * scale_S1
     return {r["name"]: log10[e, : m.d_sae] for e, (r, m) in enumerate(zip(rows, members))}, mean_SD
@@ -193,17 +194,18 @@ def _replacement(member: _Member, s: int, acts_NTSD: torch.Tensor | None, first_
 
 def _clean_activations(models: dict, entries: list[dict], hooks: list[str], sequences: torch.Tensor,
                        batch_size: int) -> torch.Tensor:
-    """The clean activation of every source on `sequences`.  → [N, T, S, D]"""
+    """The clean activation of every source on `sequences`, from one forward pass per model and
+    batch for all of that model's hooks (a layer stack is one model).  → [N, T, S, D]"""
     from cache.generate import record_hooks
 
     N, T = sequences.shape
-    columns = []
-    for entry, hook in zip(entries, hooks):
-        model = models[entry["label"]]
-        parts = [record_hooks(model, sequences[i : i + batch_size].to(model.cfg.device), [hook])[hook]
+    recorded = {}  # source index → [N·T, D]
+    for label, model in models.items():
+        mine = [s for s, entry in enumerate(entries) if entry["label"] == label]
+        parts = [record_hooks(model, sequences[i : i + batch_size].to(model.cfg.device), [hooks[s] for s in mine])
                  for i in range(0, N, batch_size)]
-        columns.append(torch.cat(parts).view(N, T, -1))
-    return torch.stack(columns, dim=2)
+        recorded.update({s: torch.cat([part[hooks[s]] for part in parts]) for s in mine})
+    return torch.stack([recorded[s].view(N, T, -1) for s in range(len(hooks))], dim=2)
 
 
 def _model_entry(store, source: str) -> dict:
