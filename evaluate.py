@@ -11,8 +11,6 @@ from __future__ import annotations
 import click
 
 from cache.cli_options import run_or_exit
-from evaluation.report import format_table
-from evaluation.runner import EvalConfig, evaluate_run
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -23,6 +21,9 @@ from evaluation.runner import EvalConfig, evaluate_run
 @click.option("--device", default="cpu", help="Device for the model and the dictionaries.")
 def main(**options) -> None:
     """Evaluate every member of a sweep and write report.md."""
+    from evaluation.report import format_table
+    from evaluation.runner import EvalConfig, evaluate_run
+
     rows = run_or_exit(lambda: evaluate_run(EvalConfig(**options)))
     click.echo(format_table(rows))
     click.echo(f"\nreport: {options['run_dir']}/report.md")

@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["cache", "cache.*", "training", "training.*", "evaluation", "evaluation.*"]),
+    packages=find_packages(include=["cache", "cache.*", "formats", "formats.*", "training", "training.*", "evaluation", "evaluation.*"]),
     py_modules=["generate_activations", "train_sweep", "evaluate"],
     install_requires=[
         # Any torch >= 2.6 works; install.sh puts the CPU build on machines without a GPU.

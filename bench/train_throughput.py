@@ -97,8 +97,8 @@ if not __package__:  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import RssPeak, Stopwatch, format_table, mib, track_rss  # noqa: E402
-from training.dictionary import ARCHS as OUR_ARCHS  # noqa: E402
-from training.dictionary import MemberConfig  # noqa: E402
+from training.members import ARCHS as OUR_ARCHS  # noqa: E402
+from training.members import MemberConfig  # noqa: E402
 from training.ensemble import Ensemble  # noqa: E402
 
 ARCHS = tuple(OUR_ARCHS)

@@ -262,6 +262,10 @@ class ActivationStore:
         """Rows [start, stop) of `source` as a CPU tensor in the storage dtype.  # [stop-start, d]"""
         return from_storage(self.group[f"acts/{source}"][start:stop], self.storage_dtype)
 
+    def empty_rows(self, width: int) -> torch.Tensor:
+        """No rows, in the storage dtype.  → [0, width]"""
+        return from_storage(np.empty((0, width), dtype=_NUMPY_DTYPE[self.storage_dtype]), self.storage_dtype)
+
     def read_chunk(self, source: str, chunk: int) -> torch.Tensor:
         """One stored chunk of `source`.  # [chunk_rows (or fewer for the last), d]"""
         start = chunk * self.chunk_rows

@@ -1,18 +1,21 @@
-"""Stage 2 input: stream batches of one source, or of several side by side, from a store onto
-the training device. Several sources (a crosscoder's layers × models) come as one row of their
-concatenation [x_1 … x_S], each normalised by its own factor; rows are aligned in the store.
+"""Stage 2 input: stream batches of the sources a sweep needs, side by side, from a store onto the
+training device. A batch row is the concatenation of its sources' rows ([x_1 … x_S], each source
+normalised by its own factor, widths may differ: a transcoder's input and target); rows are
+aligned in the store, and `columns` says where each source sits.
 
 Held out: every row of the last sequences cached, about `eval_rows` rows of whole sequences, so
 evaluation can re-run the model on sequences no dictionary saw a token of. Blocks hold
 contiguous ranges of sequences, so the held-out rows all lie in the store's tail (the last
-block or few), where training reads filter them out by their sequence id. Per epoch:
+block or few), where training reads filter them out by their sequence id. Rows whose token is in
+`exclude_tokens` (e.g. EOS between documents) are filtered out of training and evaluation alike.
+Per epoch:
   * the training chunks are visited in a random order (seeded by (seed, epoch));
   * `shuffle_chunks` chunks at a time are loaded, concatenated and permuted together;
   * consecutive batches of `batch_size` rows are cut from that stream, carrying leftovers across
     groups, so every training row is seen exactly once per epoch (the last batch may be short).
 A background thread reads and shuffles ahead (`prefetch` batches queued); the main thread moves
-each batch to the device and casts it to float32 once, dividing by the store's normalisation
-factor. The stream is deterministic given (seed, epoch), so `start_batch` resumes mid-epoch.
+each batch to the device and casts it to float32 once, dividing by the normalisation factors.
+The stream is deterministic given (seed, epoch), so `start_batch` resumes mid-epoch.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from cache.background import prefetched
@@ -40,6 +44,8 @@ class StreamConfig:
     """Seed of the chunk order and in-memory shuffles."""
     normalise: bool = True
     """Divide rows by the store's factor s = E‖x‖/√d (mean norm √d)."""
+    exclude_tokens: tuple[int, ...] = ()
+    """Token ids whose rows are never read (e.g. EOS between documents)."""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.shuffle_chunks < 1 or self.prefetch < 1 or self.eval_rows < 0:
@@ -52,21 +58,22 @@ class ActivationStream:
     def __init__(self, store: ActivationStore, source: str | list[str], cfg: StreamConfig,
                  device: str | torch.device = "cpu"):
         infos = [store.source(name) for name in ([source] if isinstance(source, str) else source)]
-        widths = {info.name: info.d for info in infos}
-        if len(set(widths.values())) > 1:
-            raise StoreError(f"sources read together must have one width; got {widths} "
-                             "(a crosscoder needs equal d_model: cache pairs with --require_equal_widths)")
         self.store = store
         self.sources = [info.name for info in infos]
-        self.source = self.sources[0] if len(infos) == 1 else ",".join(self.sources)
-        self.d = infos[0].d  # width of each source
+        self.source = ",".join(self.sources)
+        self.widths = [info.d for info in infos]
+        self.columns: dict[str, tuple[int, int]] = {}
+        for info, start in zip(infos, np.cumsum([0, *self.widths[:-1]]).tolist()):
+            self.columns[info.name] = (start, info.d)
+        self.width = sum(self.widths)
+        self.d = infos[0].d  # width of the first source (of every source, where they are equal)
         self.cfg = cfg
         self.device = torch.device(device)
         self.scales = [store.norm_scale(name) if cfg.normalise else 1.0 for name in self.sources]
         self.scale = self.scales[0]  # the factor of a single source
         # what a row is divided by: one factor, or one per column of the concatenated sources
-        self._divisor = (self.scale if len(self.scales) == 1
-                         else torch.tensor(self.scales, device=self.device).repeat_interleave(self.d))
+        self._divisor = (self.scale if len(self.scales) == 1 else torch.tensor(
+            [s for s, w in zip(self.scales, self.widths) for _ in range(w)], device=self.device))
         rows_per_seq = store.n_rows // store.attrs["n_sequences"]
         n_eval_seqs = math.ceil(min(cfg.eval_rows, store.n_rows // 10) / rows_per_seq)
         self.eval_sequence_start = store.attrs["n_sequences"] - n_eval_seqs  # sequences ≥ this are held out
@@ -74,10 +81,13 @@ class ActivationStream:
         seqs_per_block = store.block_rows // rows_per_seq
         self.tail_start = min(self.eval_sequence_start // seqs_per_block * store.block_rows, store.n_rows)
         self._tail_in_eval = store.read_column("sequence", self.tail_start) >= self.eval_sequence_start  # [N - tail_start]
-        self.n_eval = int(self._tail_in_eval.sum())
-        self.n_train = store.n_rows - self.n_eval
+        self._excluded = np.asarray(cfg.exclude_tokens, dtype=np.int32)
+        self._chunk_train_rows = self._count_training_rows() if len(self._excluded) else None
+        self.n_eval = sum(int(self._keep_mask(a, b, held_out=True).sum()) for a, b in self.chunk_ranges() if b > self.tail_start)
+        self.n_train = sum(self.n_training_rows(a, b) for a, b in self.chunk_ranges())
         if self.n_train < 1:
-            raise StoreError(f"store {store.path} has too few rows ({store.n_rows}) to train on")
+            raise StoreError(f"store {store.path} has no training rows ({store.n_rows:,} rows, "
+                             f"{self.n_eval:,} held out): cache more tokens or lower --eval_tokens")
 
     @property
     def batches_per_epoch(self) -> int:
@@ -89,25 +99,50 @@ class ActivationStream:
         return [(a, min(a + size, self.store.n_rows)) for a in range(0, self.store.n_rows, size)]
 
     def read_training_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) without the held-out ones, in store order.  → [≤ stop-start, S·D]"""
-        return self._read_filtered(start, stop, held_out=False)
+        """Rows [start, stop) without the held-out and excluded ones, in store order.  → [≤ stop-start, C]"""
+        rows, keep = self._rows(start, stop, held_out=False)
+        return rows if keep is None else rows[keep]
 
     def n_training_rows(self, start: int, stop: int) -> int:
-        """How many of rows [start, stop) are training rows (no read needed)."""
+        """How many of rows [start, stop) (a chunk range) are training rows."""
+        if self._chunk_train_rows is not None:
+            return self._chunk_train_rows[start]
         if stop <= self.tail_start:
             return stop - start
         lo = max(start, self.tail_start) - self.tail_start
         return stop - start - int(self._tail_in_eval[lo : stop - self.tail_start].sum())
 
-    def _read_filtered(self, start: int, stop: int, held_out: bool) -> torch.Tensor:
+    def _keep_mask(self, start: int, stop: int, held_out: bool) -> torch.Tensor | None:
+        """Which of rows [start, stop) to read: training or held-out rows, without excluded tokens
+        (None: all of them).  → [stop-start] bool"""
+        keep = None
+        if stop > self.tail_start:
+            in_eval = np.zeros(stop - start, dtype=bool)
+            lo = max(start, self.tail_start)
+            in_eval[lo - start:] = self._tail_in_eval[lo - self.tail_start: stop - self.tail_start]
+            keep = in_eval if held_out else ~in_eval
+        elif held_out:
+            keep = np.zeros(stop - start, dtype=bool)
+        if len(self._excluded):
+            allowed = ~np.isin(self.store.read_column("tokens", start, stop), self._excluded)
+            keep = allowed if keep is None else keep & allowed
+        return None if keep is None else torch.from_numpy(keep)
+
+    def _rows(self, start: int, stop: int, held_out: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        keep = self._keep_mask(start, stop, held_out)
+        if keep is not None and not keep.any():
+            return self.store.empty_rows(self.width), keep[:0]
         parts = [self.store.read_rows(name, start, stop) for name in self.sources]
-        rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        if stop <= self.tail_start:
-            return rows if not held_out else rows[:0]
-        in_eval = torch.zeros(stop - start, dtype=torch.bool)
-        lo = max(start, self.tail_start)
-        in_eval[lo - start :] = torch.from_numpy(self._tail_in_eval[lo - self.tail_start : stop - self.tail_start])
-        return rows[in_eval if held_out else ~in_eval]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)), keep
+
+    def _count_training_rows(self) -> dict[int, int]:
+        """Training rows of each chunk (by its first row) when tokens are excluded: one pass over
+        the tokens column (4 bytes a row)."""
+        counts = {}
+        for a, b in self.chunk_ranges():
+            keep = self._keep_mask(a, b, held_out=False)
+            counts[a] = b - a if keep is None else int(keep.sum())
+        return counts
 
     def epoch_groups(self, epoch: int) -> list[list[tuple[int, int]]]:
         """This epoch's chunk ranges in visiting order, grouped `shuffle_chunks` at a time."""
@@ -118,23 +153,48 @@ class ActivationStream:
         return [visited[i : i + k] for i in range(0, len(visited), k)]
 
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """The epoch's batches from `start_batch` on.  → [B, D] float32 on device"""
+        """The epoch's batches from `start_batch` on.  → [B, C] float32 on device"""
         for batch in prefetched(self._cpu_batches(epoch, start_batch), self.cfg.prefetch):
             yield self._to_device(batch)
 
     def eval_batches(self) -> Iterator[torch.Tensor]:
-        """The held-out rows in store order, in batches of at most batch_size.  → [B, D] float32 on device"""
+        """The held-out rows in store order, in batches of at most batch_size.  → [B, C] float32 on device"""
         size = self.cfg.batch_size
         for start in range(self.tail_start, self.store.n_rows, size):
-            rows = self._read_filtered(start, min(start + size, self.store.n_rows), held_out=True)
+            rows, keep = self._rows(start, min(start + size, self.store.n_rows), held_out=True)
+            rows = rows if keep is None else rows[keep]
             if len(rows):
                 yield self._to_device(rows)
 
     def sample_mean(self, n_rows: int = 32_768) -> torch.Tensor:
         """Mean of the first `n_rows` training rows, normalised (rows are pre-shuffled on disk, so
-        these are a random sample of the first block).  → [D] float32 on device"""
-        rows = self.read_training_rows(0, min(n_rows, self.store.n_rows))
-        return self._to_device(rows).mean(0)
+        these are a random sample of the first block).  → [C] float32 on device"""
+        return self.sample(n_rows).mean(0)
+
+    def sample(self, n_rows: int) -> torch.Tensor:
+        """The first `n_rows` training rows, normalised (a random sample: rows are pre-shuffled).  → [≤ n_rows, C]"""
+        parts, n = [], 0
+        for a, b in self.chunk_ranges():
+            if n >= n_rows:
+                break
+            rows = self.read_training_rows(a, b)
+            parts.append(rows[: n_rows - n])
+            n += len(parts[-1])
+        return self._to_device(torch.cat(parts))
+
+    def pool(self, n_rows: int, step: int) -> torch.Tensor:
+        """Up to `n_rows` training rows from chunks in a random order seeded by (seed, step),
+        normalised: the inputs dead latents are resampled from.  → [≤ n_rows, C] on device"""
+        ranges = self.chunk_ranges()
+        order = torch.randperm(len(ranges), generator=_generator(self.cfg.seed, 7, step)).tolist()
+        parts, n = [], 0
+        for i in order:
+            if n >= n_rows:
+                break
+            rows = self.read_training_rows(*ranges[i])[: n_rows - n]
+            parts.append(rows)
+            n += len(rows)
+        return self._to_device(torch.cat(parts))
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":

@@ -2,40 +2,45 @@
 
     evaluate_run(EvalConfig(run_dir="runs/l1-sweep"))
 
-Reads the members as exported (raw-space weights: SAELens semantics for SAEs, the crosscoder
-format for members reading several sources), so what is measured is what users load.
-Reconstruction metrics use the store's held-out rows, in normalised space (x / s, so MSE is
-comparable across hooks; FVU is scale-free), overall and per source for crosscoders. CE/KL
-re-run the model on held-out sequences (none of whose rows were trained on) with each member
-spliced into its hook; a crosscoder is spliced into each of its sources in turn (that source's
-hook in its own model replaced by its reconstruction from the clean activations of all
-sources), and also gets the model-diff analysis of its decoder (evaluation.crosscoder).
-Writes per-latent density (sparsity.safetensors), sweep.json/csv, plots and report.md.
+Reads the members as exported (raw-space weights, through formats/), so what is measured is what
+users load. Every member reads input sources and writes target sources (the same ones for an SAE
+or crosscoder, other ones for a transcoder). Reconstruction metrics use the store's held-out
+rows, in each target's normalised space (y / s, so MSE is comparable across hooks; FVU is
+scale-free), overall and per target where a member writes several. CE/KL re-run the model on
+held-out sequences (none of whose rows were trained on) with each member spliced in at each of
+its targets: an SAE replaces its hook by its reconstruction; a crosscoder replaces one source's
+hook at a time by its reconstruction from the clean activations of all sources; a transcoder
+replaces its target hook by its output computed from its input hook in the same forward pass.
+Crosscoders also get the model-diff analysis of their decoders (evaluation/model_diff.py).
+Writes per-latent density (sparsity.safetensors), sweep.json/csv, plots and report.md, and
+prints each phase's progress and time.
 
-Dimension key: B rows, S sources, D d_in per source, F d_sae, E members, N sequences, T context.
+Dimension key: B rows, F latents of a member, N sequences, T context.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from cache.devices import check_device
-from cache.store import ActivationStore
+from cache.store import ActivationStore, StoreError
 from cache.stream import ActivationStream, StreamConfig
-from evaluation.crosscoder import crosscoder_forward, is_crosscoder_dir, load_crosscoder, write_diff_analysis
-from evaluation.export import load_member, sae_forward
 from evaluation.metrics import MetricAccumulator
+from evaluation.model_diff import write_diff_analysis
 from evaluation.plots import plot_sweep
 from evaluation.report import write_report, write_summary
-from evaluation.splice import recovered, spliced_losses
+from evaluation.splice import Splice, recovered, single, spliced_losses
+from formats.crosscoder import crosscoder_forward, is_crosscoder_dir, load_crosscoder
+from formats.saelens import load_saelens, saelens_forward, save_density
 
-Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x [B, S, D] raw → (f [B, F], x̂ [B, S, D])
-_PER_SOURCE_METRICS = ("mse", "fvu", "explained_variance", "cosine", "l2_ratio")
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # raw inputs [B, I] → (f [B, F], ŷ [B, O])
+_PER_TARGET_METRICS = ("mse", "fvu", "explained_variance", "cosine", "l2_ratio")
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,34 @@ class EvalConfig:
 class _Member:
     name: str
     d_sae: int
+    inputs: list[str]  # source names it reads, side by side
+    targets: list[str]  # source names it writes, side by side
     forward: Forward
-    config: dict
-    weights: dict[str, torch.Tensor]
+    config: dict = field(repr=False)
+    weights: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def kind(self) -> str:
+        if self.inputs != self.targets:
+            return "transcoder"
+        return "crosscoder" if len(self.inputs) > 1 else "sae"
+
+
+class _Phases:
+    """Prints when each phase of the evaluation starts and how long it took; a summary at the end."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        print(f"evaluation: {name} …", flush=True)
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.times[name] = time.perf_counter() - start
+        return result
+
+    def summary(self) -> str:
+        return "evaluation took " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.times.items())
 
 
 def evaluate_run(cfg: EvalConfig) -> list[dict]:
@@ -73,139 +103,209 @@ def evaluate_run(cfg: EvalConfig) -> list[dict]:
         raise FileNotFoundError(f"{out} holds no finished sweep (no sweep.json): run train_sweep.py first")
     summary = json.loads((out / "sweep.json").read_text())
     rows = summary["members"]
-    store = ActivationStore.open(summary["store"]["path"])
-    sources = summary["store"].get("sources") or [summary["store"]["source"]]
-    members = [_load(out / r["dir"], r["name"], cfg.device) for r in rows]
-    density, mean_SD = _reconstruction_metrics(cfg, store, summary, sources, members, rows)
-    for r, m, log10_density in zip(rows, members, density.values()):
-        save_file({"sparsity": log10_density.cpu().contiguous()}, out / r["dir"] / "sparsity.safetensors")
-        if len(sources) > 1:
-            diff = write_diff_analysis(out / r["dir"], m.config, m.weights, alive_M=log10_density > -10)
+    store = open_run_store(summary, out)
+    members = [_load(out / r["dir"], r, summary, cfg.device) for r in rows]
+    phases = _Phases()
+    density, mean_raw = phases.run("reconstruction metrics on held-out rows", _reconstruction_metrics,
+                                   cfg, store, summary, members, rows)
+    for r, m in zip(rows, members):
+        save_density(out / r["dir"], density[m.name])
+        if m.kind == "crosscoder":
+            diff = write_diff_analysis(out / r["dir"], m.config, m.weights, alive_M=density[m.name] > 0)
             r["diff"] = {k: v for k, v in diff.items() if k.startswith(("n_", "frac_")) or k == "relative_norm_mean"}
+            r["diff"]["space"] = diff["space"]
     if cfg.n_sequences > 0:
-        summary["eval"] = _downstream_metrics(cfg, store, summary, sources, members, rows, mean_SD)
+        summary["eval"] = phases.run("spliced CE/KL on held-out sequences", _downstream_metrics,
+                                     cfg, store, summary, members, rows, mean_raw)
     write_summary(out, summary)
-    write_report(out, summary, plot_sweep(rows, out, density))
+    log10 = {name: torch.log10(d.float().clamp_min(1e-10)) for name, d in density.items()}
+    plots = phases.run("plots", plot_sweep, rows, out, log10)
+    write_report(out, summary, plots)
+    print(phases.summary())
     return rows
 
 
-def _load(directory: Path, name: str, device: str) -> _Member:
-    """A member in either format, with a forward on [B, S, D] (S = 1 for an SAE)."""
+def open_run_store(summary: dict, run_dir: Path) -> ActivationStore:
+    """The run's store: its recorded absolute path, else the path as given on the command line
+    (relative to where training ran, tried from here and from the run directory); says which."""
+    recorded = summary["store"]
+    candidates = [recorded["path"]]
+    given = recorded.get("path_as_given")
+    if given:
+        candidates += [given, str(run_dir.parent / given), str(run_dir / given)]
+    for path in dict.fromkeys(candidates):
+        if (Path(path) / "zarr.json").exists():
+            if path != recorded["path"]:
+                print(f"evaluation: store not at {recorded['path']}; using {Path(path).resolve()}")
+            return ActivationStore.open(path)
+    raise StoreError(f"the run's store is not at {recorded['path']}"
+                     + (f" nor at {given} (relative to here or to {run_dir})" if given else "")
+                     + ": move it back, or rerun training with --cache pointing at it")
+
+
+def _load(directory: Path, row: dict, summary: dict, device: str) -> _Member:
+    """A member in its format, with a forward on raw inputs side by side."""
+    store_sources = summary["store"].get("sources") or [summary["store"]["source"]]
     if is_crosscoder_dir(directory):
         c, w = load_crosscoder(directory, device)
-        return _Member(name, c["d_sae"], lambda x, c=c, w=w: crosscoder_forward(c, w, x), c, w)
-    c, w = load_member(directory, device)
+        S, D = c["n_sources"], c["d_in"]
 
-    def forward(x_B1D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f_BF, x_hat_BD = sae_forward(c, w, x_B1D[:, 0])
-        return f_BF, x_hat_BD.unsqueeze(1)
+        def forward(x_BI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            f_BF, x_hat_BSD = crosscoder_forward(c, w, x_BI.view(-1, S, D))
+            return f_BF, x_hat_BSD.flatten(1)
 
-    return _Member(name, c["d_sae"], forward, c, w)
+        names = [s["name"] for s in c["sources"]]
+        return _Member(row["name"], c["d_sae"], names, names, forward, c, w)
+    c, w = load_saelens(directory, device)
+    inputs = list(row.get("inputs") or store_sources)
+    targets = list(row.get("targets") or inputs)
+    return _Member(row["name"], c["d_sae"], inputs, targets, lambda x, c=c, w=w: saelens_forward(c, w, x), c, w)
 
 
 @torch.no_grad()
-def _reconstruction_metrics(cfg: EvalConfig, store, summary, sources: list[str], members: list[_Member],
-                            rows) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Held-out L0/MSE/FVU/... into `rows` (and per source for crosscoders); return each member's
-    log10 density and the held-out mean raw activation of each source [S, D] (the mean-ablation
-    baseline), from the same one pass over the rows."""
-    stream_cfg = StreamConfig(batch_size=cfg.row_batch_size, eval_rows=summary["config"]["eval_tokens"], normalise=False)
+def _reconstruction_metrics(cfg: EvalConfig, store, summary, members: list[_Member], rows
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Held-out L0/MSE/FVU/... into `rows` (and per target for members writing several); return
+    each member's firing density [F] (over its own width) and the held-out mean raw activation of
+    each source [d] (the mean-ablation baseline), from the same one pass over the rows."""
+    sources = list(dict.fromkeys(s for m in members for s in (*m.inputs, *m.targets)))
+    exclude = tuple(summary.get("resolved", {}).get("exclude_token_ids", ()))
+    stream_cfg = StreamConfig(batch_size=cfg.row_batch_size, eval_rows=summary["config"]["eval_tokens"], normalise=False,
+                              exclude_tokens=exclude)
     stream = ActivationStream(store, sources, stream_cfg, cfg.device)
-    S, D = len(sources), stream.d
-    scale_S1 = torch.tensor(summary["store"].get("norm_scales") or [summary["store"]["norm_scale"]],
-                            device=cfg.device).unsqueeze(1)
-    d_sae = max(m.d_sae for m in members)
-    overall = MetricAccumulator(len(members), S * D, d_sae, cfg.device)
-    per_source = [MetricAccumulator(len(members), D, d_sae, cfg.device) for _ in range(S)] if S > 1 else []
-    for x_raw in stream.eval_batches():
-        x_BSD = x_raw.view(-1, S, D)
-        outputs = [m.forward(x_BSD) for m in members]
-        f_EBF = torch.stack([_pad(f, d_sae) for f, _ in outputs])
-        x_hat_EBSD = torch.stack([x_hat for _, x_hat in outputs]) / scale_S1
-        x_BSD = x_BSD / scale_S1
-        overall.update(x_BSD.flatten(1), x_hat_EBSD.flatten(2), f_EBF)
-        for s, acc in enumerate(per_source):
-            acc.update(x_BSD[:, s], x_hat_EBSD[:, :, s], f_EBF)
-    per_source_results = [acc.results() for acc in per_source]  # [S][E]
-    for e, (r, metrics) in enumerate(zip(rows, overall.results())):
-        r.update(metrics)
-        if per_source:
-            r["per_source"] = {name: {k: results[e][k] for k in _PER_SOURCE_METRICS}
-                               for name, results in zip(sources, per_source_results)}
-    log10 = torch.log10(overall.density().float().clamp_min(1e-10))
-    mean_SD = (overall.sum_x_D / overall.n_tokens).float().view(S, D) * scale_S1
-    return {r["name"]: log10[e, : m.d_sae] for e, (r, m) in enumerate(zip(rows, members))}, mean_SD
+    scales = dict(zip(sources, (store.norm_scale(s) for s in sources)))
+
+    def cols(names: list[str]) -> torch.Tensor:
+        return torch.cat([torch.arange(stream.columns[n][0], sum(stream.columns[n])) for n in names]).to(cfg.device)
+
+    def scale(names: list[str]) -> torch.Tensor:
+        return torch.cat([torch.full((stream.columns[n][1],), scales[n]) for n in names]).to(cfg.device)
+
+    plan = [(m, cols(m.inputs), cols(m.targets), scale(m.targets)) for m in members]
+    overall = [MetricAccumulator(1, len(out_cols), m.d_sae, cfg.device) for m, _, out_cols, _ in plan]
+    per_target = [[MetricAccumulator(1, stream.columns[t][1], m.d_sae, cfg.device) for t in m.targets]
+                  if len(m.targets) > 1 else [] for m in members]
+    sums = {s: torch.zeros(w, dtype=torch.float64, device=cfg.device) for s, w in zip(sources, stream.widths)}
+    n_rows = 0
+    batches = tqdm(stream.eval_batches(), total=-(-stream.n_eval // cfg.row_batch_size), unit="batch",
+                   desc="held-out rows", leave=False)
+    for raw_BC in batches:
+        n_rows += len(raw_BC)
+        for s in sources:
+            start, width = stream.columns[s]
+            sums[s] += raw_BC[:, start:start + width].double().sum(0)
+        for (m, in_cols, out_cols, s_out), acc, accs in zip(plan, overall, per_target):
+            f_BF, y_hat_BO = m.forward(raw_BC[:, in_cols])
+            y_BO, y_hat_BO = raw_BC[:, out_cols] / s_out, y_hat_BO / s_out
+            acc.update(y_BO, y_hat_BO.unsqueeze(0), f_BF.unsqueeze(0))
+            for t, block in enumerate(accs):
+                part = slice(t * block.sum_x_D.numel(), (t + 1) * block.sum_x_D.numel())
+                block.update(y_BO[:, part], y_hat_BO[:, part].unsqueeze(0), f_BF.unsqueeze(0))
+    if n_rows == 0:
+        raise StoreError(f"store {store.path} has no held-out rows to evaluate on")
+    density = {}
+    for r, m, acc, accs in zip(rows, members, overall, per_target):
+        r.update(acc.results()[0])
+        if accs:
+            r["per_source"] = {t: {k: a.results()[0][k] for k in _PER_TARGET_METRICS} for t, a in zip(m.targets, accs)}
+        density[m.name] = acc.density()[0]
+    return density, {s: (v / n_rows).float() for s, v in sums.items()}
 
 
-def _pad(f_BF: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(f_BF, (0, width - f_BF.shape[1])) if f_BF.shape[1] < width else f_BF
-
-
-def _downstream_metrics(cfg: EvalConfig, store, summary, sources: list[str], members: list[_Member], rows,
-                        mean_SD: torch.Tensor) -> dict:
-    """Spliced CE/KL of every member into `rows`, per source for crosscoders (with their mean at
-    the top level); return the clean and ablation baselines."""
+def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[_Member], rows,
+                        mean_raw: dict[str, torch.Tensor]) -> dict:
+    """Spliced CE/KL of every member at each of its targets into `rows` (per target where it
+    writes several, their mean at the top level); return the clean and ablation baselines."""
     from cache.models import load_model  # the models are needed only here
 
     start = summary["store"]["eval_sequence_start"]  # sequences from here on are held out whole
     stop = min(start + cfg.n_sequences, store.attrs["n_sequences"])
     sequences = torch.from_numpy(store.read_sequences(start, stop)).long()
-    entries = [_model_entry(store, source) for source in sources]
-    models = {e["label"]: load_model(e["model"], e["model_path"], device=cfg.device, dtype=store.identity["model_dtype"])
-              for e in entries}
-    hooks = [store.source(source).hook for source in sources]
+    targets = list(dict.fromkeys(t for m in members for t in m.targets))
+    entries = {t: _model_entry(store, t) for t in targets}
+    dtype = store.identity["model_dtype"]
+    models = {}
+    for entry in entries.values():
+        if entry["label"] not in models:
+            models[entry["label"]] = load_model(entry["model"], entry["model_path"], device=cfg.device, dtype=dtype)
     first_pos = 1 if store.info["exclude_bos"] else 0
+    exclude = tuple(summary.get("resolved", {}).get("exclude_token_ids", ()))
     # a crosscoder reconstructs each source from all of them: record their clean activations first
-    acts_NTSD = _clean_activations(models, entries, hooks, sequences, cfg.batch_size) if len(sources) > 1 else None
-    baselines, results = {}, {r["name"]: {} for r in rows}
-    for s, (source, entry, hook) in enumerate(zip(sources, entries, hooks)):
-        replacements = {"zero": lambda x, _: torch.zeros_like(x), "mean": lambda x, _, s=s: mean_SD[s].expand_as(x)}
-        for m in members:
-            replacements[m.name] = _replacement(m, s, acts_NTSD, first_pos)
-        losses = spliced_losses(models[entry["label"]], sequences, hook, replacements,
-                                first_pos=first_pos, batch_size=cfg.batch_size)
-        clean, zero, mean = losses["clean"]["ce"], losses["zero"]["ce"], losses["mean"]["ce"]
-        baselines[source] = {"clean_ce": clean, "zero_ablation_ce": zero, "mean_ablation_ce": mean,
+    stacked = [m for m in members if m.kind == "crosscoder"]
+    clean = _clean_activations(models, store, sorted({s for m in stacked for s in m.inputs}), sequences,
+                                cfg.batch_size) if stacked else {}
+    baselines, results = {}, {m.name: {} for m in members}
+    for target in targets:
+        hook = store.source(target).hook
+        splices = {"zero": single(hook, lambda x, _: torch.zeros_like(x)),
+                   "mean": single(hook, lambda x, _, t=target: mean_raw[t].expand_as(x))}
+        writers = [m for m in members if target in m.targets]
+        for m in writers:
+            splices[m.name] = _splice(m, target, store, clean, first_pos)
+        losses = spliced_losses(models[entries[target]["label"]], sequences, splices, first_pos=first_pos,
+                                exclude_tokens=exclude, batch_size=cfg.batch_size, desc=f"CE/KL at {target}")
+        ce_clean, zero, mean = losses["clean"]["ce"], losses["zero"]["ce"], losses["mean"]["ce"]
+        baselines[target] = {"clean_ce": ce_clean, "zero_ablation_ce": zero, "mean_ablation_ce": mean,
                              "zero_ablation_kl": losses["zero"]["kl"], "mean_ablation_kl": losses["mean"]["kl"]}
-        for r in rows:
-            spliced = losses[r["name"]]
-            results[r["name"]][source] = {"ce_spliced": spliced["ce"], "kl": spliced["kl"],
-                                          "ce_recovered": recovered(spliced["ce"], clean, zero),
-                                          "ce_recovered_mean_ablation": recovered(spliced["ce"], clean, mean)}
-    for r in rows:
-        per = results[r["name"]]
+        for m in writers:
+            spliced = losses[m.name]
+            results[m.name][target] = {"ce_spliced": spliced["ce"], "kl": spliced["kl"],
+                                       "ce_recovered": recovered(spliced["ce"], ce_clean, zero),
+                                       "ce_recovered_mean_ablation": recovered(spliced["ce"], ce_clean, mean)}
+    for r, m in zip(rows, members):
+        per = results[m.name]
         r.update({k: sum(p[k] for p in per.values()) / len(per) for k in next(iter(per.values()))})
-        if len(sources) > 1:
-            for source, values in per.items():
-                r["per_source"][source].update(values)
-    if len(sources) == 1:
-        return {"n_sequences": len(sequences), **baselines[sources[0]]}
+        if len(m.targets) > 1:
+            for target, values in per.items():
+                r["per_source"][target].update(values)
+    if len(targets) == 1:
+        return {"n_sequences": len(sequences), **baselines[targets[0]]}
     return {"n_sequences": len(sequences), "per_source": baselines}
 
 
-def _replacement(member: _Member, s: int, acts_NTSD: torch.Tensor | None, first_pos: int):
-    """The reconstruction of source s, spliced at its hook: from the hook's own rows for an SAE,
-    from the recorded clean activations of every source for a crosscoder."""
-    if acts_NTSD is None:
-        return lambda x, _: member.forward(x.unsqueeze(1))[1][:, 0]
-    S, D = acts_NTSD.shape[2:]
-    return lambda x, seqs: member.forward(acts_NTSD[seqs, first_pos:].reshape(-1, S, D))[1][:, s]
+def _splice(member: _Member, target: str, store, clean: dict[str, torch.Tensor], first_pos: int) -> Splice:
+    """How `member` replaces `target`'s hook: its reconstruction of the hook's own rows (SAE), its
+    reconstruction from the clean activations of all its sources (crosscoder), or its output from
+    its input hook recorded earlier in the same pass (transcoder)."""
+    t = member.targets.index(target)
+    if member.kind == "sae":
+        return single(store.source(target).hook, lambda x, _: member.forward(x)[1])
+    if member.kind == "crosscoder":
+        width = store.source(target).d
+        acts = [clean[s] for s in member.inputs]  # each [N, T, d]
+
+        def from_clean(x, seqs):
+            x_BI = torch.cat([a[seqs, first_pos:].reshape(-1, a.shape[-1]) for a in acts], dim=-1).to(x.device)
+            return member.forward(x_BI)[1][:, t * width:(t + 1) * width]
+
+        return single(store.source(target).hook, from_clean)
+    in_hooks = [store.source(s).hook for s in member.inputs]
+    width = store.source(target).d
+
+    def from_inputs(x, recorded, seqs):
+        x_BI = torch.cat([recorded[h] for h in in_hooks], dim=-1)
+        return member.forward(x_BI)[1][:, t * width:(t + 1) * width]
+
+    return Splice(((store.source(target).hook, from_inputs),), record=tuple(in_hooks))
 
 
-def _clean_activations(models: dict, entries: list[dict], hooks: list[str], sequences: torch.Tensor,
-                       batch_size: int) -> torch.Tensor:
+def _clean_activations(models: dict, store, sources: list[str], sequences: torch.Tensor,
+                       batch_size: int) -> dict[str, torch.Tensor]:
     """The clean activation of every source on `sequences`, from one forward pass per model and
-    batch for all of that model's hooks (a layer stack is one model).  → [N, T, S, D]"""
+    batch for all of that model's hooks (a layer stack is one model).  → source: [N, T, d]"""
     from cache.generate import record_hooks
 
     N, T = sequences.shape
-    recorded = {}  # source index → [N·T, D]
+    recorded = {}
     for label, model in models.items():
-        mine = [s for s, entry in enumerate(entries) if entry["label"] == label]
-        parts = [record_hooks(model, sequences[i : i + batch_size].to(model.cfg.device), [hooks[s] for s in mine])
+        mine = [s for s in sources if _model_entry(store, s)["label"] == label]
+        if not mine:
+            continue
+        hooks = [store.source(s).hook for s in mine]
+        parts = [record_hooks(model, sequences[i: i + batch_size].to(model.cfg.device), hooks)
                  for i in range(0, N, batch_size)]
-        recorded.update({s: torch.cat([part[hooks[s]] for part in parts]) for s in mine})
-    return torch.stack([recorded[s].view(N, T, -1) for s in range(len(hooks))], dim=2)
+        recorded.update({s: torch.cat([part[h] for part in parts]).view(N, T, -1) for s, h in zip(mine, hooks)})
+    return recorded
 
 
 def _model_entry(store, source: str) -> dict:

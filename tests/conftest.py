@@ -165,3 +165,21 @@ def fail_at_call(monkeypatch, owner, name: str, n: int, error: BaseException):
 
     monkeypatch.setattr(owner, name, failing)
     return original
+
+
+TEST_STORE_INFO = {"model_name": "m", "context_length": 8, "prepend_bos": True, "dataset": "d", "exclude_bos": True}
+
+
+def export_for_test(ensemble, e: int, directory: Path, scale: float | list[float] = 1.0, calibration_rows=None) -> dict:
+    """Export member e of `ensemble` through the real writer (training/export.py), with every
+    source it reads or writes at normalisation factor `scale` (one per source in order, or one
+    for all), as if from a store of model "m" whose sources are its hooks."""
+    from training.export import ExportContext, export_member
+
+    member = ensemble.members[e]
+    names = list(dict.fromkeys([*member.input_names(), *member.target_names()]))
+    scales = scale if isinstance(scale, (list, tuple)) else [scale] * len(names)
+    ctx = ExportContext(info=TEST_STORE_INFO, sources={n: {"model": "m", "hook": f"blocks.0.hook_{n}", "d": 0} for n in names},
+                        scales=dict(zip(names, scales)), calibration_rows=calibration_rows)
+    return export_member(directory, ensemble.dictionary, e, ctx)
+

@@ -9,12 +9,14 @@ import torch
 from click.testing import CliRunner
 
 import train_sweep
-from evaluation.export import sae_forward, saelens_cfg, save_saelens
-from training.dictionary import ARCHS, Dictionary, MemberConfig
+from formats.saelens import load_saelens, saelens_forward
+from training.dictionary import Dictionary
+from training.members import ARCHS, MemberConfig
 from training.ensemble import Ensemble
 from training.sweep import build_members, parse_axis
-from tests.conftest import fail_at_call
-from training.trainer import SweepConfig, _schedule_
+from tests.conftest import export_for_test, fail_at_call
+from training.schedules import Schedule
+from training.trainer import SweepConfig
 
 D, N_FEATURES, F = 16, 24, 48
 # Settings under which each architecture reaches the planted L0 (2.4 on average) in 800 steps.
@@ -24,6 +26,7 @@ PLANTED = {
     "topk": dict(k=3, lr=3e-3),
     "batchtopk": dict(k=3, lr=3e-3),
     "jumprelu": dict(l0_coeff=3e-3, lr=3e-3, bandwidth=0.05, threshold_init=0.1),
+    "jumprelu_tanh": dict(l0_coeff=3e-3, lr=3e-3, bandwidth=0.05, threshold_init=0.1),
     # a first prefix as wide as the planted set (24): smaller prefixes must merge features by design
     "matryoshka": dict(k=3, lr=3e-3, group_fractions=(1 / 2,)),
     "gated": dict(l1_coeff=3e-2, lr=3e-3),
@@ -54,9 +57,9 @@ def test_each_architecture_recovers_planted_directions_at_a_sensible_l0(arch):
     dirs = directions()
     ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch=arch, **PLANTED[arch])], threshold_start_step=200,
                         dead_tokens=2000)
-    schedule = SweepConfig(cache="c", output_dir="o", arch=arch)  # p-annealing from step 160 on; no-op elsewhere
+    schedule = Schedule(total_steps=800)  # p-annealing from step 160 on; no-op elsewhere
     for step in range(800):
-        _schedule_(schedule, ensemble, step, total=800)
+        schedule.apply_(ensemble, step)
         out = ensemble.step(planted_data(g, dirs, 256))
     W = torch.nn.functional.normalize(ensemble.dictionary.W_dec[0].detach(), dim=-1)
     best_cosine = (dirs @ W.T).max(dim=-1).values  # for each planted direction, its best latent
@@ -68,7 +71,7 @@ def test_each_architecture_recovers_planted_directions_at_a_sensible_l0(arch):
 def test_member_of_any_architecture_equals_it_trained_alone(arch):
     g = torch.Generator().manual_seed(2)
     knob = {"relu": "l1_coeff", "relu_april": "l1_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k",
-            "jumprelu": "l0_coeff", "gated": "l1_coeff", "panneal": "l1_coeff", "crosscoder": "l1_coeff"}[arch]
+            "jumprelu": "l0_coeff", "jumprelu_tanh": "l0_coeff", "gated": "l1_coeff", "panneal": "l1_coeff", "crosscoder": "l1_coeff"}[arch]
     values = {"l1_coeff": [1e-3, 1e-2, 3e-2], "k": [2, 4, 8], "l0_coeff": [1e-3, 1e-2, 3e-2]}[knob]
     configs = [MemberConfig(d_in=D, d_sae=F, arch=arch, lr=3e-3, seed=e, threshold_init=0.1, bandwidth=0.05,
                             grad_clip=0.05 if e == 0 else None, **{knob: v}) for e, v in enumerate(values)]
@@ -131,13 +134,16 @@ def test_jumprelu_l0_gradient_equals_the_smoothed_l0_gradient_exactly():
     d = Dictionary([MemberConfig(d_in=8, d_sae=16, arch="jumprelu", l0_coeff=1.0, bandwidth=0.2, threshold_init=0.5)]).double()
     x = torch.randn(256, 8, dtype=torch.float64)
     theta = d.jump_threshold
-    (grad,) = torch.autograd.grad(d._penalty(d.activate(d.pre_activation(x)), d.pre_activation(x)).sum(), [theta])
+    from training.dictionary import PENALTIES
+
+    pre = d.pre_activation(x)
+    (grad,) = torch.autograd.grad(PENALTIES["l0"](d, d.activate(pre), pre).sum(), [theta])
     pre = d.pre_activation(x).detach()
     in_window = ((pre - theta.detach().unsqueeze(1)).abs() < 0.1).double()
     torch.testing.assert_close(grad, -(1 / 0.2) * in_window.sum(1) / 256)
 
 
-def test_batchtopk_inference_threshold_gives_the_training_l0_on_held_out_data():
+def test_batchtopk_inference_threshold_gives_the_training_l0_on_held_out_data(tmp_path):
     g = torch.Generator().manual_seed(4)
     dirs = directions()
     ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch="batchtopk", k=3, lr=3e-3)], threshold_start_step=200)
@@ -146,15 +152,11 @@ def test_batchtopk_inference_threshold_gives_the_training_l0_on_held_out_data():
     held_out = planted_data(g, dirs, 4096)
     with torch.no_grad():
         train_rule_l0 = (ensemble.dictionary.encode(held_out) > 0).float().sum(-1).mean().item()
-    cfg = saelens_cfg(arch_fields=ensemble.dictionary.saelens_architecture(0), d_in=D, d_sae=F,
-                      store_info=_STORE_INFO, hook_name="h", member={})
-    f, _ = sae_forward(cfg, ensemble.dictionary.member_tensors(0), held_out)
+    export_for_test(ensemble, 0, tmp_path / "b")
+    f, _ = saelens_forward(*load_saelens(tmp_path / "b"), held_out)
     exported_l0 = (f > 0).float().sum(-1).mean().item()
     assert train_rule_l0 == pytest.approx(3.0, rel=1e-6)
     assert exported_l0 == pytest.approx(train_rule_l0, rel=0.25)
-
-
-_STORE_INFO = {"model_name": "m", "context_length": 8, "prepend_bos": True, "dataset": "d", "exclude_bos": True}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -166,15 +168,12 @@ def test_every_architecture_loads_in_saelens_with_identical_outputs(arch, tmp_pa
     for _ in range(20):
         ensemble.step(planted_data(g, directions(), 64))
     scale = 2.5
-    tensors = ensemble.dictionary.member_tensors(0, scale)
-    cfg = saelens_cfg(arch_fields=ensemble.dictionary.saelens_architecture(0), d_in=D, d_sae=F,
-                      store_info=_STORE_INFO, hook_name="blocks.0.hook_resid_post", member={"arch": arch})
-    save_saelens(tmp_path / arch, tensors, cfg)
+    export_for_test(ensemble, 0, tmp_path / arch, scale)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sae = SAE.load_from_disk(tmp_path / arch)
     x_raw = scale * planted_data(g, directions(), 128)
-    _, ours = sae_forward(cfg, tensors, x_raw)
+    _, ours = saelens_forward(*load_saelens(tmp_path / arch), x_raw)
     with torch.no_grad():
         torch.testing.assert_close(sae(x_raw), ours, atol=1e-5, rtol=1e-5)
         if arch not in ("batchtopk", "matryoshka"):  # their export is the inference rule, not the batch rule
@@ -199,20 +198,23 @@ def test_sweep_axes_parse_and_form_a_grid():
 def test_the_l1_shorthand_sweeps_each_architectures_own_sparsity_coefficient(arch):
     from training.trainer import sweep_members
 
-    members, axes = sweep_members(SweepConfig(cache="c", output_dir="o", arch=arch, l1_min=-3, l1_max=-1, n_models=3), D)
     field = next((f for f in ("l1_coeff", "l0_coeff") if f in ARCHS[arch].knobs), None)
-    if field is None:  # the TopK family has no sparsity coefficient: one member, k as set
+    if field is None:  # the TopK family has no sparsity coefficient: the shorthand is refused with the fix
+        with pytest.raises(ValueError, match="sweep k instead"):
+            SweepConfig(cache="c", output_dir="o", arch=arch, l1_min=-3, l1_max=-1, n_models=3)
+        members, axes = sweep_members(SweepConfig(cache="c", output_dir="o", arch=arch), D)
         assert len(members) == 1 and axes == []
     else:
+        members, axes = sweep_members(SweepConfig(cache="c", output_dir="o", arch=arch, l1_min=-3, l1_max=-1, n_models=3), D)
         assert axes == [field] and [getattr(m, field) for m in members] == pytest.approx([1e-3, 1e-2, 1e-1])
 
 
 def test_schedules_warm_up_and_decay():
-    cfg = SweepConfig(cache="c", output_dir="o", lr_warmup_steps=10, lr_decay_start=0.5, sparsity_warmup_steps=4)
+    schedule = Schedule(total_steps=100, lr_warmup_steps=10, lr_decay_start=0.5, sparsity_warmup_steps=4)
     ensemble = Ensemble([MemberConfig(d_in=4, d_sae=8, l1_coeff=1e-3)])
     seen = []
     for step in (0, 4, 9, 50, 75, 99):
-        _schedule_(cfg, ensemble, step, total=100)
+        schedule.apply_(ensemble, step)
         seen.append((ensemble.optimizer.lr_scale, ensemble.dictionary.sparsity_scale.item()))
     expected = [(0.1, 0.25), (0.5, 1.0), (1.0, 1.0), (1.0, 1.0), (0.5, 1.0), (0.02, 1.0)]
     assert [v for pair in seen for v in pair] == pytest.approx([v for pair in expected for v in pair])
@@ -271,7 +273,7 @@ def test_a_killed_sweep_resumes_to_the_same_weights(small_store, tmp_path, monke
 
 def _dense_topk_reference(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
     """The TopK loss written densely (all of f materialised, AuxK over a masked dense matrix)."""
-    from training.dictionary import keep_top
+    from training.kernels import keep_top
 
     pre = d.pre_activation(x)
     f = keep_top(torch.relu(pre), d.k)
@@ -321,15 +323,15 @@ def test_matryoshka_loss_is_the_mean_reconstruction_loss_of_its_nested_prefixes(
 
 
 def test_k_anneals_from_d_in_down_to_k():
-    cfg = SweepConfig(cache="c", output_dir="o", k_anneal_steps=10)
+    schedule = Schedule(total_steps=30, k_anneal_steps=10)
     ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch="topk", k=k) for k in (2, 4)])
     seen = []
     for step in (0, 5, 10, 20):
-        _schedule_(cfg, ensemble, step, total=30)
+        schedule.apply_(ensemble, step)
         seen.append(ensemble.dictionary.k_active.tolist())
     assert seen == [[16, 16], [9, 10], [2, 4], [2, 4]]
     x = planted_data(torch.Generator().manual_seed(0), directions(), 8)
-    _schedule_(cfg, ensemble, 0, total=30)
+    schedule.apply_(ensemble, 0)
     assert all(l0 > 4 for l0 in ensemble.step(x).l0.tolist())  # the annealed k, not the final one, is in force
 
 
@@ -373,22 +375,22 @@ def test_lp_penalty_known_answer_and_finite_gradient_at_zero():
 
 def test_p_steps_from_one_to_p_end_and_lambda_keeps_the_penalty_size():
     from training.dictionary import lp_penalty
-    from training.trainer import p_updates_done
+    from training.schedules import p_updates_done
 
     assert [p_updates_done(s, 100, 0.2, 4) for s in (0, 19, 20, 39, 40, 99)] == [0, 0, 1, 1, 2, 4]
-    cfg = SweepConfig(cache="c", output_dir="o", arch="panneal", p_anneal_start=0.2, p_anneal_updates=4)
+    schedule = Schedule(total_steps=100, p_anneal_start=0.2, p_anneal_updates=4)
     ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch="panneal", p_end=p, lr=1e-9) for p in (0.2, 0.6)])
     x = planted_data(torch.Generator().manual_seed(6), directions(), 64)
     for step in range(20):  # p = 1: the queue fills with L1 values of (practically) fixed weights
-        _schedule_(cfg, ensemble, step, total=100)
+        schedule.apply_(ensemble, step)
         l1_E = ensemble.step(x).sparsity
-    _schedule_(cfg, ensemble, 20, total=100)
+    schedule.apply_(ensemble, 20)
     d = ensemble.dictionary
     torch.testing.assert_close(d.p_active, torch.tensor([0.8, 0.9]))
     out = ensemble.step(x)  # p moved: λ is rescaled so that r · Lp(new p) equals the recent L1
     torch.testing.assert_close(d.coeff_rescale * out.sparsity, l1_E, rtol=1e-4, atol=0)
     assert (d.coeff_rescale != 1).all()
-    _schedule_(cfg, ensemble, 99, total=100)
+    schedule.apply_(ensemble, 99)
     torch.testing.assert_close(d.p_active, torch.tensor([0.2, 0.6]))
     f = d.encode(x).detach()
     torch.testing.assert_close(out.sparsity, lp_penalty(f, torch.tensor([0.8, 0.9])), rtol=1e-4, atol=1e-6)
@@ -458,15 +460,19 @@ def test_resampling_sets_dead_latents_from_high_loss_inputs_and_resets_their_ada
     before = {n: p.detach().clone() for n, p in d.named_parameters()}
     alive_enc_norm = d.W_enc[0][:, ~dead].norm(dim=0).mean()
     alive_dec_norm = d.W_dec[0, ~dead].norm(dim=-1).mean()
-    # one input with a loss ~10⁶ times the others': drawn with probability ∝ loss², it is always picked
+    # a pool of 32 rows, one with a loss ~10⁶ times the others': drawn with probability ∝ loss²,
+    # it is always picked, and the 12 dead latents draw 12 different rows (no replacement)
     x = planted_data(torch.Generator().manual_seed(9), directions(), 32)
     x[5] = 1000 * directions()[0]
     n = ensemble.resample_dead_(x, window=1000, step=7)
     assert n.tolist() == [12, 12, 12]
-    target = x[5] - d.b_dec[0] if d.spec.subtract_b_dec else x[5]
-    direction = target / target.norm()
+    targets = x - d.b_dec[0] if d.subtract_b_dec else x
+    pool_dirs = targets / targets.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [32, D]
     norm = 1.0 if d.spec.unit_norm_decoder else alive_dec_norm
-    torch.testing.assert_close(d.W_dec[0, dead], direction.expand(12, D) * norm, rtol=1e-4, atol=1e-5)
+    rows = d.W_dec[0, dead] / norm
+    match = (rows @ pool_dirs.T).argmax(-1)  # the pool row each dead latent took
+    torch.testing.assert_close(rows, pool_dirs[match], rtol=1e-4, atol=1e-5)
+    assert len(set(match.tolist())) == 12 and 5 in match.tolist()
     torch.testing.assert_close(d.W_enc[0][:, dead].norm(dim=0), (0.2 * alive_enc_norm).expand(12), rtol=1e-4, atol=1e-6)
     assert not d.b_enc[:, dead].any() and not d.tokens_since_fired[:, dead].any()
     for name, p, axis in d.latent_params():

@@ -8,19 +8,21 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from evaluation.crosscoder import (
-    CROSSCODER_FORMAT,
-    CROSSCODER_FORMAT_VERSION,
+from evaluation.model_diff import (
     DiffThresholds,
-    crosscoder_forward,
     decoder_cosine,
     diff_summary,
-    is_crosscoder_dir,
-    load_crosscoder,
     relative_decoder_norm,
-    save_crosscoder,
     source_norm_fractions,
     write_diff_analysis,
+)
+from formats.crosscoder import (
+    CROSSCODER_FORMAT,
+    CROSSCODER_FORMAT_VERSION,
+    crosscoder_forward,
+    is_crosscoder_dir,
+    load_crosscoder,
+    save_crosscoder,
 )
 
 HOOK = "blocks.1.hook_resid_post"

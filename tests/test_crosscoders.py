@@ -11,10 +11,12 @@ from click.testing import CliRunner
 
 import generate_activations
 import train_sweep
-from evaluation.crosscoder import crosscoder_forward, load_crosscoder, relative_decoder_norm
+from evaluation.model_diff import relative_decoder_norm
+from formats.crosscoder import crosscoder_forward, load_crosscoder
 from tests.conftest import gen_args
 from tests.test_paired import assert_one_line_error, paired_args
-from training.dictionary import Dictionary, MemberConfig
+from training.dictionary import PENALTIES, Dictionary
+from training.members import MemberConfig
 from training.ensemble import Ensemble
 
 S, D, N_EACH = 2, 16, 8  # sources, width of each, planted features of each kind
@@ -62,7 +64,7 @@ def test_crosscoder_penalty_sums_each_latents_per_source_decoder_norms():
     with torch.no_grad():
         d.W_dec.copy_(torch.tensor([[[3.0, 4.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]]))  # norms 5+1, 0+1
     f = torch.tensor([[[1.0, 2.0], [0.0, 3.0]]])  # [E, B, F]
-    assert d._penalty(f, f).item() == pytest.approx(((1 * 6 + 2 * 1) + (3 * 1)) / 2)
+    assert PENALTIES["l1_decoder_norm"](d, f, f).item() == pytest.approx(((1 * 6 + 2 * 1) + (3 * 1)) / 2)
 
 
 def test_crosscoder_decoder_starts_at_the_given_norm_per_source_and_encoder_is_its_transpose():
@@ -93,8 +95,7 @@ def test_a_crosscoder_member_equals_it_trained_alone(arch):
 
 @pytest.mark.parametrize("arch", ["crosscoder", "batchtopk", "jumprelu"])
 def test_folded_export_gives_raw_space_reconstructions_with_one_scale_per_source(arch, tmp_path):
-    from evaluation.crosscoder import save_crosscoder
-    from training.trainer import _CROSSCODER_RULE
+    from tests.conftest import export_for_test
 
     directions, _ = planted_pairs()
     g = torch.Generator().manual_seed(3)
@@ -103,13 +104,7 @@ def test_folded_export_gives_raw_space_reconstructions_with_one_scale_per_source
     for _ in range(5):
         ensemble.step(sparse_rows(g, directions, 64))
     scales = torch.tensor([2.0, 0.25])
-    flat = ensemble.dictionary.member_tensors(0, scales)
-    tensors = {**flat, "W_enc": flat["W_enc"].reshape(S, D, -1), "W_dec": flat["W_dec"].reshape(-1, S, D),
-               "b_dec": flat["b_dec"].reshape(S, D)}
-    fields = ensemble.dictionary.saelens_architecture(0)
-    config = {"architecture": _CROSSCODER_RULE[fields["architecture"]], "apply_b_dec_to_input": fields["apply_b_dec_to_input"],
-              "n_sources": S, "d_in": D, "d_sae": 32, "sources": [{"name": n, "model": "m", "hook": "h"} for n in "ab"]}
-    save_crosscoder(tmp_path / "cc", tensors, config)
+    export_for_test(ensemble, 0, tmp_path / "cc", scales.tolist())
     config, weights = load_crosscoder(tmp_path / "cc")
     x_BSD = sparse_rows(g, directions, 64).view(-1, S, D)
     _, x_hat_raw = crosscoder_forward(config, weights, x_BSD * scales.view(1, S, 1))

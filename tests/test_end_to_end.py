@@ -66,7 +66,8 @@ def test_members_load_in_saelens_with_equal_reconstructions(sweep_dir, small_sto
 
 def test_export_folds_the_normalisation_into_the_weights():
     """Raw-space outputs of the exported weights equal s × the normalised-space outputs."""
-    from training.dictionary import MemberConfig, Dictionary
+    from training.dictionary import Dictionary
+    from training.members import MemberConfig
 
     torch.manual_seed(0)
     d = Dictionary([MemberConfig(d_in=5, d_sae=7, l1_coeff=1e-3)])
@@ -75,7 +76,7 @@ def test_export_folds_the_normalisation_into_the_weights():
         d.b_enc.normal_(std=0.1)
     s = 3.7
     x_norm = torch.randn(11, 5)
-    w = d.member_tensors(0, scale=s)
+    w = d.member_tensors(0, s)
     f_raw = torch.relu((s * x_norm - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
     torch.testing.assert_close(f_raw, d.encode(x_norm)[0])
     torch.testing.assert_close(f_raw @ w["W_dec"] + w["b_dec"], s * d.reconstruct(x_norm)[0])

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 import evaluate
 import train_sweep
 from cache.models import load_model
-from evaluation.export import sae_forward
+from formats.saelens import saelens_forward as sae_forward
 from evaluation.metrics import MetricAccumulator
-from evaluation.splice import recovered, spliced_losses
+from evaluation.splice import recovered, single, spliced_losses
 from tests.conftest import TINY_D, TINY_NAME
 from tests.test_end_to_end import sweep_args
 
@@ -34,9 +34,9 @@ def test_identity_recovers_all_the_loss_and_zero_recovers_none():
     cfg = {"architecture": "standard"}
     w = identity_weights(TINY_D)
     zero = {k: torch.zeros_like(v) for k, v in w.items()}
-    losses = spliced_losses(model, tokens, HOOK, {
-        "zero": lambda x, _: torch.zeros_like(x), "identity": lambda x, _: sae_forward(cfg, w, x)[1],
-        "zero_dict": lambda x, _: sae_forward(cfg, zero, x)[1]}, batch_size=4)
+    losses = spliced_losses(model, tokens, {
+        "zero": single(HOOK, lambda x, _: torch.zeros_like(x)), "identity": single(HOOK, lambda x, _: sae_forward(cfg, w, x)[1]),
+        "zero_dict": single(HOOK, lambda x, _: sae_forward(cfg, zero, x)[1])}, batch_size=4)
     clean = losses["clean"]["ce"]
     assert losses["zero"]["ce"] != pytest.approx(clean)  # the hook matters, so the test can fail
     assert recovered(losses["identity"]["ce"], clean, losses["zero"]["ce"]) == pytest.approx(1.0, abs=1e-5)
@@ -47,9 +47,9 @@ def test_identity_recovers_all_the_loss_and_zero_recovers_none():
 def test_spliced_losses_do_not_depend_on_batch_size():
     model = load_model(TINY_NAME, None, device="cpu")
     tokens = torch.randint(0, model.cfg.d_vocab, (5, 10), generator=torch.Generator().manual_seed(1))
-    half = {"half": lambda x, _: 0.5 * x}
-    a = spliced_losses(model, tokens, HOOK, half, batch_size=1)
-    b = spliced_losses(model, tokens, HOOK, half, batch_size=5)
+    half = {"half": single(HOOK, lambda x, _: 0.5 * x)}
+    a = spliced_losses(model, tokens, half, batch_size=1)
+    b = spliced_losses(model, tokens, half, batch_size=5)
     assert a["half"]["ce"] == pytest.approx(b["half"]["ce"], rel=1e-6)
     # KL subtracts nearly equal fp32 log-probs, whose last bits depend on the batch shape
     assert a["half"]["kl"] == pytest.approx(b["half"]["kl"], rel=1e-3)
@@ -59,7 +59,7 @@ def test_spliced_losses_leave_excluded_positions_untouched():
     model = load_model(TINY_NAME, None, device="cpu")
     tokens = torch.randint(0, model.cfg.d_vocab, (3, 8), generator=torch.Generator().manual_seed(2))
     seen = []
-    spliced_losses(model, tokens, HOOK, {"spy": lambda x, _: seen.append(len(x)) or x}, first_pos=1)
+    spliced_losses(model, tokens, {"spy": single(HOOK, lambda x, _: seen.append(len(x)) or x)}, first_pos=1)
     assert seen == [3 * 7]
 
 

@@ -7,7 +7,8 @@ import torch
 
 from cache.store import ActivationStore, RowBlock, SourceInfo
 from cache.stream import ActivationStream, StreamConfig
-from training.dictionary import MemberConfig, Dictionary
+from training.dictionary import Dictionary
+from training.members import MemberConfig
 from training.ensemble import BatchedAdam, Ensemble
 
 

@@ -1,14 +1,18 @@
 """Sparse dictionaries with a leading member axis: E dictionaries of one architecture in one set
-of tensors, differing only in the values of their knobs.
+of tensors, differing only in the values of their knobs and in which columns of a batch they read
+and write.
 
-Dimension key: B batch, D the width a member reads (n_sources × d_in), F d_sae, E members.
+Dimension key: B batch, E members, G encoder groups of a member (a cross-layer transcoder's
+layers; 1 elsewhere), U = E·G units (one encoder each), F latents per unit (d_sae), I a unit's
+input width, O the width a member writes (all its targets), C the columns of a stream batch.
 
-Every architecture is the same mechanism with different parameters (see ARCHS):
+Every architecture is the same mechanism with different parameters (the tables ACTIVATIONS,
+PENALTIES, EXTRA_LOSSES and INFERENCE_RULES below, one function each):
 
     pre = (x − b_dec) W_enc + b_enc        (x W_enc + b_enc where `subtract_b_dec` is off)
     f   = activation(pre)                  relu | topk | batchtopk | jumprelu | gated
-    x̂   = f W_dec + b_dec
-    L   = mean_{b,d} (x̂ − x)² + c · s_t · r_t · penalty(f) + α · AuxK (+ the gated auxiliary loss)
+    ŷ   = f W_dec + b_dec (+ x W_skip)
+    L   = recon(ŷ, y) + c · s_t · r_t · penalty(f) + extra losses (AuxK, gated auxiliary, pre-activation)
 
     relu        penalty mean_b Σ_i f_i, unit-norm decoder rows (Bricken et al. 2023)
     relu_april  penalty mean_b Σ_i f_i ‖W_dec,i‖, free decoder norms (Anthropic, April 2024)
@@ -17,6 +21,9 @@ Every architecture is the same mechanism with different parameters (see ARCHS):
                 smallest kept value, exported as JumpReLU (Bussmann et al. 2024)
     jumprelu    f = z·H(z − θ), θ > 0 learned through a straight-through estimator with a
                 rectangle kernel of bandwidth ε; penalty L0 (Rajamanoharan et al. 2024)
+    jumprelu_tanh  JumpReLU with penalty mean_b Σ_i tanh(c·f_i·‖W_dec,i‖) and a pre-activation
+                term λ_p·mean_b Σ_i ReLU(θ_i − pre_i)‖W_dec,i‖ against dead latents (Anthropic,
+                "Circuit Tracing", 2025: the cross-layer transcoder recipe)
     matryoshka  BatchTopK whose reconstruction loss is averaged over nested prefixes of the
                 latents (the first m_1 < … < m_G = F), so early latents stand on their own;
                 exported as JumpReLU like BatchTopK (Bussmann et al. 2025; Nabeshima 2025)
@@ -30,183 +37,237 @@ Every architecture is the same mechanism with different parameters (see ARCHS):
 c is the member's l1_coeff or l0_coeff, s_t a schedule factor (sparsity warm-up) set by the
 trainer, r_t the p-annealing rescale (1 elsewhere).
 
+What a member reads and writes (its wiring), in the columns of a batch that holds every source
+the ensemble needs side by side, each normalised by its own factor:
+  * an SAE reads one source and reconstructs it: recon = mean_{b,d} (x̂ − x)²;
+  * a crosscoder (Lindsey et al. 2024) reads S sources as one concatenated input of S·d_in and
+    reconstructs all of them (W_enc [S·d_in, F] is W_enc [S, d_in, F] laid flat, W_dec likewise);
+    `crosscoder` is relu_april with the decoder norm taken per source and summed; with S = 1
+    every formula is the SAE's;
+  * a transcoder reads its input sources and reconstructs other `targets` (e.g. an MLP's input
+    and output); its b_dec lives in output space and is never subtracted from the input;
+    `skip` adds a linear term x W_skip (starts at 0);
+  * a cross-layer transcoder (CLT; Anthropic, "Circuit Tracing", 2025) has one encoder group per
+    layer l reading that layer's input, whose latents write to the targets of layers l … L−1:
+    ŷ_m = Σ_{l ≤ m} f_l W_dec[l→m] + b_dec,m; recon = Σ_m mean_{b,d} (ŷ_m − y_m)². Its decoder is
+    stored packed ([F, Σ_l (L−l)·d_out]; group l's slab is a contiguous column range), so it
+    costs L(L+1)/2 blocks, not L².
+Members of one ensemble share their shapes and may differ in which sources they read (a
+transcoder per layer, all in one ensemble).
+
 Width sweeps: members may differ in d_sae. The tensors are as wide as the widest member and a
 [E, F] mask zeroes each member's latents beyond its own width (pre-activations and activations),
 so those latents never fire, get no gradient and are sliced off at export.
 
-Crosscoders (Lindsey et al. 2024): a member reading S sources (layers × models) sees their
-concatenation, x = [x_1 … x_S], D = S·d_in wide, so W_enc [D, F] is W_enc [S, d_in, F] and W_dec
-[F, D] is W_dec [F, S, d_in] laid flat. `crosscoder` is relu_april with its decoder norm taken per
-source and summed, penalty mean_b Σ_i f_i Σ_s ‖W_dec[i, s]‖, and each source's decoder vector
-initialised at norm decoder_init_norm; the other activations work over S sources unchanged (a
-BatchTopK crosscoder is `batchtopk` over several sources). With S = 1 every formula is the SAE's. Unit-norm decoders: the gradient is projected onto each row's tangent space before the
-step and rows are renormalised after it. The reconstruction term is averaged over d (λ from a
-loss summed over d: λ_sum = λ · d).
+`loss()` is pure: it returns the step's statistics (latents that fired, BatchTopK's smallest kept
+activation, the p-annealing penalty and rescale) and the ensemble applies them with `observe_`
+after the optimiser step, so a step is either wholly applied or not at all. Unit-norm decoders:
+the gradient is projected onto each row's tangent space before the step and rows are
+renormalised after it. The reconstruction term is averaged over d (λ from a loss summed over d:
+λ_sum = λ · d).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F_
 from torch import nn
 
-LOSS_CONVENTION = "mse_mean_over_d+penalty_sum_over_latents_mean_over_batch"
+from training.kernels import JumpReLU, Step, TopKEncode, keep_top
+from training.members import MemberConfig
 
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What distinguishes one architecture from another: flags, not code."""
-
-    activation: str  # relu | topk | batchtopk | jumprelu | gated
-    penalty: str  # l1 | l1_decoder_norm | l1_gate | lp | l0 | none
-    subtract_b_dec: bool  # encode x − b_dec (SAELens apply_b_dec_to_input)
-    unit_norm_decoder: bool
-    aux_k: bool  # AuxK loss on dead latents
-    saelens: str  # architecture name of the export
-    knobs: tuple[str, ...]  # MemberConfig fields this architecture reads (what a sweep may vary)
-    betas: tuple[float, float] = (0.9, 0.99)  # Adam betas shared by the ensemble
-    nested: bool = False  # reconstruction loss averaged over nested prefixes of the latents (Matryoshka)
-
-    @property
-    def resamples(self) -> bool:
-        """Dead latents are resampled (Anthropic 2023) in the L1 family; the TopK family has
-        AuxK and JumpReLU its thresholds instead."""
-        return self.penalty in ("l1", "l1_decoder_norm", "l1_gate", "lp")
-
-
-_COMMON = ("lr", "seed", "grad_clip", "d_sae")
-ARCHS = {
-    "relu": ArchSpec("relu", "l1", True, True, False, "standard", ("l1_coeff", *_COMMON)),
-    "relu_april": ArchSpec("relu", "l1_decoder_norm", False, False, False, "standard",
-                           ("l1_coeff", "decoder_init_norm", *_COMMON), (0.9, 0.999)),
-    "topk": ArchSpec("topk", "none", True, True, True, "topk", ("k", "aux_coeff", *_COMMON), (0.9, 0.999)),
-    "batchtopk": ArchSpec("batchtopk", "none", True, True, True, "jumprelu", ("k", "aux_coeff", *_COMMON), (0.9, 0.999)),
-    "jumprelu": ArchSpec("jumprelu", "l0", False, False, False, "jumprelu",
-                         ("l0_coeff", "bandwidth", "threshold_init", *_COMMON), (0.0, 0.999)),
-    "matryoshka": ArchSpec("batchtopk", "none", True, True, True, "jumprelu", ("k", "aux_coeff", *_COMMON),
-                           (0.9, 0.999), nested=True),
-    "gated": ArchSpec("gated", "l1_gate", True, True, False, "gated", ("l1_coeff", *_COMMON), (0.0, 0.999)),
-    "panneal": ArchSpec("relu", "lp", True, True, False, "standard", ("l1_coeff", "p_end", *_COMMON), (0.9, 0.999)),
-    "crosscoder": ArchSpec("relu", "l1_decoder_norm", False, False, False, "standard",
-                           ("l1_coeff", "decoder_init_norm", *_COMMON), (0.9, 0.999)),
-}
 PENALTY_QUEUE = 10  # recent penalties p-annealing rescales λ against
 
 
-@dataclass(frozen=True)
-class MemberConfig:
-    """One dictionary of a sweep."""
+class Stats(NamedTuple):
+    """What one step observed, applied by `Dictionary.observe_` after the optimiser step."""
 
-    d_in: int
-    """Width of each source it reads."""
-    d_sae: int
-    """Number of latents."""
-    arch: str = "relu"
-    """Architecture; one of ARCHS."""
-    n_sources: int = 1
-    """Sources read side by side (a crosscoder's layers × models); the input is S·d_in wide."""
-    l1_coeff: float = 0.0
-    """λ of the L1 penalties (relu, relu_april), on activations normalised to mean norm √d."""
-    l0_coeff: float = 0.0
-    """λ of the L0 penalty (jumprelu)."""
-    k: int = 32
-    """Active latents per row (topk), or per row on average over the batch (batchtopk)."""
-    bandwidth: float = 1e-3
-    """Rectangle-kernel width ε of the JumpReLU straight-through estimator."""
-    threshold_init: float = 1e-3
-    """Initial JumpReLU threshold θ."""
-    aux_coeff: float = 1 / 32
-    """α of the AuxK loss (topk, batchtopk)."""
-    aux_k: int | None = None
-    """Dead latents AuxK reconstructs from; default d_in // 2."""
-    p_end: float = 0.2
-    """Final exponent of the Lp penalty (panneal), reached in steps from p = 1."""
-    decoder_init_norm: float = 0.1
-    """Initial norm of each source's decoder vector where norms are free (relu_april, crosscoder)."""
-    group_fractions: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
-    """Matryoshka: sizes of the nested groups as fractions of d_sae; the rest is the last group."""
-    lr: float = 1e-4
-    """Adam learning rate."""
-    grad_clip: float | None = None
-    """Clip this member's gradient norm (over all its parameters) to this value."""
-    seed: int = 0
-    """Seed of this member's initialisation."""
-
-    def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if self.d_in < 1 or self.d_sae < 1 or self.n_sources < 1:
-            raise ValueError(f"dictionary widths must be positive (d_in={self.d_in}, d_sae={self.d_sae}, "
-                             f"n_sources={self.n_sources})")
-        if self.n_sources > 1 and self.arch == "gated":
-            raise ValueError("gated has no multi-source (crosscoder) form; use crosscoder, batchtopk, topk or jumprelu")
-        for name in ("l1_coeff", "l0_coeff", "aux_coeff"):
-            value = getattr(self, name)
-            if value < 0 or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
-        if "k" in self.spec.knobs and not 1 <= self.k <= self.d_sae:
-            raise ValueError(f"k must be between 1 and d_sae={self.d_sae}, got {self.k}")
-        for name in ("lr", "bandwidth", "threshold_init", "decoder_init_norm"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.p_end <= 1:
-            raise ValueError(f"p_end must be in (0, 1], got {self.p_end}")
-        if any(f <= 0 for f in self.group_fractions) or sum(self.group_fractions) >= 1:
-            raise ValueError(f"group_fractions must be positive and sum below 1, got {self.group_fractions}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
-
-    @property
-    def spec(self) -> ArchSpec:
-        return ARCHS[self.arch]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    fired: torch.Tensor  # [E, G·F] bool: latents that fired on the batch
+    smallest_kept: torch.Tensor  # [U] smallest positive activation (BatchTopK's threshold sample; +inf if none)
+    penalty: torch.Tensor  # [E] the penalty before coefficients (p-annealing's queue)
+    coeff_rescale: torch.Tensor  # [E] p-annealing's λ rescale in force this step
 
 
 class LossOutput(NamedTuple):
     total: torch.Tensor  # [E] the loss each member minimises
-    mse: torch.Tensor  # [E] mean over batch and d of (x̂ − x)²
-    sparsity: torch.Tensor  # [E] the penalty before its coefficient (L1, L0 or 0)
-    l0: torch.Tensor  # [E] mean over batch of #{f_i > 0}
-    f: torch.Tensor | None  # [E, B, F]; None where only the active latents are materialised (topk)
-    x_hat: torch.Tensor  # [E, B, D]
+    mse: torch.Tensor  # [E] mean over batch and d of (ŷ − y)², over everything the member writes
+    sparsity: torch.Tensor  # [E] the penalty before its coefficient (L1, L0, tanh or 0)
+    l0: torch.Tensor  # [E] mean over batch of #{f_i > 0} (over all its layers for a CLT)
+    f: torch.Tensor | None  # [U, B, F]; None where only the active latents are materialised (topk)
+    x_hat: torch.Tensor  # [E, B, O]
+    stats: Stats
+
+
+class Codes(NamedTuple):
+    """Latent activations, dense ([U, B, F]) or as the k active ones per row (values, indices [U, B, K])."""
+
+    dense: torch.Tensor | None
+    values: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+    def fired(self, n_latents: int) -> torch.Tensor:
+        """Latents that fired on at least one row.  → [U, F] bool"""
+        if self.dense is not None:
+            return (self.dense > 0).any(dim=1)
+        fires = torch.zeros(len(self.values), n_latents, dtype=self.values.dtype, device=self.values.device)
+        return fires.scatter_add_(-1, self.index.flatten(1), (self.values > 0).flatten(1).to(self.values.dtype)) > 0
+
+    def l0(self) -> torch.Tensor:
+        """Active latents per row, averaged over the batch.  → [U]"""
+        active = self.dense if self.dense is not None else self.values
+        return (active > 0).sum(-1).float().mean(-1)
+
+
+# ---------------------------------------------------------------- the tables: one function per rule
+def _act_relu(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
+    return torch.relu(pre_UBF)
+
+
+def _act_topk(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
+    return keep_top(torch.relu(pre_UBF), d.per_unit(d.k_active))
+
+
+def _act_batchtopk(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
+    U, B, F = pre_UBF.shape
+    return keep_top(torch.relu(pre_UBF).reshape(U, 1, B * F), d.per_unit(d.k_active) * B).reshape(U, B, F)
+
+
+def _act_jumprelu(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
+    # the mask again on the output: a masked latent's θ must get no gradient either
+    theta_U1F = d.jump_threshold.view(-1, 1, pre_UBF.shape[-1])
+    return d.masked(JumpReLU.apply(pre_UBF, theta_U1F, d.per_unit(d.bandwidth).view(-1, 1, 1)))
+
+
+def _act_gated(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
+    # π_mag = (x − b_dec)(W_enc ⊙ e^{r_mag}) + b_mag = (π − b_gate) ⊙ e^{r_mag} + b_mag
+    magnitude_UBF = (pre_UBF - d.b_enc.unsqueeze(1)) * d.r_mag.exp().unsqueeze(1) + d.b_mag.unsqueeze(1)
+    return (pre_UBF > 0) * torch.relu(magnitude_UBF)
+
+
+ACTIVATIONS: dict[str, Callable[["Dictionary", torch.Tensor], torch.Tensor]] = {
+    "relu": _act_relu, "topk": _act_topk, "batchtopk": _act_batchtopk, "jumprelu": _act_jumprelu, "gated": _act_gated,
+}
+
+
+def lp_penalty(f_UBF: torch.Tensor, p_U: torch.Tensor) -> torch.Tensor:
+    """mean_b Σ_i f_i^p per unit, with f = 0 contributing 0 and no infinite gradient.  → [U]"""
+    positive = f_UBF > 0
+    powered = f_UBF.clamp_min(1e-12).pow(p_U.view(-1, 1, 1))
+    return torch.where(positive, powered, 0.0).sum(-1).mean(-1)
+
+
+def _pen_none(d, f_UBF, pre_UBF):
+    return torch.zeros(len(d.per_unit(d.l1_coeff)), device=d.l1_coeff.device)
+
+
+def _pen_l1(d, f_UBF, pre_UBF):
+    return f_UBF.sum(-1).mean(-1)
+
+
+def _pen_l1_decoder_norm(d, f_UBF, pre_UBF):
+    return (f_UBF * d.decoder_norms(per_target=True).unsqueeze(1)).sum(-1).mean(-1)
+
+
+def _pen_l1_gate(d, f_UBF, pre_UBF):
+    return torch.relu(pre_UBF).sum(-1).mean(-1)
+
+
+def _pen_lp(d, f_UBF, pre_UBF):
+    return lp_penalty(f_UBF, d.per_unit(d.p_active))
+
+
+def _pen_l0(d, f_UBF, pre_UBF):
+    theta_U1F = d.jump_threshold.view(-1, 1, pre_UBF.shape[-1])
+    return d.masked(Step.apply(pre_UBF, theta_U1F, d.per_unit(d.bandwidth).view(-1, 1, 1))).sum(-1).mean(-1)
+
+
+def _pen_tanh(d, f_UBF, pre_UBF):
+    """mean_b Σ_i tanh(c · f_i · ‖W_dec,i‖), ‖W_dec,i‖ over every target latent i writes to."""
+    scaled_UBF = d.per_unit(d.tanh_c).view(-1, 1, 1) * f_UBF * d.decoder_norms().unsqueeze(1)
+    return torch.tanh(scaled_UBF).sum(-1).mean(-1)
+
+
+PENALTIES = {"none": _pen_none, "l1": _pen_l1, "l1_decoder_norm": _pen_l1_decoder_norm, "l1_gate": _pen_l1_gate,
+             "lp": _pen_lp, "l0": _pen_l0, "tanh": _pen_tanh}
+
+
+class InferenceRule(NamedTuple):
+    """How an exported member computes f at inference, for the format writers: `activation` is
+    relu | topk | jumprelu | gated; `tensors` what it needs beyond W_enc, b_enc, W_dec, b_dec."""
+
+    activation: str
+    tensors: dict[str, torch.Tensor]
+    k: int | None = None
+
+
+def _infer_relu(d, e, units):
+    return InferenceRule("relu", {})
+
+
+def _infer_topk(d, e, units):
+    return InferenceRule("topk", {}, k=int(d.k[e]))
+
+
+def _infer_batchtopk(d, e, units):
+    F = d.W_enc.shape[-1]
+    return InferenceRule("jumprelu", {"threshold": d.threshold.view(-1)[units].unsqueeze(-1).expand(-1, F).reshape(-1).clone()})
+
+
+def _infer_jumprelu(d, e, units):
+    return InferenceRule("jumprelu", {"threshold": d.jump_threshold[e].clone()})
+
+
+def _infer_gated(d, e, units):
+    return InferenceRule("gated", {"r_mag": d.r_mag[e].clone(), "b_mag": d.b_mag[e].clone()})
+
+
+INFERENCE_RULES = {"relu": _infer_relu, "topk": _infer_topk, "batchtopk": _infer_batchtopk,
+                   "jumprelu": _infer_jumprelu, "gated": _infer_gated}
 
 
 class Dictionary(nn.Module):
     """E sparse dictionaries of one architecture as stacked parameters, as wide as the widest."""
 
-    def __init__(self, members: list[MemberConfig], aux_dead_tokens: int = 10_000_000, threshold_start_step: int = 1000):
-        """`aux_dead_tokens`: tokens without firing after which AuxK counts a latent dead;
+    def __init__(self, members: list[MemberConfig], columns: dict[str, tuple[int, int]] | None = None,
+                 aux_dead_tokens: int = 10_000_000, threshold_start_step: int = 1000):
+        """`columns`: source name → (first column, width) in the batches this dictionary is fed
+        (default: the first member's inputs, then its other targets, side by side);
+        `aux_dead_tokens`: tokens without firing after which AuxK counts a latent dead;
         `threshold_start_step`: step from which BatchTopK's inference threshold is averaged."""
         super().__init__()
-        _check_same(members, "d_in", "n_sources", "arch", "aux_k", "group_fractions")
-        self.n_sources = S = members[0].n_sources
-        E, D, F = len(members), S * members[0].d_in, max(m.d_sae for m in members)
+        _check_same(members, "d_in", "d_out", "n_sources", "n_targets", "arch", "aux_k", "group_fractions",
+                    "cross_layer", "skip", "is_transcoder")
+        first = members[0]
         self.members = list(members)
-        self.spec = members[0].spec
+        self.spec = first.spec
+        self.G, self.I, self.O = first.n_groups, first.unit_in, first.member_out
+        self.n_targets, self.d_out = first.n_targets, first.width_out
+        self.subtract_b_dec = first.subtract_b_dec
+        E, G, F = len(members), self.G, max(m.d_sae for m in members)
         if self.spec.nested and len({m.d_sae for m in members}) > 1:
             raise ValueError("matryoshka members must share d_sae (its groups are fractions of it); "
                              "train each width in its own run")
-        self.aux_k = members[0].aux_k or max(1, D // 2)
+        self.aux_k = first.aux_k or max(1, self.O // 2)
         self.aux_dead_tokens = aux_dead_tokens
         self.threshold_start_step = threshold_start_step
-        self.W_enc = nn.Parameter(torch.empty(E, D, F))
-        self.b_enc = nn.Parameter(torch.zeros(E, F))  # b_gate for gated
-        self.W_dec = nn.Parameter(torch.empty(E, F, D))
-        self.b_dec = nn.Parameter(torch.zeros(E, D))
+        self._wire(columns or default_columns(first))
+        self.W_enc = nn.Parameter(torch.zeros(E, G * self.I, F))  # group g's encoder: rows g·I … (g+1)·I
+        self.b_enc = nn.Parameter(torch.zeros(E, G * F))  # b_gate for gated
+        self.W_dec = nn.Parameter(torch.zeros(E, F, self.slab_starts[-1]))  # group g's decoder: a column slab
+        self.b_dec = nn.Parameter(torch.zeros(E, self.O))
+        if first.skip:
+            self.W_skip = nn.Parameter(torch.zeros(E, self.I, self.O))
         if self.spec.activation == "jumprelu":
             # θ is trained directly (clamped positive after each step): Adam then moves it by ~lr
             # per step, on the scale of the normalised activations; a log-parameter would crawl.
             theta_E = torch.tensor([m.threshold_init for m in members])
-            self.jump_threshold = nn.Parameter(theta_E.unsqueeze(1).repeat(1, F))
+            self.jump_threshold = nn.Parameter(theta_E.unsqueeze(1).repeat(1, G * F))
         if self.spec.activation == "gated":
             self.r_mag = nn.Parameter(torch.zeros(E, F))  # magnitude path: W_enc ⊙ exp(r_mag)
             self.b_mag = nn.Parameter(torch.zeros(E, F))
-        for knob in ("l1_coeff", "l0_coeff", "k", "bandwidth", "aux_coeff", "p_end"):
+        for knob in ("l1_coeff", "l0_coeff", "k", "bandwidth", "aux_coeff", "p_end", "tanh_c", "preact_coeff"):
             dtype = torch.long if knob == "k" else torch.float32
             self.register_buffer(knob, torch.tensor([getattr(m, knob) for m in members], dtype=dtype))
         self.register_buffer("sparsity_scale", torch.ones(E))  # schedule factor, set by the trainer
@@ -215,277 +276,387 @@ class Dictionary(nn.Module):
         self.register_buffer("p_previous", torch.ones(E))  # exponent of the previous step
         self.register_buffer("coeff_rescale", torch.ones(E))  # p-annealing's λ rescale r_t
         self.register_buffer("penalty_queue", torch.zeros(E, PENALTY_QUEUE))  # recent penalties (p-annealing)
-        self.prefix_ends = nested_prefix_ends(F, members[0].group_fractions) if self.spec.nested else [F]
+        self.prefix_ends = nested_prefix_ends(F, first.group_fractions) if self.spec.nested else [F]
         widths_E = torch.tensor([m.d_sae for m in members])
-        self.register_buffer("width_mask", torch.arange(F) < widths_E.unsqueeze(1))  # [E, F] latents each member has
-        self.masked = bool((widths_E < F).any())  # skip the mask's work when every member is full width
-        self.register_buffer("tokens_since_fired", torch.zeros(E, F, dtype=torch.long))  # AuxK's dead latents
-        self.register_buffer("threshold", torch.zeros(E))  # batchtopk inference threshold (EMA)
+        mask_EF = torch.arange(F) < widths_E.unsqueeze(1)
+        self.register_buffer("width_mask", mask_EF.repeat(1, G))  # [E, G·F] latents each member has
+        self.masked_widths = bool((widths_E < F).any())  # skip the mask's work when every member is full width
+        self.register_buffer("tokens_since_fired", torch.zeros(E, G * F, dtype=torch.long))  # AuxK's dead latents
+        self.register_buffer("threshold", torch.zeros(E, G))  # batchtopk inference threshold (EMA), per group
         self.register_buffer("steps", torch.zeros(E, dtype=torch.long))
         with torch.no_grad():
-            self.W_dec.zero_()
-            self.W_enc.zero_()
             for e, member in enumerate(members):
-                f = member.d_sae
-                if self.spec.unit_norm_decoder or self.spec.activation == "jumprelu":
-                    # x̂ ≈ x at the start: for random unit rows w, E[ReLU(w·x) w] = x / (2D)
-                    W_dec_fD = init_decoder(f, D, member.seed)
-                    self.W_dec[e, :f], self.W_enc[e, :, :f] = W_dec_fD, W_dec_fD.T * (2 * D / f)
-                else:
-                    W_dec_fD = init_decoder(f, D, member.seed, n_sources=S) * member.decoder_init_norm
-                    self.W_dec[e, :f], self.W_enc[e, :, :f] = W_dec_fD, W_dec_fD.T
+                self._init_member_(e, member)
 
-    def latent_params(self) -> list[tuple[str, nn.Parameter, int]]:
-        """(name, parameter, index of its latent axis) for every parameter with one."""
-        axis = {"W_enc": 2, "W_dec": 1, "b_dec": None}
-        return [(n, p, axis.get(n, 1)) for n, p in self.named_parameters() if axis.get(n, 1) is not None]
+    # ---------------------------------------------------------------- wiring
+    def _wire(self, columns: dict[str, tuple[int, int]]) -> None:
+        """Column indices each member reads ([E, G, I]) and writes ([E, O]) in a batch, plus the
+        slices that replace the gathers when every member reads and writes the same columns."""
+        def cols(names: tuple[str, ...], width: int) -> list[int]:
+            out = []
+            for name in names:
+                if name not in columns:
+                    raise ValueError(f"source {name!r} is not among the batch's columns: {', '.join(columns)}")
+                start, w = columns[name]
+                if w != width:
+                    raise ValueError(f"source {name} is {w} wide; this dictionary expects {width}")
+                out.extend(range(start, start + w))
+            return out
 
-    def dead_latents(self, window: int) -> torch.Tensor:
-        """Latents of each member's own width that have not fired for `window` tokens.  → [E, F] bool"""
-        return (self.tokens_since_fired >= window) & self.width_mask
+        inputs = [cols(m.input_names(), self.members[0].d_in) for m in self.members]  # [E][G·I]
+        targets = [cols(m.target_names(), self.d_out) for m in self.members]  # [E][O]
+        self.register_buffer("input_index", torch.tensor(inputs).view(len(inputs), self.G, self.I))
+        self.register_buffer("target_index", torch.tensor(targets))
+        self._shared_inputs = _as_slices(inputs, self.G)
+        self._shared_targets = _as_slices(targets, 1)
+        # slab g of the packed decoder: group g writes targets g … T−1 (cross-layer), else all of them
+        widths = [(self.n_targets - g) * self.d_out if self.G > 1 else self.O for g in range(self.G)]
+        self.slab_starts = [0]
+        for w in widths:
+            self.slab_starts.append(self.slab_starts[-1] + w)
 
-    def _masked(self, t_EBF: torch.Tensor) -> torch.Tensor:
-        """Zero each member's latents beyond its width (width sweeps).  → [E, B, F]"""
-        return t_EBF * self.width_mask.unsqueeze(1) if self.masked else t_EBF
+    def inputs(self, x_BC: torch.Tensor) -> torch.Tensor:
+        """Each unit's input.  x [B, C] → [U, B, I], or [1, B, I] when every unit reads the same columns"""
+        if self._shared_inputs is not None and self.G == 1:
+            return x_BC[:, self._shared_inputs[0]].unsqueeze(0)
+        E = self.input_index.shape[0]
+        if self._shared_inputs is not None:
+            x_GBI = torch.stack([x_BC[:, s] for s in self._shared_inputs])
+            return x_GBI.unsqueeze(0).expand(E, -1, -1, -1).reshape(E * self.G, *x_GBI.shape[1:])
+        return x_BC[:, self.input_index].permute(1, 2, 0, 3).reshape(E * self.G, len(x_BC), self.I)
+
+    def targets(self, x_BC: torch.Tensor) -> torch.Tensor:
+        """What each member reconstructs.  x [B, C] → [E, B, O], or [1, B, O] when shared"""
+        if self._shared_targets is not None:
+            return x_BC[:, self._shared_targets[0]].unsqueeze(0)
+        return x_BC[:, self.target_index].permute(1, 0, 2)
+
+    def per_unit(self, t_E: torch.Tensor) -> torch.Tensor:
+        """A per-member tensor repeated for each of its encoder groups.  [E, ...] → [U, ...]"""
+        return t_E if self.G == 1 else t_E.repeat_interleave(self.G, dim=0)
+
+    def per_member(self, t_U: torch.Tensor) -> torch.Tensor:
+        """Sum a per-unit quantity over each member's groups.  [U] → [E]"""
+        return t_U if self.G == 1 else t_U.view(-1, self.G).sum(-1)
+
+    def slab(self, g: int) -> torch.Tensor:
+        """Group g's decoder: its latents' rows over the targets it writes.  → [E, F, width]"""
+        return self.W_dec[:, :, self.slab_starts[g]: self.slab_starts[g + 1]]
+
+    def target_start(self, g: int) -> int:
+        """First output column group g writes."""
+        return g * self.d_out if self.G > 1 else 0
+
+    # ---------------------------------------------------------------- initialisation
+    def _init_member_(self, e: int, member: MemberConfig) -> None:
+        """Decoder rows are random directions (per target for per-source norms), unit norm where
+        norms are fixed or thresholds learned, `decoder_init_norm` where norms are free; the
+        encoder of an SAE is the decoder's transpose (scaled by 2·I/F where rows are unit: for
+        random unit rows w, E[ReLU(w·x) w] = x / (2I), so x̂ ≈ x at the start); a transcoder's
+        encoder has directions of its own (it reads another space)."""
+        f, G = member.d_sae, self.G
+        unit_rows = self.spec.unit_norm_decoder or self.spec.activation == "jumprelu"
+        norm = 1.0 if unit_rows else member.decoder_init_norm
+        blocks = 1 if unit_rows else self.n_targets
+        for g in range(G):
+            width = self.slab_starts[g + 1] - self.slab_starts[g]
+            W_dec_fW = init_decoder(f, width, member.seed + 7919 * g, n_blocks=blocks if G == 1 else 1) * norm
+            self.slab(g)[e, :f] = W_dec_fW
+            rows = slice(g * self.I, (g + 1) * self.I)
+            if not member.is_transcoder:
+                self.W_enc[e, rows, :f] = W_dec_fW.T * (2 * self.I / f if unit_rows else 1.0)
+            else:
+                W_enc_fI = init_decoder(f, self.I, member.seed + 104729 + 7919 * g)
+                self.W_enc[e, rows, :f] = W_enc_fI.T * (2 * self.I / f if unit_rows else norm)
+
+    @torch.no_grad()
+    def init_b_dec_(self, mean_C: torch.Tensor) -> None:
+        """Start every member's b_dec at the mean of what it writes, so encoders see centred inputs
+        from step 0 (large constant directions, as in Gemma's residual stream, otherwise dominate
+        early FVU).  mean [C] over a batch's columns"""
+        self.b_dec.copy_(mean_C[self.target_index])
 
     # ---------------------------------------------------------------- forward
-    def pre_activation(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """x [B, D] → pre [E, B, F]"""
-        E, B = self.W_enc.shape[0], x_BD.shape[0]
-        return torch.baddbmm(self._encoder_bias(), x_BD.expand(E, B, -1), self.W_enc)
+    def masked(self, t_UBF: torch.Tensor) -> torch.Tensor:
+        """Zero each member's latents beyond its width (width sweeps).  → [U, B, F]"""
+        if not self.masked_widths:
+            return t_UBF
+        return t_UBF * self.width_mask.view(-1, 1, t_UBF.shape[-1])
 
     def _encoder_bias(self) -> torch.Tensor:
-        """→ [E, 1, F]. (x − b_dec) W_enc + b_enc = x W_enc + (b_enc − b_dec W_enc): the batch-sized
+        """→ [U, 1, F]. (x − b_dec) W_enc + b_enc = x W_enc + (b_enc − b_dec W_enc): the batch-sized
         product stays free of b_dec, so its gradient costs a vector product, not a third matmul."""
-        bias_E1F = self.b_enc.unsqueeze(1)
-        if self.spec.subtract_b_dec:
-            bias_E1F = bias_E1F - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc)
-        return bias_E1F
+        F = self.W_enc.shape[-1]
+        bias_U1F = self.b_enc.view(-1, 1, F)
+        if self.subtract_b_dec:
+            bias_U1F = bias_U1F - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc)
+        return bias_U1F
 
-    def activate(self, pre_EBF: torch.Tensor) -> torch.Tensor:
-        """Latent activations from (masked) pre-activations (training-time rule).  → [E, B, F]"""
-        kind = self.spec.activation
-        if kind == "relu":
-            return torch.relu(pre_EBF)
-        if kind == "topk":
-            return keep_top(torch.relu(pre_EBF), self.k_active)
-        if kind == "batchtopk":
-            E, B, F = pre_EBF.shape
-            return keep_top(torch.relu(pre_EBF).reshape(E, 1, B * F), self.k_active * B).reshape(E, B, F)
-        if kind == "gated":
-            # π_mag = (x − b_dec)(W_enc ⊙ e^{r_mag}) + b_mag = (π − b_gate) ⊙ e^{r_mag} + b_mag
-            magnitude_EBF = (pre_EBF - self.b_enc.unsqueeze(1)) * self.r_mag.exp().unsqueeze(1) + self.b_mag.unsqueeze(1)
-            return (pre_EBF > 0) * torch.relu(magnitude_EBF)
-        # the mask again on the output: a masked latent's θ must get no gradient either
-        return self._masked(JumpReLU.apply(pre_EBF, self.jump_threshold.unsqueeze(1), self.bandwidth.view(-1, 1, 1)))
+    def _W_enc_units(self) -> torch.Tensor:
+        return self.W_enc.view(-1, self.I, self.W_enc.shape[-1])  # [U, I, F]
 
-    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """Latent activations of every member.  x [B, D] → f [E, B, F]"""
-        return self.activate(self._masked(self.pre_activation(x_BD)))
+    def pre_activation(self, x_BC: torch.Tensor) -> torch.Tensor:
+        """x [B, C] → pre [U, B, F] (masked beyond each member's width)"""
+        x_UBI = self.inputs(x_BC)
+        U = self._W_enc_units().shape[0]
+        return self.masked(torch.baddbmm(self._encoder_bias(), x_UBI.expand(U, -1, -1), self._W_enc_units()))
 
-    def decode(self, f_EBF: torch.Tensor) -> torch.Tensor:
-        """Reconstructions.  f [E, B, F] → x̂ [E, B, D]"""
-        return torch.baddbmm(self.b_dec.unsqueeze(1), f_EBF, self.W_dec)
+    def activate(self, pre_UBF: torch.Tensor) -> torch.Tensor:
+        """Latent activations from (masked) pre-activations (training-time rule).  → [U, B, F]"""
+        return ACTIVATIONS[self.spec.activation](self, pre_UBF)
 
-    def reconstruct(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """x [B, D] → x̂ [E, B, D]"""
-        return self.decode(self.encode(x_BD))
+    def encode(self, x_BC: torch.Tensor) -> torch.Tensor:
+        """Latent activations of every unit.  x [B, C] → f [U, B, F]"""
+        return self.activate(self.pre_activation(x_BC))
 
-    def forward(self, x_BD: torch.Tensor) -> LossOutput:
+    def decode(self, f_UBF: torch.Tensor, x_BC: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstructions (plus the skip term of x, for skip transcoders).  f [U, B, F] → ŷ [E, B, O]"""
+        return self._decode_prefixes(f_UBF, x_BC, None)[0]
+
+    def reconstruct(self, x_BC: torch.Tensor) -> torch.Tensor:
+        """x [B, C] → ŷ [E, B, O]"""
+        return self.decode(self.encode(x_BC), x_BC)
+
+    def forward(self, x_BC: torch.Tensor) -> LossOutput:
         """The training objective (what `torch.func.functional_call` evaluates)."""
-        return self.loss(x_BD)
+        return self.loss(x_BC)
 
-    def loss(self, x_BD: torch.Tensor) -> LossOutput:
-        bias_E1F = self._encoder_bias()
-        if self.spec.activation == "topk":
+    def loss(self, x_BC: torch.Tensor) -> LossOutput:
+        """Every member's loss on the batch, and what the step observed (no state is changed)."""
+        y_EBO = self.targets(x_BC)
+        bias_U1F = self._encoder_bias()
+        pre_UBF = None
+        if self.spec.activation == "topk" and self.G == 1:
             # Sparse path: only the k selected latents are decoded and receive gradients.
-            mask_E1F = self.width_mask.unsqueeze(1) if self.masked else None
-            vals_EBK, idx_EBK = TopKEncode.apply(x_BD, self.W_enc, bias_E1F, self.k_active, mask_E1F)
-            x_hat_EBD = self._decode_sparse(vals_EBK, idx_EBK)
-            f_EBF = None
-            fires_EF = torch.zeros_like(self.tokens_since_fired, dtype=vals_EBK.dtype)
-            fired_EF = fires_EF.scatter_add_(-1, idx_EBK.flatten(1), (vals_EBK > 0).flatten(1).to(vals_EBK.dtype)) > 0
-            sparsity_E = torch.zeros_like(self.l1_coeff)
-            l0_E = (vals_EBK > 0).float().sum(-1).mean(-1)
-            mse_E = recon_E = (x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2))
+            mask = self.width_mask.unsqueeze(1) if self.masked_widths else None
+            vals, idx = TopKEncode.apply(self.inputs(x_BC), self._W_enc_units(), bias_U1F, self.k_active, mask)
+            codes = Codes(None, vals, idx)
+            x_hat_EBO = self._decode_sparse(vals, idx) + self._skip(x_BC)
+            mse_E = recon_E = (x_hat_EBO - y_EBO).pow(2).mean(dim=(1, 2))
         else:
-            pre_EBF = self._masked(torch.baddbmm(bias_E1F, x_BD.expand(self.W_enc.shape[0], -1, -1), self.W_enc))
-            f_EBF = self.activate(pre_EBF)
-            if self.spec.penalty == "lp" and self.training:
-                self._rescale_for_new_p_(f_EBF.detach())
-            x_hat_EBD, prefix_mse_GE = self._decode_nested(x_BD, f_EBF)
-            mse_E, recon_E = prefix_mse_GE[-1], prefix_mse_GE.mean(0)  # one prefix (all latents) unless nested
-            active_EBF = f_EBF > 0  # one pass, one byte per entry, for both statistics
-            fired_EF = active_EBF.any(dim=1)
-            sparsity_E = self._penalty(f_EBF, pre_EBF)
-            l0_E = active_EBF.sum(-1).float().mean(-1)
-        coeff_E = self.l0_coeff if self.spec.penalty == "l0" else self.l1_coeff
-        total_E = recon_E + coeff_E * self.sparsity_scale * self.coeff_rescale * sparsity_E
-        if self.spec.aux_k:
-            total_E = total_E + self.aux_coeff * self._aux_k_loss(x_BD, x_hat_EBD, bias_E1F)
-        if self.spec.penalty == "l1_gate":
-            total_E = total_E + self._gate_aux_loss(x_BD, pre_EBF)
-        if self.training:
-            self._track_(fired_EF, f_EBF, sparsity_E.detach(), len(x_BD))
-        return LossOutput(total_E, mse_E, sparsity_E, l0_E, f_EBF, x_hat_EBD)
+            x_UBI = self.inputs(x_BC)
+            W_UIF = self._W_enc_units()
+            pre_UBF = self.masked(torch.baddbmm(bias_U1F, x_UBI.expand(len(W_UIF), -1, -1), W_UIF))
+            codes = Codes(self.activate(pre_UBF))
+            x_hat_EBO, prefix_mse_PE = self._decode_prefixes(codes.dense, x_BC, y_EBO)
+            mse_E = prefix_mse_PE[-1]
+            # the mean over prefixes (one prefix, all latents, unless nested); Σ_m MSE_m for a CLT
+            recon_E = prefix_mse_PE.mean(0) * (self.n_targets if self.G > 1 else 1)
+        F = self.W_enc.shape[-1]
+        sparsity_E = self.per_member(PENALTIES[self.spec.penalty](self, codes.dense, pre_UBF))
+        rescale_E = self._p_rescale(codes.dense) if self.spec.penalty == "lp" else self.coeff_rescale
+        field_name = self.spec.coefficient
+        coeff_E = getattr(self, field_name) if field_name else torch.zeros_like(self.l1_coeff)
+        total_E = recon_E + coeff_E * self.sparsity_scale * rescale_E * sparsity_E
+        for name in self.spec.extra_losses:
+            total_E = total_E + EXTRA_LOSSES[name](self, x_BC, y_EBO, x_hat_EBO, pre_UBF)
+        stats = Stats(codes.fired(F).view(len(total_E), -1), self._smallest_kept(codes), sparsity_E.detach(),
+                      rescale_E.detach())
+        return LossOutput(total_E, mse_E, sparsity_E,
+                          self.per_member(codes.l0()), codes.dense, x_hat_EBO, stats)
 
-    def _decode_nested(self, x_BD: torch.Tensor, f_EBF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x̂, MSE of each prefix's reconstruction). With nested groups (Matryoshka; Bussmann et al.
-        2025, Nabeshima 2025) the training loss is the mean over prefixes m_1 < … < m_G = F of the
-        MSE of reconstructing from the first m_g latents alone; the partial sums cost no more than
-        one full decode. Without groups the only prefix is all F latents.
-        → x̂ [E, B, D], MSE [G, E]"""
-        x_hat_EBD = self.b_dec.unsqueeze(1).expand(-1, x_BD.shape[0], -1)
+    def _skip(self, x_BC: torch.Tensor | None) -> torch.Tensor | float:
+        if not hasattr(self, "W_skip") or x_BC is None:
+            return 0.0
+        return torch.bmm(self.inputs(x_BC).expand(len(self.W_skip), -1, -1), self.W_skip)
+
+    def _decode_prefixes(self, f_UBF: torch.Tensor, x_BC: torch.Tensor | None,
+                         y_EBO: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ŷ, the MSE of each prefix's reconstruction). With nested groups
+        (Matryoshka; Bussmann et al. 2025, Nabeshima 2025) the training loss is the mean over
+        prefixes m_1 < … < m_G = F of the MSE of reconstructing from the first m_g latents
+        alone; the partial sums cost no more than one full decode. Without groups the only prefix
+        is all F latents. A cross-layer transcoder adds each group's slab into the targets it
+        writes.  → ŷ [E, B, O], MSE [P, E] (None without y)"""
+        E, B = self.b_dec.shape[0], f_UBF.shape[1]
+        x_hat_EBO = self.b_dec.unsqueeze(1).expand(-1, B, -1) + self._skip(x_BC)
+        if self.G > 1:
+            f_EGBF = f_UBF.view(E, self.G, B, -1)
+            parts = [F_.pad(torch.bmm(f_EGBF[:, g], self.slab(g)), (self.target_start(g), 0)) for g in range(self.G)]
+            x_hat_EBO = x_hat_EBO + sum(parts)
+            return x_hat_EBO, None if y_EBO is None else (x_hat_EBO - y_EBO).pow(2).mean(dim=(1, 2)).unsqueeze(0)
         losses, start = [], 0
         for end in self.prefix_ends:
-            x_hat_EBD = torch.baddbmm(x_hat_EBD, f_EBF[:, :, start:end], self.W_dec[:, start:end])
-            losses.append((x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2)))
+            x_hat_EBO = torch.baddbmm(x_hat_EBO, f_UBF[:, :, start:end], self.W_dec[:, start:end])
+            if y_EBO is not None:
+                losses.append((x_hat_EBO - y_EBO).pow(2).mean(dim=(1, 2)))
             start = end
-        return x_hat_EBD, torch.stack(losses)
+        return x_hat_EBO, torch.stack(losses) if losses else None
 
     def _decode_sparse(self, vals_EBK: torch.Tensor, idx_EBK: torch.Tensor) -> torch.Tensor:
-        """x̂ from the k active latents of each row: a gather-and-sum of decoder rows (B·k·D work
-        instead of B·F·D).  → [E, B, D]"""
+        """ŷ from the k active latents of each row: a gather-and-sum of decoder rows (B·k·O work
+        instead of B·F·O).  → [E, B, O]"""
         rows = [F_.embedding_bag(idx_EBK[e], self.W_dec[e], per_sample_weights=vals_EBK[e], mode="sum")
                 for e in range(len(vals_EBK))]
         return torch.stack(rows) + self.b_dec.unsqueeze(1)
 
-    def _penalty(self, f_EBF: torch.Tensor, pre_EBF: torch.Tensor) -> torch.Tensor:
-        kind = self.spec.penalty
-        if kind == "l1":
-            return f_EBF.sum(-1).mean(-1)
-        if kind == "l1_decoder_norm":
-            return (f_EBF * self.decoder_norms().unsqueeze(1)).sum(-1).mean(-1)
-        if kind == "l1_gate":
-            return torch.relu(pre_EBF).sum(-1).mean(-1)
-        if kind == "lp":
-            return lp_penalty(f_EBF, self.p_active)
-        if kind == "l0":
-            theta = self.jump_threshold.unsqueeze(1)
-            return self._masked(Step.apply(pre_EBF, theta, self.bandwidth.view(-1, 1, 1))).sum(-1).mean(-1)
-        return torch.zeros_like(self.l1_coeff)
+    def decoder_norms(self, per_target: bool = False) -> torch.Tensor:
+        """Norm of each latent's decoder over everything it writes; with `per_target`, the norms
+        of its vector for each target summed (a crosscoder's Σ_s ‖W_dec[i, s]‖).  → [U, F]"""
+        if self.G > 1:
+            return torch.stack([self.slab(g).norm(dim=-1) for g in range(self.G)], dim=1).flatten(0, 1)
+        E, F, O = self.W_dec.shape
+        if per_target:
+            return self.W_dec.view(E, F, self.n_targets, O // self.n_targets).norm(dim=-1).sum(-1)
+        return self.W_dec.norm(dim=-1)
 
-    def decoder_norms(self) -> torch.Tensor:
-        """Σ_s ‖W_dec[i, s]‖ per latent: the row norm for one source, summed per source for a
-        crosscoder.  → [E, F]"""
-        E, F, D = self.W_dec.shape
-        return self.W_dec.view(E, F, self.n_sources, D // self.n_sources).norm(dim=-1).sum(-1)
+    def _p_rescale(self, f_UBF: torch.Tensor) -> torch.Tensor:
+        """The λ rescale in force this step: when the trainer has moved p, the previous one times
+        (recent penalty at the old p) / (this batch's penalty at the new p), so the sparsity term
+        keeps its size across the change.  → [E]"""
+        with torch.no_grad():
+            changed_E = self.p_active != self.p_previous
+            filled_E = self.steps.clamp(max=PENALTY_QUEUE)
+            recent_E = self.penalty_queue.sum(-1) / filled_E.clamp_min(1)
+            new_E = lp_penalty(f_UBF.detach(), self.p_active)
+            usable_E = changed_E & (filled_E > 0) & (recent_E > 0) & (new_E > 0)
+            ratio_E = torch.where(usable_E, recent_E / new_E.clamp_min(1e-30), torch.ones_like(new_E))
+            return self.coeff_rescale * ratio_E
 
-    def _gate_aux_loss(self, x_BD: torch.Tensor, pre_EBF: torch.Tensor) -> torch.Tensor:
-        """Gated SAE auxiliary loss (Rajamanoharan et al. 2024a, eq. 8): the reconstruction from
-        ReLU(π_gate) through a frozen decoder, so the gate alone must carry the input.  → [E]"""
-        x_hat_EBD = torch.baddbmm(self.b_dec.detach().unsqueeze(1), torch.relu(pre_EBF), self.W_dec.detach())
-        return (x_hat_EBD - x_BD).pow(2).mean(dim=(1, 2))
+    def _smallest_kept(self, codes: Codes) -> torch.Tensor:
+        """BatchTopK's threshold sample: the smallest activation kept in each unit's batch.  → [U]"""
+        if self.spec.activation != "batchtopk":
+            return torch.full((len(self.per_unit(self.steps)),), math.inf, device=self.steps.device)
+        f_UBF = codes.dense.detach()
+        return torch.where(f_UBF > 0, f_UBF, torch.inf).amin(dim=(1, 2))
 
+    def dead_latents(self, window: int) -> torch.Tensor:
+        """Latents of each member's own width that have not fired for `window` tokens.  → [E, G·F] bool"""
+        return (self.tokens_since_fired >= window) & self.width_mask
+
+    def latent_params(self) -> list[tuple[str, nn.Parameter, int]]:
+        """(name, parameter, index of its latent axis) for every parameter with one (single group)."""
+        axis = {"W_enc": 2, "W_dec": 1, "b_dec": None, "W_skip": None}
+        return [(n, p, axis.get(n, 1)) for n, p in self.named_parameters() if axis.get(n, 1) is not None]
+
+    # ---------------------------------------------------------------- state changes after a step
     @torch.no_grad()
-    def _rescale_for_new_p_(self, f_EBF: torch.Tensor) -> None:
-        """When the trainer has moved p, scale λ by (recent penalty at the old p) / (this batch's
-        penalty at the new p), so the sparsity term keeps its size across the change."""
-        changed_E = self.p_active != self.p_previous
-        if not changed_E.any():
-            return
-        filled_E = self.steps.clamp(max=PENALTY_QUEUE)
-        recent_E = self.penalty_queue.sum(-1) / filled_E.clamp_min(1)
-        new_E = lp_penalty(f_EBF, self.p_active)
-        usable_E = changed_E & (filled_E > 0) & (recent_E > 0) & (new_E > 0)
-        ratio_E = torch.where(usable_E, recent_E / new_E.clamp_min(1e-30), torch.ones_like(new_E))
-        self.coeff_rescale.mul_(ratio_E)
-        self.p_previous.copy_(self.p_active)
-    def _aux_k_loss(self, x_BD: torch.Tensor, x_hat_EBD: torch.Tensor, bias_E1F: torch.Tensor) -> torch.Tensor:
-        """AuxK (Gao et al. 2024, A.2): reconstruct the residual from the top-k_aux pre-activations
-        among dead latents, normalised by the residual's variance. Only the dead latents' encoder
-        columns are computed.  → [E]"""
-        dead_EF = self.dead_latents(self.aux_dead_tokens)
-        losses = []
-        for e in range(len(dead_EF)):
-            cols = dead_EF[e].nonzero().squeeze(1)
-            if len(cols) == 0:
-                losses.append(torch.zeros((), device=x_BD.device))
-                continue
-            residual_BD = (x_BD - x_hat_EBD[e]).detach()
-            pre_dead = torch.addmm(bias_E1F[e, 0, cols], x_BD, self.W_enc[e][:, cols])  # [B, n_dead]
-            vals, pos = torch.relu(pre_dead).topk(min(self.aux_k, len(cols)), dim=-1)
-            residual_hat_BD = F_.embedding_bag(cols[pos], self.W_dec[e], per_sample_weights=vals, mode="sum")
-            variance = (residual_BD - residual_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
-            losses.append((residual_hat_BD - residual_BD).pow(2).sum() / variance)
-        return torch.stack(losses)
-
-    @torch.no_grad()
-    def _track_(self, fired_EF: torch.Tensor, f_EBF: torch.Tensor | None, penalty_E: torch.Tensor, batch_size: int) -> None:
-        """Dead-latent counters (AuxK, resampling), the recent penalties (p-annealing) and the
-        BatchTopK inference threshold (EMA of the smallest kept activation, from
-        `threshold_start_step` on)."""
-        self.tokens_since_fired.add_(batch_size).masked_fill_(fired_EF, 0)
+    def observe_(self, stats: Stats, batch_size: int) -> None:
+        """Apply what a step observed: dead-latent counters (AuxK, resampling), the recent
+        penalties and λ rescale (p-annealing) and the BatchTopK inference threshold (EMA of the
+        smallest kept activation, from `threshold_start_step` on)."""
+        self.tokens_since_fired.add_(batch_size).masked_fill_(stats.fired, 0)
         if self.spec.penalty == "lp":
             slot_E1 = (self.steps % PENALTY_QUEUE).unsqueeze(1)
-            self.penalty_queue.scatter_(1, slot_E1, penalty_E.unsqueeze(1))
+            self.penalty_queue.scatter_(1, slot_E1, stats.penalty.unsqueeze(1))
+            self.coeff_rescale.copy_(stats.coeff_rescale)
+            self.p_previous.copy_(self.p_active)
         self.steps.add_(1)
         if self.spec.activation == "batchtopk":
-            smallest_E = torch.where(f_EBF > 0, f_EBF, torch.inf).amin(dim=(1, 2))
-            smallest_E = torch.where(torch.isfinite(smallest_E), smallest_E, self.threshold)
-            first = self.steps == self.threshold_start_step
-            ema = 0.999 * self.threshold + 0.001 * smallest_E
-            started = self.steps >= self.threshold_start_step
-            self.threshold.copy_(torch.where(first, smallest_E, torch.where(started, ema, self.threshold)))
-
-    # ---------------------------------------------------------------- constraints
-    @torch.no_grad()
-    def init_b_dec_(self, mean_D: torch.Tensor) -> None:
-        """Start every member's b_dec at the data mean, so encoders see centred inputs from step 0
-        (large constant directions, as in Gemma's residual stream, otherwise dominate early FVU)."""
-        self.b_dec.copy_(mean_D.expand_as(self.b_dec))
+            threshold_U = self.threshold.view(-1)
+            smallest_U = torch.where(torch.isfinite(stats.smallest_kept), stats.smallest_kept, threshold_U)
+            steps_U = self.per_unit(self.steps)
+            first = steps_U == self.threshold_start_step
+            ema = 0.999 * threshold_U + 0.001 * smallest_U
+            started = steps_U >= self.threshold_start_step
+            threshold_U.copy_(torch.where(first, smallest_U, torch.where(started, ema, threshold_U)))
 
     @torch.no_grad()
     def before_step_(self) -> None:
         """Remove from each decoder row's gradient its component along the row (unit-norm decoders)."""
         g = self.W_dec.grad
         if self.spec.unit_norm_decoder and g is not None:
-            g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+            for s in range(self.G):
+                W, grad = self.slab(s), g[:, :, self.slab_starts[s]: self.slab_starts[s + 1]]
+                grad -= (grad * W).sum(-1, keepdim=True) * W
 
     @torch.no_grad()
     def after_step_(self) -> None:
         """Renormalise decoder rows to unit norm (unit-norm decoders); keep thresholds positive."""
         if self.spec.unit_norm_decoder:
-            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            for s in range(self.G):
+                W = self.slab(s)
+                W /= W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         if self.spec.activation == "jumprelu":
             self.jump_threshold.clamp_(min=1e-6)
 
     # ---------------------------------------------------------------- export
     @torch.no_grad()
-    def member_tensors(self, e: int, scale: float | torch.Tensor = 1.0) -> dict[str, torch.Tensor]:
-        """Member e's weights in SAELens names, for raw activations x_raw = scale · x; `scale` is
-        one factor or one per source ([S]) for crosscoders, whose tensors keep the flat layout.
+    def member_tensors(self, e: int, in_scale=1.0, out_scale=None) -> dict[str, torch.Tensor]:
+        """Member e's weights for raw activations (x_raw = s_in · x, y_raw = s_out · y), sliced to
+        its own width: W_enc [G·I, F], b_enc [G·F], W_dec [F, slabs], b_dec [O] (+ W_skip [I, O],
+        and the tensors of its inference rule: threshold [G·F] | r_mag, b_mag [F]). Scales are one
+        factor, one per source, or one per column; `out_scale` defaults to `in_scale` (an SAE).
 
         The pre-activation is invariant: (x_raw − s·b_dec)(W_enc / s) + b_enc equals the
         normalised one (likewise without b_dec), so thresholds and k carry over unchanged,
-        and the reconstruction scales by s.
+        and the reconstruction scales by s_out.
         """
-        f = self.members[e].d_sae  # its own width (width sweeps)
-        scale_S = torch.as_tensor(scale, dtype=self.W_dec.dtype, device=self.W_dec.device).reshape(-1)
-        scale_D = scale_S.repeat_interleave(self.W_dec.shape[-1] // len(scale_S))  # one factor per input column
+        member = self.members[e]
+        f, F = member.d_sae, self.W_enc.shape[-1]
+        s_in = _per_column(in_scale, self.G * self.I, self.W_enc)
+        s_out = s_in if out_scale is None and not member.is_transcoder else _per_column(
+            in_scale if out_scale is None else out_scale, self.O, self.W_enc)
+        s_slab = torch.cat([s_out[self.target_start(g): self.target_start(g) + self.slab_starts[g + 1] - self.slab_starts[g]]
+                            for g in range(self.G)])
+        latents = (torch.arange(self.G).unsqueeze(1) * F + torch.arange(f)).flatten()  # its latents in every group
         tensors = {
-            "W_enc": (self.W_enc[e, :, :f] / scale_D.unsqueeze(1)).contiguous(),
-            "b_enc": self.b_enc[e, :f].clone(),
-            "W_dec": (self.W_dec[e, :f] * scale_D).contiguous(),
-            "b_dec": self.b_dec[e] * scale_D,
+            "W_enc": (self.W_enc[e, :, :f] / s_in.unsqueeze(1)).contiguous(),
+            "b_enc": self.b_enc[e, latents].clone(),
+            "W_dec": (self.W_dec[e, :f] * s_slab).contiguous(),
+            "b_dec": self.b_dec[e] * s_out,
         }
-        if self.spec.activation == "jumprelu":
-            tensors["threshold"] = self.jump_threshold[e, :f].clone()
-        elif self.spec.activation == "batchtopk":
-            tensors["threshold"] = self.threshold[e].expand(f).clone()
-        elif self.spec.activation == "gated":
-            tensors["b_gate"] = tensors.pop("b_enc")
-            tensors.update(r_mag=self.r_mag[e, :f].clone(), b_mag=self.b_mag[e, :f].clone())
+        if member.skip:
+            tensors["W_skip"] = (self.W_skip[e] * s_out / s_in.unsqueeze(1)).contiguous()
+        rule = self.inference_rule(e)
+        for name, t in rule.tensors.items():
+            tensors[name] = t[latents] if t.shape[0] == self.G * F else t[:f]
         return tensors
 
-    def saelens_architecture(self, e: int) -> dict:
-        """The architecture-specific part of member e's SAELens cfg.json."""
-        fields = {"architecture": self.spec.saelens, "apply_b_dec_to_input": self.spec.subtract_b_dec}
-        if self.spec.saelens == "topk":
-            fields.update(k=int(self.k[e]), rescale_acts_by_decoder_norm=False)
-        return fields
+    def inference_rule(self, e: int) -> InferenceRule:
+        """Member e's inference rule (activation name and its tensors, at full width)."""
+        units = torch.arange(e * self.G, (e + 1) * self.G)
+        return INFERENCE_RULES[self.spec.activation](self, e, units)
 
 
+# ---------------------------------------------------------------- extra losses
+def aux_k_loss(d: Dictionary, x_BC, y_EBO, x_hat_EBO, pre_UBF) -> torch.Tensor:
+    """α · AuxK (Gao et al. 2024, A.2): reconstruct the residual y − ŷ from the top-k_aux
+    pre-activations among dead latents, normalised by the residual's variance. Only the dead
+    latents' encoder columns are computed.  → [E]"""
+    dead_UF = d.dead_latents(d.aux_dead_tokens).view(-1, d.W_enc.shape[-1])
+    x_UBI, W_UIF, bias_U1F = d.inputs(x_BC), d._W_enc_units(), d._encoder_bias()
+    losses = []
+    for e in range(len(x_hat_EBO)):
+        residual_BO = (y_EBO[e if len(y_EBO) > 1 else 0] - x_hat_EBO[e]).detach()
+        estimate_BO = None
+        for g in range(d.G):
+            u = e * d.G + g
+            cols = dead_UF[u].nonzero().squeeze(1)
+            if len(cols) == 0:
+                continue
+            pre_dead = torch.addmm(bias_U1F[u, 0, cols], x_UBI[u if len(x_UBI) > 1 else 0], W_UIF[u][:, cols])  # [B, n_dead]
+            vals, pos = torch.relu(pre_dead).topk(min(d.aux_k, len(cols)), dim=-1)
+            part = F_.embedding_bag(cols[pos], d.slab(g)[e], per_sample_weights=vals, mode="sum")
+            part = F_.pad(part, (d.target_start(g), 0))
+            estimate_BO = part if estimate_BO is None else estimate_BO + part
+        if estimate_BO is None:
+            losses.append(torch.zeros((), device=x_BC.device))
+            continue
+        variance = (residual_BO - residual_BO.mean(0)).pow(2).sum().clamp_min(1e-12)
+        losses.append((estimate_BO - residual_BO).pow(2).sum() / variance)
+    return d.aux_coeff * torch.stack(losses)
+
+
+def gate_aux_loss(d: Dictionary, x_BC, y_EBO, x_hat_EBO, pre_UBF) -> torch.Tensor:
+    """Gated SAE auxiliary loss (Rajamanoharan et al. 2024a, eq. 8): the reconstruction from
+    ReLU(π_gate) through a frozen decoder, so the gate alone must carry the input.  → [E]"""
+    gate_hat_EBO = torch.baddbmm(d.b_dec.detach().unsqueeze(1), torch.relu(pre_UBF), d.W_dec.detach())
+    return (gate_hat_EBO - y_EBO).pow(2).mean(dim=(1, 2))
+
+
+def preact_loss(d: Dictionary, x_BC, y_EBO, x_hat_EBO, pre_UBF) -> torch.Tensor:
+    """λ_p · mean_b Σ_i ReLU(θ_i − pre_i) · ‖W_dec,i‖: pulls latents below threshold towards
+    firing, against dead latents (the pre-activation loss of Anthropic's "Circuit Tracing", 2025).  → [E]"""
+    theta_U1F = d.jump_threshold.view(-1, 1, pre_UBF.shape[-1])
+    gap_UBF = d.masked(torch.relu(theta_U1F - pre_UBF)) * d.decoder_norms().unsqueeze(1)
+    return d.preact_coeff * d.per_member(gap_UBF.sum(-1).mean(-1))
+
+
+EXTRA_LOSSES = {"auxk": aux_k_loss, "gate_aux": gate_aux_loss, "preact": preact_loss}
+
+
+# ---------------------------------------------------------------- helpers
 def nested_prefix_ends(d_sae: int, fractions: tuple[float, ...]) -> list[int]:
     """End of each nested prefix: cumulative group sizes, the last group taking the rest.
     E.g. 1024 latents, (1/32, 1/16) → [32, 96, 1024]."""
@@ -496,104 +667,43 @@ def nested_prefix_ends(d_sae: int, fractions: tuple[float, ...]) -> list[int]:
     return sorted(set(ends) | {d_sae})
 
 
-def lp_penalty(f_EBF: torch.Tensor, p_E: torch.Tensor) -> torch.Tensor:
-    """mean_b Σ_i f_i^p per member, with f = 0 contributing 0 and no infinite gradient.  → [E]"""
-    positive = f_EBF > 0
-    powered = f_EBF.clamp_min(1e-12).pow(p_E.view(-1, 1, 1))
-    return torch.where(positive, powered, 0.0).sum(-1).mean(-1)
-
-
-def keep_top(values_EBN: torch.Tensor, k_E: torch.Tensor) -> torch.Tensor:
-    """Keep the k_e largest entries of each row of member e, zero the rest.  → [E, B, N]
-
-    One topk at the largest k, then a rank mask per member: members may differ in k."""
-    k_max = int(k_E.max())
-    top_values, top_index = values_EBN.topk(k_max, dim=-1, sorted=True)
-    rank_mask = torch.arange(k_max, device=values_EBN.device) < k_E.view(-1, 1, 1)
-    return torch.zeros_like(values_EBN).scatter(-1, top_index, top_values * rank_mask)
-
-
-class TopKEncode(torch.autograd.Function):
-    """(values, indices) of the k_e largest ReLU pre-activations of each row, pre = x W_enc + bias,
-    with a sparse backward: only the B·k selected entries carry gradient, so W_enc's gradient is a
-    sparse [F, B] × dense [B, D] product instead of a dense [D, B] × [B, F] one.
-    x [B, D], W_enc [E, D, F], bias [E, 1, F], k [E], optional width mask [E, 1, F]
-    → values [E, B, K], indices [E, B, K] (K = max k)."""
-
-    @staticmethod
-    def forward(ctx, x_BD, W_enc_EDF, bias_E1F, k_E, mask_E1F=None):
-        E, B = W_enc_EDF.shape[0], x_BD.shape[0]
-        pre_EBF = torch.baddbmm(bias_E1F, x_BD.expand(E, B, -1), W_enc_EDF)
-        if mask_E1F is not None:
-            pre_EBF = pre_EBF * mask_E1F
-        values, index = torch.relu(pre_EBF).topk(int(k_E.max()), dim=-1)
-        keep = (values > 0) & (torch.arange(values.shape[-1], device=values.device) < k_E.view(-1, 1, 1))
-        ctx.save_for_backward(x_BD, index, keep)
-        ctx.d_sae = W_enc_EDF.shape[-1]
-        ctx.mark_non_differentiable(index)
-        return values * keep, index
-
-    @staticmethod
-    def backward(ctx, grad_values, grad_index):
-        x_BD, index, keep = ctx.saved_tensors
-        g_EBK = grad_values * keep  # ReLU and rank mask
-        E, B, K = g_EBK.shape
-        grad_bias = g_EBK.new_zeros(E, 1, ctx.d_sae).scatter_add_(-1, index.reshape(E, 1, B * K), g_EBK.reshape(E, 1, B * K))
-        rows = torch.arange(B, device=x_BD.device).repeat_interleave(K)
-        grad_W = []
-        for e in range(E):
-            sparse_FB = torch.sparse_coo_tensor(torch.stack([index[e].reshape(-1), rows]), g_EBK[e].reshape(-1),
-                                                (ctx.d_sae, B), check_invariants=False)  # valid by construction
-            grad_W.append(torch.sparse.mm(sparse_FB, x_BD).T)  # [D, F]
-        return None, torch.stack(grad_W), grad_bias, None, None
-
-
-class JumpReLU(torch.autograd.Function):
-    """f = z · H(z − θ). Straight-through estimator (Rajamanoharan et al. 2024, eq. 11):
-    ∂f/∂z = H(z − θ); ∂f/∂θ = −(θ/ε) K((z − θ)/ε), K(u) = 1[|u| < ½]."""
-
-    @staticmethod
-    def forward(ctx, z, theta, eps):
-        ctx.save_for_backward(z, theta, eps)
-        return z * (z > theta)
-
-    @staticmethod
-    def backward(ctx, grad_f):
-        z, theta, eps = ctx.saved_tensors
-        in_window = ((z - theta).abs() < eps / 2).to(z.dtype)
-        grad_theta = -(theta / eps) * in_window * grad_f
-        return grad_f * (z > theta), _sum_to(grad_theta, theta.shape), None
-
-
-class Step(torch.autograd.Function):
-    """H(z − θ), with ∂H/∂θ = −(1/ε) K((z − θ)/ε) and no gradient to z (the L0 penalty trains
-    thresholds only; Rajamanoharan et al. 2024, eq. 12)."""
-
-    @staticmethod
-    def forward(ctx, z, theta, eps):
-        ctx.save_for_backward(z, theta, eps)
-        return (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        z, theta, eps = ctx.saved_tensors
-        in_window = ((z - theta).abs() < eps / 2).to(z.dtype)
-        return None, _sum_to(-(1 / eps) * in_window * grad_h, theta.shape), None
-
-
-def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum a broadcast gradient back to the shape of the tensor it came from."""
-    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1]
-    return grad.sum(dim=dims, keepdim=True)
-
-
-def init_decoder(d_sae: int, width: int, seed: int, n_sources: int = 1) -> torch.Tensor:
-    """Random decoder rows whose part for each of `n_sources` sources has unit norm (one source:
-    unit rows), from this member's own generator (so a member's init does not depend on its
+def init_decoder(d_sae: int, width: int, seed: int, n_blocks: int = 1) -> torch.Tensor:
+    """Random rows whose part in each of `n_blocks` equal blocks has unit norm (one block: unit
+    rows), from this member's own generator (so a member's init does not depend on its
     neighbours in the ensemble).  → [F, width]"""
     generator = torch.Generator().manual_seed(seed)
-    W = torch.randn(d_sae, n_sources, width // n_sources, generator=generator)
+    W = torch.randn(d_sae, n_blocks, width // n_blocks, generator=generator)
     return (W / W.norm(dim=-1, keepdim=True)).reshape(d_sae, width)
+
+
+def default_columns(member: MemberConfig) -> dict[str, tuple[int, int]]:
+    """Columns of a batch holding `member`'s inputs, then its other targets, side by side."""
+    columns, start = {}, 0
+    for name, width in [(n, member.d_in) for n in member.input_names()] + [(n, member.width_out) for n in member.target_names()]:
+        if name not in columns:
+            columns[name] = (start, width)
+            start += width
+    return columns
+
+
+def _as_slices(index: list[list[int]], n_groups: int) -> list[slice] | None:
+    """One slice per group when every member uses the same contiguous columns, else None."""
+    if any(row != index[0] for row in index):
+        return None
+    per_group = len(index[0]) // n_groups
+    slices = []
+    for g in range(n_groups):
+        part = index[0][g * per_group: (g + 1) * per_group]
+        if part != list(range(part[0], part[0] + per_group)):
+            return None
+        slices.append(slice(part[0], part[0] + per_group))
+    return slices
+
+
+def _per_column(scale, width: int, like: torch.Tensor) -> torch.Tensor:
+    """A factor, one per source, or one per column, as one per column.  → [width]"""
+    s = torch.as_tensor(scale, dtype=like.dtype, device=like.device).reshape(-1)
+    return s.repeat_interleave(width // len(s)) if len(s) != width else s
 
 
 def _check_same(members: list[MemberConfig], *fields: str) -> None:

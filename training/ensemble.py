@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from training.dictionary import Dictionary, MemberConfig
+from training.dictionary import Dictionary, Stats
+from training.members import MemberConfig
 
 
 class BatchedAdam:
@@ -81,10 +82,12 @@ class Ensemble:
     """
 
     def __init__(self, members: list[MemberConfig], device: str | torch.device = "cpu", member_chunk: int | None = None,
-                 dead_tokens: int = 10_000_000, threshold_start_step: int = 1000):
+                 dead_tokens: int = 10_000_000, threshold_start_step: int = 1000,
+                 columns: dict[str, tuple[int, int]] | None = None):
+        """`columns`: where each source sits in the batches (see training.dictionary.Dictionary)."""
         self.members = list(members)
         self.device = torch.device(device)
-        self.dictionary = Dictionary(self.members, dead_tokens, threshold_start_step).to(self.device)
+        self.dictionary = Dictionary(self.members, columns, dead_tokens, threshold_start_step).to(self.device)
         self.member_chunk = member_chunk
         lr_E = torch.tensor([m.lr for m in self.members], device=self.device)
         self.optimizer = BatchedAdam(list(self.dictionary.parameters()), lr_E, betas=self.dictionary.spec.betas)
@@ -94,27 +97,31 @@ class Ensemble:
     def __len__(self) -> int:
         return len(self.members)
 
-    def step(self, x_BD: torch.Tensor) -> StepOutput:
-        """One optimisation step of every member on the batch x [B, D]."""
+    def step(self, x_BC: torch.Tensor) -> StepOutput:
+        """One optimisation step of every member on the batch x [B, C]. The losses change no
+        state; what they observed (dead-latent counters, thresholds, p-annealing) is applied after
+        the optimiser step, so a step is applied whole or not at all."""
         params = dict(self.dictionary.named_parameters())
         buffers = dict(self.dictionary.named_buffers())
         for p in params.values():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        outputs = []
-        for group in self._groups(len(x_BD)):
+        outputs, stats = [], []
+        for group in self._groups(len(x_BC)):
             # Detached slices are leaves of their own: the backward of one group writes only
             # that group's gradients, with no full-size zero-filled gradient per group.
             leaves = {n: p[group].detach().requires_grad_() for n, p in params.items()}
-            out = functional_call(self.dictionary, ({**leaves, **{n: b[group] for n, b in buffers.items()}},), (x_BD,))
+            out = functional_call(self.dictionary, ({**leaves, **{n: b[group] for n, b in buffers.items()}},), (x_BC,))
             grads = torch.autograd.grad(out.total.sum(), list(leaves.values()))
             for p, g in zip(params.values(), grads):
                 p.grad[group] = g
             outputs.append(StepOutput(out.total.detach(), out.mse.detach(), out.sparsity.detach(), out.l0.detach()))
+            stats.append(out.stats)
         self._clip_per_member_(list(params.values()))
         self.dictionary.before_step_()
         self.optimizer.step()
         self.dictionary.after_step_()
+        self.dictionary.observe_(Stats(*(torch.cat(parts) for parts in zip(*stats))), len(x_BC))
         return StepOutput(*(torch.cat(parts) for parts in zip(*outputs)))
 
     @torch.no_grad()
@@ -140,12 +147,15 @@ class Ensemble:
         return [slice(i, min(i + chunk, E)) for i in range(0, E, chunk)]
 
     @torch.no_grad()
-    def resample_dead_(self, x_BD: torch.Tensor, window: int, step: int) -> torch.Tensor:
+    def resample_dead_(self, pool_ND: torch.Tensor, window: int, step: int, row_batch: int = 4096) -> torch.Tensor:
         """Anthropic-style resampling (Bricken et al. 2023, "Neuron resampling") of the latents
-        that have not fired for `window` tokens, using the batch x [B, D] as the input sample:
+        that have not fired for `window` tokens, drawing inputs from `pool` [N, D] (rows read
+        from the store for this purpose; Anthropic used ~800k):
 
-          * each dead latent draws an input with probability ∝ (its member's loss on it)²;
-          * its decoder row becomes that input's direction (x − b_dec where the encoder
+          * each member computes its loss ‖x − x̂‖² on every pool row; its dead latents draw rows
+            with probability ∝ loss² (the reference's weighting), without replacement while
+            enough rows have a non-zero loss, so no two dead latents get the same input;
+          * a dead latent's decoder row becomes its row's direction (x − b_dec where the encoder
             subtracts b_dec), at unit norm, or at the alive rows' mean norm where norms are free;
           * its encoder column becomes the same direction × 0.2 × the alive columns' mean norm;
           * its encoder bias (and gated magnitude parameters) become 0, its Adam moments 0.
@@ -153,30 +163,28 @@ class Ensemble:
         Each member draws from its own generator seeded by (its seed, step), so a member
         resamples the same in any ensemble and on resume.  → [E] latents resampled per member"""
         d = self.dictionary
-        if not d.spec.resamples:
-            raise ValueError(f"resampling is for the L1 architectures, not {self.members[0].arch}")
+        if not d.spec.resamples or self.members[0].is_transcoder or d.G > 1:
+            raise ValueError(f"resampling is for the L1 architectures' SAEs and crosscoders, not {self.members[0].arch}"
+                             + (" transcoders" if self.members[0].is_transcoder else ""))
         dead_EF = d.dead_latents(window)
         n_dead_E = dead_EF.sum(-1)
         if not n_dead_E.any():
             return n_dead_E
         alive_EF = d.width_mask & ~dead_EF
-        for group in self._groups(len(x_BD)):
-            loss_EB = (self._reconstruct(x_BD, group) - x_BD).pow(2).sum(-1)
+        for group in self._groups(min(row_batch, len(pool_ND))):
+            loss_EN = torch.cat([(self._reconstruct(rows, group) - rows).pow(2).sum(-1)
+                                 for rows in pool_ND.split(row_batch)], dim=1)
             for i, e in enumerate(range(group.start, group.stop)):
                 if n_dead_E[e]:
-                    self._resample_member_(e, dead_EF[e].nonzero().squeeze(1), alive_EF[e], x_BD, loss_EB[i], step)
+                    self._resample_member_(e, dead_EF[e].nonzero().squeeze(1), alive_EF[e], pool_ND, loss_EN[i], step)
         d.tokens_since_fired.masked_fill_(dead_EF, 0)
         return n_dead_E
 
     def _reconstruct(self, x_BD: torch.Tensor, group: slice) -> torch.Tensor:
-        """x̂ of the members in `group`, without touching training statistics.  → [E_group, B, D]"""
+        """x̂ of the members in `group` (the loss changes no state).  → [E_group, B, D]"""
         d = self.dictionary
         tensors = {n: t[group] for n, t in (*d.named_parameters(), *d.named_buffers())}
-        d.eval()
-        try:
-            return functional_call(d, (tensors,), (x_BD,)).x_hat
-        finally:
-            d.train()
+        return functional_call(d, (tensors,), (x_BD,)).x_hat
 
     def _resample_member_(self, e: int, cols: torch.Tensor, alive_F: torch.Tensor, x_BD: torch.Tensor,
                           loss_B: torch.Tensor, step: int) -> None:
@@ -185,8 +193,9 @@ class Ensemble:
         weights = loss_B.double().pow(2).cpu()
         if not weights.sum() > 0:
             weights = torch.ones_like(weights)
-        picked = torch.multinomial(weights, len(cols), replacement=True, generator=generator).to(x_BD.device)
-        inputs_nD = x_BD[picked] - d.b_dec[e] if d.spec.subtract_b_dec else x_BD[picked]
+        distinct = len(cols) <= int((weights > 0).sum())
+        picked = torch.multinomial(weights, len(cols), replacement=not distinct, generator=generator).to(x_BD.device)
+        inputs_nD = x_BD[picked] - d.b_dec[e] if d.subtract_b_dec else x_BD[picked]
         dirs_nD = inputs_nD / inputs_nD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         has_alive = bool(alive_F.any())
         dec_norm = d.W_dec[e, alive_F].norm(dim=-1).mean() if has_alive and not d.spec.unit_norm_decoder else 1.0
@@ -208,7 +217,7 @@ class Ensemble:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved = [MemberConfig(**m) for m in state["members"]]
+        saved = [MemberConfig.from_dict(m) for m in state["members"]]
         if saved != self.members:
             raise ValueError("checkpoint was written for other members than this sweep's")
         self.dictionary.load_state_dict(state["dictionary"])

@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from training.dictionary import MemberConfig
+from training.members import MemberConfig
 
 # Axis names a user may write → MemberConfig field.
 AXES = {"l1": "l1_coeff", "l1_coeff": "l1_coeff", "l0": "l0_coeff", "l0_coeff": "l0_coeff", "k": "k",

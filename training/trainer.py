@@ -1,23 +1,27 @@
-"""Stage 2: train a sweep of dictionaries on one source of an activation store, or crosscoders
-on several sources read side by side (`sources`: layers × models, rows aligned in the store).
+"""Stage 2: train a sweep of dictionaries on sources of an activation store.
 
     cfg = SweepConfig(cache="caches/p70m-l2", output_dir="runs/l1-sweep", l1_min=-4, l1_max=-2)
     train_sweep(cfg)
 
 One loop, all members at once: every batch is read once and stepped by the whole ensemble.
+Everything that can be checked is checked before anything is written: the store, the sources,
+the architecture's knobs and every member's configuration. Defaults come from the
+architecture's recipe (training/schedules.py) and are resolved into sweep_config.json.
 Checkpoints (ensemble, optimiser, stream position, dead-latent counters) are written every
-`checkpoint_every` steps, on Ctrl-C and at the end; rerunning the same command resumes from the
-last one. After training every member is exported for SAELens with the normalisation folded
-in, and sweep.json records the run; `evaluation.runner.evaluate_run` measures the members.
-Dead latents of the L1 architectures can be resampled every `resample_every` steps
-(Ensemble.resample_dead_); members of different widths train as masks inside the widest.
+`checkpoint_every` steps, and on Ctrl-C at the next step boundary (a second Ctrl-C stops at once;
+the last checkpoint stands); rerunning the same command resumes from the last one. After
+training every member is exported with the normalisation folded in (training/export.py), and
+sweep.json records the run; `evaluation.runner.evaluate_run` measures the members.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import MISSING, asdict, dataclass, fields
+import signal
+import sys
+import threading
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -26,20 +30,19 @@ from tqdm.auto import tqdm
 from cache.devices import check_device
 from cache.store import ActivationStore, StoreError, json_normal
 from cache.stream import ActivationStream, StreamConfig
-from evaluation.crosscoder import save_crosscoder
-from evaluation.export import saelens_cfg, save_saelens
 from evaluation.report import write_summary
-from training.dictionary import ARCHS, LOSS_CONVENTION, MemberConfig
+from training import rundir
+from training.members import ARCHS, LOSS_CONVENTION, MemberConfig
 from training.ensemble import Ensemble
+from training.export import ExportContext, export_member
+from training.schedules import RECIPES, Schedule, short_run_note
 from training.sweep import build_members, member_name, parse_axis, shorthand_axis
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
 _RUNTIME_FIELDS = ("output_dir", "device", "overwrite", "checkpoint_every", "prefetch")
 CHECKPOINT = "checkpoint.pt"
-
-
-class RunDirError(ValueError):
-    """An output directory that holds another run."""
+SHORTHAND_DEFAULTS = (-4.0, -2.0, 8)  # --l1_min, --l1_max, --n_models when the shorthand applies by default
+RunDirError = rundir.RunDirError
 
 
 @dataclass(frozen=True)
@@ -56,20 +59,26 @@ class SweepConfig:
     """Architecture of every member: one of training.dictionary.ARCHS."""
     sweep: tuple[str, ...] = ()
     """Knob axes, e.g. ("k=16,32", "seed=0,1"); members are their grid (see training.sweep)."""
-    l1_min: float = -4.0
-    """log10 of the smallest L1 coefficient."""
-    l1_max: float = -2.0
-    """log10 of the largest L1 coefficient."""
-    n_models: int = 8
-    """Members of the shorthand sweep: the sparsity coefficient log-spaced over [10^l1_min, 10^l1_max]."""
+    l1_min: float | None = None
+    """log10 of the smallest sparsity coefficient of the shorthand sweep (default -4)."""
+    l1_max: float | None = None
+    """log10 of the largest sparsity coefficient of the shorthand sweep (default -2)."""
+    n_models: int | None = None
+    """Members of the shorthand sweep (default 8). The shorthand applies when one of its three
+    flags is given, or when nothing else sets the sparsity coefficient."""
+    l1_coeff: float | None = None
+    """A fixed L1 coefficient (relu, relu_april, gated, panneal, crosscoder) instead of a sweep."""
+    l0_coeff: float | None = None
+    """A fixed L0 / tanh coefficient (jumprelu, jumprelu_tanh) instead of a sweep."""
     k: int = 32
-    """Active latents per row (topk, batchtopk), unless swept."""
-    l0_coeff: float = 1e-3
-    """L0 coefficient (jumprelu), unless swept or set by the shorthand."""
+    """Active latents per row (topk, batchtopk, matryoshka), unless swept."""
     bandwidth: float = 1e-3
     """JumpReLU straight-through bandwidth ε."""
+    threshold_init: float = 1e-3
+    """Initial JumpReLU threshold θ."""
     grad_clip: float | None = None
-    """Clip each member's gradient norm to this (per member, never across the ensemble)."""
+    """Clip each member's gradient norm to this (per member, never across the ensemble); 0: off.
+    Default: the recipe's."""
     k_anneal_steps: int = 0
     """TopK family: k decreases linearly from d_in (at most d_sae) to its value over this many steps."""
     threshold_start_step: int = 1000
@@ -86,20 +95,23 @@ class SweepConfig:
     """L1 architectures: resample latents dead for `dead_window` tokens every this many steps (0: never)."""
     resample_stop: float = 0.5
     """No resampling after this fraction of training (resampled latents need time to train)."""
+    resample_pool: int = 819_200
+    """Rows read from the store for each resampling, from which dead latents draw their inputs."""
     ratio: float = 8.0
     """d_sae = ratio × d_in, unless d_sae is given."""
     d_sae: int | None = None
     """Number of latents of every member."""
     batch_size: int = 4096
     """Rows per step, shared by all members."""
-    lr: float = 1e-4
-    """Adam learning rate."""
-    lr_warmup_steps: int = 0
-    """Linear learning-rate warm-up from 0 over this many steps."""
+    lr: float | None = None
+    """Adam learning rate; default: the recipe's (training/schedules.py)."""
+    lr_warmup_steps: int | None = None
+    """Linear learning-rate warm-up from 0 over this many steps; default: the recipe's fraction of the run."""
     lr_decay_start: float | None = None
-    """Fraction of training after which the learning rate decays linearly to 0 (e.g. 0.8)."""
-    sparsity_warmup_steps: int = 0
-    """Linear warm-up of the sparsity coefficient from 0 over this many steps."""
+    """Fraction of training after which the learning rate decays linearly to 0 (1: no decay);
+    default: the recipe's."""
+    sparsity_warmup_steps: int | None = None
+    """Linear warm-up of the sparsity coefficient from 0 over this many steps; default: the recipe's."""
     b_dec_init: str = "mean"
     """Initial b_dec: "mean" (of a sample of training rows) or "zeros"."""
     n_epochs: int = 1
@@ -108,12 +120,15 @@ class SweepConfig:
     """Train on this many rows (epochs repeat as needed)."""
     eval_tokens: int = 50_000
     """Rows held out at the end of the store for evaluation (at most a tenth of it)."""
+    exclude_tokens: tuple[str, ...] = ()
+    """Tokens whose rows are never trained on or evaluated: ids, or bos / eos (from the store's tokenizer)."""
     shuffle_chunks: int = 8
     """Store chunks shuffled together in memory."""
     prefetch: int = 8
     """Batches read ahead in the background."""
-    dead_window: int = 1_000_000
-    """A latent is dead in training once it has not fired for this many tokens (also AuxK's rule)."""
+    dead_window: int | None = None
+    """A latent is dead once it has not fired for this many tokens (AuxK, resampling, reports);
+    default: the recipe's, at most a quarter of the run."""
     checkpoint_every: int = 500
     """Steps between checkpoints."""
     device: str = "cpu"
@@ -121,26 +136,28 @@ class SweepConfig:
     seed: int = 0
     """Seed of the members' initialisation and of the data order."""
     overwrite: bool = False
-    """Replace an output directory that holds another run."""
+    """Replace an output directory that holds another run (the old one is moved aside)."""
 
     def __post_init__(self):
-        if self.l1_min > self.l1_max:
+        if None not in (self.l1_min, self.l1_max) and self.l1_min > self.l1_max:
             raise ValueError(f"--l1_min ({self.l1_min}) is larger than --l1_max ({self.l1_max})")
-        if self.n_models < 1:
+        if self.n_models is not None and self.n_models < 1:
             raise ValueError(f"--n_models must be at least 1, got {self.n_models}")
         if self.d_sae is not None and self.d_sae < 1:
             raise ValueError(f"--d_sae must be positive, got {self.d_sae}")
         if self.d_sae is None and self.ratio <= 0:
             raise ValueError(f"--ratio must be positive, got {self.ratio}")
-        for name in ("batch_size", "n_epochs", "checkpoint_every", "dead_window"):
+        for name in ("batch_size", "n_epochs", "checkpoint_every", "resample_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.n_tokens is not None and self.n_tokens < 1:
-            raise ValueError(f"--n_tokens must be positive, got {self.n_tokens}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.lr_warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.k_anneal_steps < 0:
-            raise ValueError("warm-up steps must be ≥ 0")
+        for name in ("n_tokens", "dead_window", "lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr_warmup_steps", "sparsity_warmup_steps", "k_anneal_steps"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"--{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"--grad_clip must be ≥ 0 (0: off), got {self.grad_clip}")
         if not 0 <= self.p_anneal_start < 1 or self.p_anneal_updates < 1:
             raise ValueError("--p_anneal_start is a fraction in [0, 1) and --p_anneal_updates at least 1")
         if self.resample_every < 0 or not 0 < self.resample_stop <= 1:
@@ -154,44 +171,135 @@ class SweepConfig:
         if self.resample_every and not ARCHS[self.arch].resamples:
             raise ValueError(f"--resample_every is for the L1 architectures "
                              f"({', '.join(a for a, s in ARCHS.items() if s.resamples)}); {self.arch} has its own remedy")
-        if self.lr_decay_start is not None and not 0 <= self.lr_decay_start < 1:
-            raise ValueError(f"--lr_decay_start is a fraction in [0, 1), got {self.lr_decay_start}")
+        if self.lr_decay_start is not None and not 0 <= self.lr_decay_start <= 1:
+            raise ValueError(f"--lr_decay_start is a fraction in [0, 1] (1: no decay), got {self.lr_decay_start}")
         check_device(self.device)
         if self.b_dec_init not in ("mean", "zeros"):
             raise ValueError(f"--b_dec_init must be 'mean' or 'zeros', got {self.b_dec_init!r}")
+        self._check_coefficients()
+
+    def _check_coefficients(self) -> None:
+        """A fixed coefficient must belong to the architecture, and the shorthand may not fight
+        a fixed coefficient or a --sweep axis over the same one."""
+        spec = ARCHS[self.arch]
+        for name in ("l1_coeff", "l0_coeff"):
+            if getattr(self, name) is not None and spec.coefficient != name:
+                other = f"; it uses --{spec.coefficient}" if spec.coefficient else "; it has no sparsity coefficient"
+                raise ValueError(f"--{name} does not apply to {self.arch}{other}")
+        if not self.shorthand_asked:
+            return
+        if spec.coefficient is None:
+            raise ValueError(f"--l1_min/--l1_max/--n_models sweep a sparsity coefficient, and {self.arch} has none: "
+                             "sweep k instead, e.g. --sweep k=16,32,64")
+        swept = any(parse_axis(axis)[0] == spec.coefficient for axis in self.sweep)
+        if swept or getattr(self, spec.coefficient) is not None:
+            by = "--sweep" if swept else f"--{spec.coefficient}"
+            raise ValueError(f"--l1_min/--l1_max/--n_models and {by} both set {spec.coefficient}: give one of them")
+
+    @property
+    def shorthand_asked(self) -> bool:
+        return any(v is not None for v in (self.l1_min, self.l1_max, self.n_models))
+
+    @property
+    def recipe(self):
+        return RECIPES[self.arch]
 
     def identity(self) -> dict:
         return json_normal({k: v for k, v in asdict(self).items() if k not in _RUNTIME_FIELDS})
 
 
-def sweep_members(cfg: SweepConfig, d_in: int, n_sources: int = 1) -> tuple[list[MemberConfig], list[str]]:
+@dataclass(frozen=True)
+class Resolved:
+    """What the recipe and the store made of a SweepConfig's defaults (recorded in sweep_config.json)."""
+
+    total_steps: int
+    lr: float  # at the base width; TopK-family members of other widths scale it by 1/√(d_sae/2¹⁴)
+    lr_warmup_steps: int
+    lr_decay_start: float | None
+    sparsity_warmup_steps: int
+    grad_clip: float | None
+    dead_window: int
+    exclude_token_ids: tuple[int, ...]
+    d_sae: int
+
+    def schedule(self, cfg: SweepConfig) -> Schedule:
+        return Schedule(self.total_steps, self.lr_warmup_steps, self.lr_decay_start, self.sparsity_warmup_steps,
+                        cfg.k_anneal_steps, cfg.p_anneal_start, cfg.p_anneal_updates)
+
+
+def resolve(cfg: SweepConfig, stream: ActivationStream, exclude_ids: tuple[int, ...]) -> Resolved:
+    """The run's concrete schedule: the config's values where given, else the recipe's."""
+    recipe = cfg.recipe
+    T = math.ceil(cfg.n_tokens / cfg.batch_size) if cfg.n_tokens is not None else cfg.n_epochs * stream.batches_per_epoch
+    d_sae = cfg.d_sae or int(round(cfg.ratio * stream.d))
+    if d_sae < 1:
+        raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={stream.d}")
+    run_tokens = T * cfg.batch_size
+    return Resolved(
+        total_steps=T,
+        lr=cfg.lr if cfg.lr is not None else recipe.learning_rate(d_sae),
+        lr_warmup_steps=cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else round(recipe.lr_warmup * T),
+        lr_decay_start=cfg.lr_decay_start if cfg.lr_decay_start is not None else recipe.lr_decay_start,
+        sparsity_warmup_steps=(cfg.sparsity_warmup_steps if cfg.sparsity_warmup_steps is not None
+                               else round(recipe.sparsity_warmup * T)),
+        grad_clip=(cfg.grad_clip or None) if cfg.grad_clip is not None else recipe.grad_clip,
+        dead_window=cfg.dead_window if cfg.dead_window is not None else max(1, min(recipe.dead_tokens, run_tokens // 4)),
+        exclude_token_ids=exclude_ids,
+        d_sae=d_sae,
+    )
+
+
+def sweep_members(cfg: SweepConfig, d_in: int, n_sources: int = 1, resolved: Resolved | None = None,
+                  inputs: tuple[str, ...] = ()) -> tuple[list[MemberConfig], list[str]]:
     """The sweep's members and the names of the knobs it varies."""
-    d_sae = cfg.d_sae or int(round(cfg.ratio * d_in))
+    spec = ARCHS[cfg.arch]
+    d_sae = resolved.d_sae if resolved else (cfg.d_sae or int(round(cfg.ratio * d_in)))
     if d_sae < 1:
         raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={d_in}")
-    base = MemberConfig(d_in=d_in, d_sae=d_sae, arch=cfg.arch, n_sources=n_sources, k=min(cfg.k, d_sae),
-                        l0_coeff=cfg.l0_coeff, bandwidth=cfg.bandwidth, p_end=cfg.p_end, decoder_init_norm=cfg.decoder_init_norm, lr=cfg.lr,
-                        grad_clip=cfg.grad_clip, seed=cfg.seed)
-    axes = dict(parse_axis(spec) for spec in cfg.sweep)
-    shorthand = shorthand_axis(base.spec.knobs, cfg.l1_min, cfg.l1_max, cfg.n_models)
-    axes = {**{k: v for k, v in shorthand.items() if k not in axes}, **axes}
-    return build_members(base, axes), list(axes)
-
-
-def resolve_source(store: ActivationStore, source: str | None) -> str:
-    names = [s.name for s in store.sources]
-    if source is None:
-        if len(names) > 1:
-            raise StoreError(f"store {store.path} holds several sources; choose one with --source: {', '.join(names)}")
-        return names[0]
-    return store.source(source).name
+    lr = resolved.lr if resolved else (cfg.lr if cfg.lr is not None else cfg.recipe.learning_rate(d_sae))
+    grad_clip = resolved.grad_clip if resolved else cfg.grad_clip
+    fixed = {spec.coefficient: getattr(cfg, spec.coefficient)} if spec.coefficient and getattr(cfg, spec.coefficient) is not None else {}
+    base = MemberConfig(d_in=d_in, d_sae=d_sae, arch=cfg.arch, n_sources=n_sources, inputs=inputs, k=min(cfg.k, d_sae),
+                        bandwidth=cfg.bandwidth, threshold_init=cfg.threshold_init, p_end=cfg.p_end,
+                        decoder_init_norm=cfg.decoder_init_norm, lr=lr, grad_clip=grad_clip, seed=cfg.seed, **fixed)
+    axes = dict(parse_axis(spec_) for spec_ in cfg.sweep)
+    if spec.coefficient and spec.coefficient not in axes and (cfg.shorthand_asked or not fixed):
+        lo, hi, n = (v if v is not None else d for v, d in zip((cfg.l1_min, cfg.l1_max, cfg.n_models), SHORTHAND_DEFAULTS))
+        if lo > hi:
+            raise ValueError(f"--l1_min ({lo}) is larger than --l1_max ({hi})")
+        axes = {**shorthand_axis(spec.knobs, lo, hi, n), **axes}
+    members = build_members(base, axes)
+    if cfg.lr is None and "lr" not in axes and cfg.recipe.scale_lr_with_width:
+        members = [replace(m, lr=cfg.recipe.learning_rate(m.d_sae)) for m in members]
+    return members, list(axes)
 
 
 def resolve_sources(store: ActivationStore, cfg: SweepConfig) -> list[str]:
-    """The sources a sweep reads: `cfg.sources`, or the one of `cfg.source`."""
+    """The sources a sweep reads: `cfg.sources`, or the one of `cfg.source`, or the store's only one."""
     if cfg.sources:
         return [store.source(name).name for name in cfg.sources]
-    return [resolve_source(store, cfg.source)]
+    if cfg.source is not None:
+        return [store.source(cfg.source).name]
+    names = [s.name for s in store.sources]
+    if len(names) > 1:
+        raise StoreError(f"store {store.path} holds several sources; choose one with --source: {', '.join(names)}")
+    return names
+
+
+def exclude_token_ids(store: ActivationStore, names: tuple[str, ...]) -> tuple[int, ...]:
+    """Token ids from ids or the words bos / eos."""
+    ids = []
+    for name in names:
+        if name.lower() in ("bos", "eos"):
+            value = store.info.get(f"{name.lower()}_token_id")
+            if value is None:
+                raise ValueError(f"--exclude_tokens {name}: the store records no {name.upper()} token id; give the id")
+            ids.append(int(value))
+        elif name.strip().lstrip("-").isdigit():
+            ids.append(int(name))
+        else:
+            raise ValueError(f"--exclude_tokens {name!r}: give token ids or bos / eos")
+    return tuple(sorted(set(ids)))
 
 
 def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
@@ -199,50 +307,54 @@ def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
     training curves (see training.tracking.WandbTracker)."""
     store = ActivationStore.open(cfg.cache)
     sources = resolve_sources(store, cfg)
+    exclude_ids = exclude_token_ids(store, cfg.exclude_tokens)
+    stream = ActivationStream(store, sources, StreamConfig(cfg.batch_size, cfg.eval_tokens, cfg.shuffle_chunks,
+                                                           cfg.prefetch, cfg.seed, exclude_tokens=exclude_ids), cfg.device)
+    _check_stream(cfg, stream)
+    resolved = resolve(cfg, stream, exclude_ids)
+    members, axes = sweep_members(cfg, stream.d, len(sources), resolved, tuple(sources))
+    ensemble = Ensemble(members, cfg.device, dead_tokens=resolved.dead_window, columns=stream.columns,
+                        threshold_start_step=min(cfg.threshold_start_step, resolved.total_steps // 2))
+    # everything is validated: only now may the output directory be touched
     out = Path(cfg.output_dir)
-    if _claim_output_dir(out, cfg):
+    identity = {**cfg.identity(), "resolved": json_normal(asdict(resolved))}
+    if rundir.claim(out, identity, cfg.overwrite, _default_identity()):
         print(f"{out} already holds this finished sweep; see {out / 'sweep.csv'}")
-        return json.loads((out / "sweep.json").read_text())["members"]
-    stream = ActivationStream(
-        store, sources, StreamConfig(cfg.batch_size, cfg.eval_tokens, cfg.shuffle_chunks, cfg.prefetch, cfg.seed), cfg.device
-    )
-    members, axes = sweep_members(cfg, stream.d, len(sources))
-    total_steps = _total_steps(cfg, stream)
-    ensemble = Ensemble(members, cfg.device, dead_tokens=cfg.dead_window,
-                        threshold_start_step=min(cfg.threshold_start_step, total_steps // 2))
+        return json.loads((out / rundir.SUMMARY_FILE).read_text())["members"]
+    _print_plan(cfg, resolved, members, stream)
     if cfg.b_dec_init == "mean":
         ensemble.dictionary.init_b_dec_(stream.sample_mean())
     state = _TrainState(0, 0)
     if (out / CHECKPOINT).exists():
         state = _load_checkpoint(out / CHECKPOINT, ensemble, cfg.device)
         print(f"resuming {out} at step {state.step}")
-    _train(cfg, ensemble, stream, state, total_steps, out, tracker)
-    rows = _export(cfg, ensemble, axes, stream, store, state, out)
+    _train(cfg, ensemble, stream, state, resolved, out, tracker)
+    rows = _export(cfg, ensemble, axes, stream, store, state, resolved, out)
     (out / CHECKPOINT).unlink(missing_ok=True)  # the exported members are the result now
     return rows
 
 
-def _claim_output_dir(out: Path, cfg: SweepConfig) -> bool:
-    """Make `out` this run's directory; True if it already holds this run, finished."""
-    config_file = out / "sweep_config.json"
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        if not config_file.exists():
-            raise RunDirError(f"{out} is not empty and holds no sweep: choose another --output_dir or pass --overwrite")
-        # a field added to SweepConfig since that run was written counts as its default there
-        theirs = {**_default_identity(), **json.loads(config_file.read_text())}
-        if theirs != cfg.identity():
-            diff = sorted(k for k in set(theirs) | set(cfg.identity()) if theirs.get(k) != cfg.identity().get(k))
-            raise RunDirError(
-                f"{out} holds another run (differs in: {', '.join(diff)}): "
-                "choose another --output_dir or pass --overwrite"
-            )
-        return (out / "sweep.json").exists()
-    if cfg.overwrite and out.exists():
-        for name in (CHECKPOINT, "sweep.json", "sweep.csv"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(json.dumps(cfg.identity(), indent=2))
-    return False
+def _check_stream(cfg: SweepConfig, stream: ActivationStream) -> None:
+    if len(stream.sources) > 1 and len(set(stream.widths)) > 1:
+        widths = dict(zip(stream.sources, stream.widths))
+        raise StoreError(f"sources read together as a crosscoder must have one width; got {widths} "
+                         "(cache pairs with --require_equal_widths)")
+    if cfg.batch_size > stream.n_train:
+        raise ValueError(f"--batch_size {cfg.batch_size:,} is larger than the store's {stream.n_train:,} training rows: "
+                         f"use --batch_size {max(1, stream.n_train // 8):,} or cache more tokens")
+
+
+def _print_plan(cfg: SweepConfig, resolved: Resolved, members: list[MemberConfig], stream: ActivationStream) -> None:
+    """One line with what the recipe resolved to, and one when the run is too short for it."""
+    lrs = sorted({m.lr for m in members})
+    lr = f"{lrs[0]:.2g}" if len(lrs) == 1 else f"{lrs[0]:.2g}…{lrs[-1]:.2g}"
+    print(f"{len(members)} × {cfg.arch} on {stream.source}: {resolved.total_steps} steps of {cfg.batch_size} rows, "
+          f"lr {lr} (warm-up {resolved.lr_warmup_steps} steps, decay from {resolved.lr_decay_start}), "
+          f"sparsity warm-up {resolved.sparsity_warmup_steps} steps, clip {resolved.grad_clip}, "
+          f"dead after {resolved.dead_window:,} tokens")
+    note = short_run_note(cfg.arch, resolved.schedule(cfg), cfg.batch_size, stream.n_train)
+    if note:
+        print(note)
 
 
 def _default_identity() -> dict:
@@ -251,82 +363,70 @@ def _default_identity() -> dict:
                         if f.default is not MISSING and f.name not in _RUNTIME_FIELDS})
 
 
-def _total_steps(cfg: SweepConfig, stream: ActivationStream) -> int:
-    if cfg.n_tokens is not None:
-        return math.ceil(cfg.n_tokens / cfg.batch_size)
-    return cfg.n_epochs * stream.batches_per_epoch
-
-
 @dataclass
 class _TrainState:
     step: int
     tokens_seen: int
 
 
-def _schedule_(cfg: SweepConfig, ensemble: Ensemble, step: int, total: int) -> None:
-    """Learning-rate warm-up/decay, sparsity warm-up and k annealing for this step (a function
-    of the step alone, so a resumed run follows the same schedule)."""
-    lr_scale = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
-    if cfg.lr_decay_start is not None:
-        decay_from = cfg.lr_decay_start * total
-        if step >= decay_from:
-            lr_scale *= max(0.0, (total - step) / max(total - decay_from, 1))
-    ensemble.optimizer.lr_scale = lr_scale
-    sparsity = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
-    dictionary = ensemble.dictionary
-    dictionary.sparsity_scale.fill_(sparsity)
-    if cfg.k_anneal_steps:
-        start_E = torch.full_like(dictionary.k, min(dictionary.W_enc.shape[1], dictionary.W_enc.shape[2]))
-        start_E = torch.maximum(start_E, dictionary.k)
-        progress = min(1.0, step / cfg.k_anneal_steps)
-        dictionary.k_active.copy_(torch.round(start_E + (dictionary.k - start_E) * progress).long())
-    if dictionary.spec.penalty == "lp":
-        updates = p_updates_done(step, total, cfg.p_anneal_start, cfg.p_anneal_updates)
-        dictionary.p_active.copy_(1 + (dictionary.p_end - 1) * updates / cfg.p_anneal_updates)
+class _StepBoundaryInterrupts:
+    """Ctrl-C during training takes effect at the next step boundary: the first SIGINT sets a
+    flag the loop checks after each whole step (then it checkpoints and stops); a second one
+    raises at once, leaving the last checkpoint as it was. Only the main thread can handle
+    signals; elsewhere Ctrl-C behaves as usual."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
-def p_updates_done(step: int, total: int, start: float, n_updates: int) -> int:
-    """How many of the p-annealing steps have happened by `step`: they fall at
-    start·total + j·(1 − start)·total / n_updates for j = 0 … n_updates − 1."""
-    first = start * total
-    if step < first:
-        return 0
-    return min(n_updates, int((step - first) // ((total - first) / n_updates)) + 1)
-
-
-def _resample_due(cfg: SweepConfig, step: int, total: int) -> bool:
-    return bool(cfg.resample_every) and step % cfg.resample_every == 0 and step <= cfg.resample_stop * total
-
-
-def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state: _TrainState, total: int, out: Path,
-           tracker=None):
+def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state: _TrainState, resolved: Resolved,
+           out: Path, tracker=None):
+    total, schedule = resolved.total_steps, resolved.schedule(cfg)
     per_epoch = stream.batches_per_epoch
     bar = tqdm(total=total, initial=state.step, unit="step", desc=f"training {len(ensemble)} dictionaries")
-    try:
+    with _StepBoundaryInterrupts() as interrupts, bar:
         while state.step < total:
             epoch, start = divmod(state.step, per_epoch)
-            for x_BD in stream.train_batches(epoch, start):
-                _schedule_(cfg, ensemble, state.step, total)
-                result = ensemble.step(x_BD)
+            for x_BC in stream.train_batches(epoch, start):
+                schedule.apply_(ensemble, state.step)
+                result = ensemble.step(x_BC)
                 state.step += 1
                 if _resample_due(cfg, state.step, total):
-                    ensemble.resample_dead_(x_BD, cfg.dead_window, state.step)
-                state.tokens_seen += len(x_BD)
+                    ensemble.resample_dead_(stream.pool(cfg.resample_pool, state.step), resolved.dead_window, state.step)
+                state.tokens_seen += len(x_BC)
                 bar.update()
                 if state.step % 10 == 0 or state.step == total:
                     bar.set_postfix_str(_progress(result))
                     if tracker is not None:
                         tracker.log(_curves(result), state.step)
-                if state.step % cfg.checkpoint_every == 0:
+                if state.step % cfg.checkpoint_every == 0 or interrupts.requested:
                     _save_checkpoint(out / CHECKPOINT, ensemble, state)
+                if interrupts.requested:
+                    raise KeyboardInterrupt
                 if state.step >= total:
                     break
-    except KeyboardInterrupt:
-        _save_checkpoint(out / CHECKPOINT, ensemble, state)
-        raise
-    finally:
-        bar.close()
     _save_checkpoint(out / CHECKPOINT, ensemble, state)
+
+
+def _resample_due(cfg: SweepConfig, step: int, total: int) -> bool:
+    return bool(cfg.resample_every) and step % cfg.resample_every == 0 and step <= cfg.resample_stop * total
 
 
 def _progress(result) -> str:
@@ -352,25 +452,31 @@ def _load_checkpoint(path: Path, ensemble: Ensemble, device) -> _TrainState:
 
 
 @torch.no_grad()
-def _export(cfg, ensemble: Ensemble, axes: list[str], stream: ActivationStream, store, state: _TrainState,
-            out: Path) -> list[dict]:
-    """Every member with the normalisation folded in (a SAELens directory, or the crosscoder
-    format for several sources) + the training summary."""
+def _export(cfg: SweepConfig, ensemble: Ensemble, axes: list[str], stream: ActivationStream, store: ActivationStore,
+            state: _TrainState, resolved: Resolved, out: Path) -> list[dict]:
+    """Every member in its format (training/export.py) + the training summary."""
     dictionary = ensemble.dictionary
-    dead_train_E = dictionary.dead_latents(cfg.dead_window).sum(-1) / dictionary.width_mask.sum(-1)
+    dead_train_E = dictionary.dead_latents(resolved.dead_window).sum(-1) / dictionary.width_mask.sum(-1)
+    needs_rows = any(m.is_transcoder and m.spec.activation == "topk" for m in ensemble.members)
+    ctx = ExportContext(
+        info={**store.info, "context_length": store.attrs["context_length"]},
+        sources={s.name: {"model": s.model, "hook": s.hook, "d": s.d} for s in store.sources},
+        scales=dict(zip(stream.sources, stream.scales)),
+        exclude_tokens=resolved.exclude_token_ids,
+        calibration_rows=stream.sample(8192) if needs_rows else None,
+    )
     rows = []
     for e, member in enumerate(ensemble.members):
         name = member_name(e, member, axes)
-        member_info = {**member.to_dict(), "loss_convention": LOSS_CONVENTION, "source": stream.source}
-        save = _save_crosscoder if len(stream.sources) > 1 else _save_sae
-        save(out / "members" / name, dictionary, e, stream, store, member_info)
-        rows.append({"name": name, "dir": f"members/{name}", **member_info,
+        record = export_member(out / "members" / name, dictionary, e, ctx)
+        rows.append({"name": name, "dir": f"members/{name}", **record, "source": stream.source,
                      "dead_fraction_train": dead_train_E[e].item(), "train_tokens": state.tokens_seen})
     first = store.source(stream.sources[0])
     summary = {
         "config": asdict(cfg),
-        "store": {"path": str(store.path), "source": stream.source, "hook": first.hook, "norm_scale": stream.scale,
-                  "sources": stream.sources, "norm_scales": stream.scales,
+        "resolved": asdict(resolved),
+        "store": {"path": str(store.path.resolve()), "path_as_given": cfg.cache, "source": stream.source,
+                  "hook": first.hook, "norm_scale": stream.scale, "sources": stream.sources, "norm_scales": stream.scales,
                   "train_rows": stream.n_train, "eval_rows": stream.n_eval,
                   "eval_sequence_start": stream.eval_sequence_start},
         "loss_convention": LOSS_CONVENTION,
@@ -379,45 +485,3 @@ def _export(cfg, ensemble: Ensemble, axes: list[str], stream: ActivationStream, 
     }
     write_summary(out, summary)
     return rows
-
-
-def _save_sae(directory: Path, dictionary, e: int, stream: ActivationStream, store, member_info: dict) -> None:
-    source = store.source(stream.source)
-    # the source's own model: in a paired store the second source belongs to the second model
-    store_info = {**store.info, "model_name": source.model, "context_length": store.attrs["context_length"]}
-    member = dictionary.members[e]
-    cfg_json = saelens_cfg(arch_fields=dictionary.saelens_architecture(e), d_in=member.d_in, d_sae=member.d_sae,
-                           store_info=store_info, hook_name=source.hook, member=member_info)
-    save_saelens(directory, dictionary.member_tensors(e, stream.scale), cfg_json)
-
-
-_CROSSCODER_RULE = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}  # inference rule by export kind
-
-
-def _save_crosscoder(directory: Path, dictionary, e: int, stream: ActivationStream, store, member_info: dict) -> None:
-    """The member in evaluation.crosscoder's format: W_enc [S, D, F], W_dec [F, S, D], b_dec [S, D]."""
-    S, D, member = len(stream.sources), stream.d, dictionary.members[e]
-    flat = dictionary.member_tensors(e, torch.tensor(stream.scales))
-    tensors = {**flat, "W_enc": flat["W_enc"].reshape(S, D, -1), "W_dec": flat["W_dec"].reshape(-1, S, D),
-               "b_dec": flat["b_dec"].reshape(S, D)}
-    fields = dictionary.saelens_architecture(e)
-    config = {
-        "architecture": _CROSSCODER_RULE[fields["architecture"]],
-        **({"k": fields["k"]} if "k" in fields else {}),
-        "apply_b_dec_to_input": fields["apply_b_dec_to_input"],
-        "n_sources": S, "d_in": D, "d_sae": member.d_sae,
-        "sources": [_source_entry(store, name) for name in stream.sources],
-        "normalisation": {"folded": True, "scales": stream.scales},
-        "context_size": store.attrs["context_length"],
-        "prepend_bos": store.info["prepend_bos"],
-        "exclude_bos": store.info["exclude_bos"],
-        "dataset": store.info["dataset"],
-        "sae_sweep": member_info,
-    }
-    save_crosscoder(directory, tensors, config)
-
-
-def _source_entry(store, name: str) -> dict:
-    info = store.source(name)
-    entry = {"name": name, "model": info.model, "hook": info.hook}
-    return {**entry, "label": name.split("/", 1)[0]} if "/" in name else entry

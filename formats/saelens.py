@@ -1,0 +1,111 @@
+"""The SAELens 6.x directory format: `cfg.json` + `sae_weights.safetensors` (+ `sparsity.safetensors`
+with log10 feature density). Its writer, its reader and its forward pass; SAELens's own
+`SAE.load_from_disk(dir)` loads what is written here (tested), and `load_saelens` +
+`saelens_forward` give the same outputs without SAELens.
+
+Architectures: SAEs `standard` | `topk` | `jumprelu` | `gated`; single-layer transcoders
+`transcoder` | `skip_transcoder` | `jumprelu_transcoder` | `jumprelu_skip_transcoder` (their b_dec
+lives in output space, `d_out` wide, and is never subtracted from the input; W_skip is stored
+[d_out, d_in] and applied as x W_skipᵀ).
+
+Weights are for *raw* activations: the trainer folds its normalisation in before writing, so
+`normalize_activations` is "none".
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+# The SAELens config format these files follow (its loader drops `metadata` below 6.0.0).
+SAELENS_FORMAT_VERSION = "6.0.0"
+_SAE_ARCHITECTURES = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+_TRANSCODER_ARCHITECTURES = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
+                             ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+
+
+def saelens_architecture(activation: str, transcoder: bool = False, skip: bool = False) -> str:
+    """The SAELens architecture name of an inference rule (relu | topk | jumprelu | gated)."""
+    if transcoder:
+        if (activation, skip) not in _TRANSCODER_ARCHITECTURES:
+            raise ValueError(f"SAELens has no {activation} transcoder; export it as jumprelu (a calibrated threshold)")
+        return _TRANSCODER_ARCHITECTURES[activation, skip]
+    return _SAE_ARCHITECTURES[activation]
+
+
+def saelens_cfg(*, architecture: str, d_in: int, d_sae: int, metadata: dict, apply_b_dec_to_input: bool,
+                d_out: int | None = None, k: int | None = None) -> dict:
+    """cfg.json contents. `metadata`: model_name, hook_name (hook_name_out for transcoders),
+    context_size, prepend_bos, dataset_path, seqpos_slice, exclude_special_tokens, and our record."""
+    cfg = {
+        "architecture": architecture,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "hook_head_index": None,
+                     "model_from_pretrained_kwargs": {}, **metadata},
+    }
+    if d_out is not None:
+        cfg["d_out"] = d_out
+    if architecture == "topk":
+        cfg.update(k=k, rescale_acts_by_decoder_norm=False)
+    return cfg
+
+
+def save_saelens(directory: str | Path, tensors: dict[str, torch.Tensor], cfg: dict,
+                 density_F: torch.Tensor | None = None) -> Path:
+    """Write cfg.json, sae_weights.safetensors and, given a density, sparsity.safetensors.
+    `tensors` in SAELens names (W_skip already [d_out, d_in])."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, directory / "sae_weights.safetensors")
+    if density_F is not None:
+        save_density(directory, density_F)
+    (directory / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    return directory
+
+
+def save_density(directory: str | Path, density_F: torch.Tensor) -> None:
+    """sparsity.safetensors: tensor `sparsity` = log10 of each latent's firing density."""
+    log10_density = torch.log10(density_F.float().cpu().clamp_min(1e-10))
+    save_file({"sparsity": log10_density.contiguous()}, Path(directory) / "sparsity.safetensors")
+
+
+def load_saelens(directory: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(cfg.json contents, weights) of a SAELens directory."""
+    directory = Path(directory)
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} lacks {name}: a SAELens directory holds cfg.json and sae_weights.safetensors")
+    cfg = json.loads((directory / "cfg.json").read_text())
+    return cfg, load_file(directory / "sae_weights.safetensors", device=str(device))
+
+
+def saelens_forward(cfg: dict, w: dict[str, torch.Tensor], x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens inference semantics on raw activations.  x [B, d_in] → (f [B, F], x̂ [B, d_out])"""
+    arch = cfg["architecture"]
+    transcoder = "transcoder" in arch
+    x_in = x_BD - w["b_dec"] if cfg.get("apply_b_dec_to_input", True) and not transcoder else x_BD
+    if arch == "gated":
+        gate_BF = x_in @ w["W_enc"] + w["b_gate"]
+        f_BF = (gate_BF > 0) * torch.relu(x_in @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
+        return f_BF, f_BF @ w["W_dec"] + w["b_dec"]
+    pre_BF = x_in @ w["W_enc"] + w["b_enc"]
+    f_BF = torch.relu(pre_BF)
+    if arch == "topk":
+        values, index = f_BF.topk(cfg["k"], dim=-1)
+        f_BF = torch.zeros_like(f_BF).scatter(-1, index, values)
+    elif arch.startswith("jumprelu"):
+        f_BF = f_BF * (pre_BF > w["threshold"])
+    elif arch not in ("standard", "transcoder", "skip_transcoder"):
+        raise ValueError(f"no reader for SAELens architecture {arch!r}")
+    out = f_BF @ w["W_dec"] + w["b_dec"]
+    if "W_skip" in w:
+        out = out + x_BD @ w["W_skip"].T
+    return f_BF, out

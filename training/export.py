@@ -1,0 +1,139 @@
+"""Write a trained member where the ecosystem loads it, with the normalisation folded in:
+
+  * an SAE (one source, reconstructing it) → a SAELens directory (formats/saelens.py);
+  * a crosscoder (several sources read side by side) → our crosscoder format (formats/crosscoder.py);
+  * a single-layer transcoder → a SAELens transcoder directory (`transcoder`, `skip_transcoder`,
+    `jumprelu_transcoder`, `jumprelu_skip_transcoder`).
+SAELens transcoders and circuit-tracer load only ReLU and JumpReLU: a TopK member exported there
+becomes JumpReLU with one threshold per layer calibrated on store rows so that it keeps k
+latents per row on average (`calibrate_threshold`); what that costs in FVU is measured by
+evaluation and recorded. BatchTopK and Matryoshka export their own inference threshold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from formats.crosscoder import save_crosscoder
+from formats.saelens import saelens_architecture, saelens_cfg, save_saelens
+from training.dictionary import Dictionary
+from training.members import LOSS_CONVENTION
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """What the export needs to know about the store the members were trained on."""
+
+    info: dict
+    """The store's info (model, BOS, dataset, ...) and context_length."""
+    sources: dict[str, dict]
+    """Source name → {"model", "hook", "d"}."""
+    scales: dict[str, float]
+    """Source name → normalisation factor folded into the weights."""
+    exclude_tokens: tuple[int, ...] = ()
+    """Token ids whose rows were not trained on."""
+    calibration_rows: torch.Tensor | None = field(default=None, repr=False)
+    """Normalised batch rows [N, C] for calibrating TopK thresholds (None: no TopK member needs them)."""
+
+
+def export_member(directory: Path, d: Dictionary, e: int, ctx: ExportContext) -> dict:
+    """Write member e of `d` into `directory`; return what sweep.json records of it."""
+    member = d.members[e]
+    record = {**member.record(), "loss_convention": LOSS_CONVENTION}
+    in_scales = [ctx.scales[name] for name in member.input_names()]
+    out_scales = [ctx.scales[name] for name in member.target_names()]
+    tensors = d.member_tensors(e, in_scales, out_scales)
+    rule = d.inference_rule(e)
+    if member.n_sources > 1 and not member.is_transcoder:
+        _save_crosscoder(directory, member, tensors, rule, ctx, record)
+        return {**record, "format": "crosscoder"}
+    activation, extra = rule.activation, {}
+    if member.is_transcoder and activation == "topk":
+        tensors["threshold"] = calibrate_threshold(d, e, ctx.calibration_rows)
+        activation, extra = "jumprelu", {"threshold_calibrated_from": f"topk k={int(d.k[e])}"}
+    architecture = saelens_architecture(activation, member.is_transcoder, member.skip)
+    if "W_skip" in tensors:
+        tensors["W_skip"] = tensors["W_skip"].T.contiguous()  # SAELens: [d_out, d_in]
+    if activation == "gated":
+        tensors["b_gate"] = tensors.pop("b_enc")
+    metadata = _metadata(member, ctx, {**record, **extra})
+    cfg = saelens_cfg(architecture=architecture, d_in=member.d_in, d_sae=member.d_sae, metadata=metadata,
+                      apply_b_dec_to_input=member.subtract_b_dec,
+                      d_out=member.width_out if member.is_transcoder else None, k=rule.k)
+    save_saelens(directory, tensors, cfg)
+    return {**record, **extra, "format": "saelens", "saelens_architecture": architecture}
+
+
+@torch.no_grad()
+def calibrate_threshold(d: Dictionary, e: int, rows_NC: torch.Tensor | None) -> torch.Tensor:
+    """One JumpReLU threshold per encoder group of member e, chosen so that on `rows` the latents
+    above it are k per row on average (the k·N-th largest ReLU pre-activation), repeated over the
+    group's latents.  → [G·F_e]"""
+    if rows_NC is None or not len(rows_NC):
+        raise ValueError("calibrating a TopK export needs store rows")
+    f, F = d.members[e].d_sae, d.W_enc.shape[-1]
+    pre_UNF = torch.relu(d.pre_activation(rows_NC.to(d.W_enc.device)))
+    k = int(d.k[e])
+    thresholds = []
+    for g in range(d.G):
+        values = pre_UNF[e * d.G + g, :, :f].flatten()
+        kth = values.topk(min(k * len(rows_NC), len(values))).values[-1]
+        thresholds.append(kth.clamp_min(1e-12).expand(f))
+    del F
+    return torch.cat(thresholds).clone()
+
+
+def _metadata(member, ctx: ExportContext, record: dict) -> dict:
+    """SAELens metadata: the input source's model and hook (and the target's hook for transcoders),
+    and what the cache and the trainer excluded, as they were."""
+    source = ctx.sources[member.input_names()[0]]
+    info = ctx.info
+    metadata = {
+        "model_name": source["model"],
+        "hook_name": source["hook"],
+        "context_size": info["context_length"],
+        "prepend_bos": info["prepend_bos"],
+        "dataset_path": info["dataset"],
+        "seqpos_slice": [1 if info["exclude_bos"] else 0, None],
+        # what was left out of training beyond the position slice: the excluded token ids, if any
+        "exclude_special_tokens": list(ctx.exclude_tokens) if ctx.exclude_tokens else False,
+        "sae_sweep": record,
+    }
+    if member.is_transcoder:
+        metadata["hook_name_out"] = ctx.sources[member.target_names()[0]]["hook"]
+    return metadata
+
+
+_CROSSCODER_RULES = ("relu", "topk", "jumprelu")
+
+
+def _save_crosscoder(directory: Path, member, flat: dict, rule, ctx: ExportContext, record: dict) -> None:
+    """The member in formats.crosscoder's layout: W_enc [S, D, F], W_dec [F, S, D], b_dec [S, D]."""
+    S, D = member.n_sources, member.d_in
+    tensors = {**flat, "W_enc": flat["W_enc"].reshape(S, D, -1), "W_dec": flat["W_dec"].reshape(-1, S, D),
+               "b_dec": flat["b_dec"].reshape(S, D)}
+    if rule.activation not in _CROSSCODER_RULES:
+        raise ValueError(f"the crosscoder format has no {rule.activation} rule")
+    info = ctx.info
+    config = {
+        "architecture": rule.activation,
+        **({"k": rule.k} if rule.k is not None else {}),
+        "apply_b_dec_to_input": member.subtract_b_dec,
+        "n_sources": S, "d_in": D, "d_sae": member.d_sae,
+        "sources": [_source_entry(name, ctx.sources[name]) for name in member.input_names()],
+        "normalisation": {"folded": True, "scales": [ctx.scales[n] for n in member.input_names()]},
+        "context_size": info["context_length"],
+        "prepend_bos": info["prepend_bos"],
+        "exclude_bos": info["exclude_bos"],
+        "exclude_tokens": list(ctx.exclude_tokens),
+        "dataset": info["dataset"],
+        "sae_sweep": record,
+    }
+    save_crosscoder(directory, tensors, config)
+
+
+def _source_entry(name: str, source: dict) -> dict:
+    entry = {"name": name, "model": source["model"], "hook": source["hook"]}
+    return {**entry, "label": name.split("/", 1)[0]} if "/" in name else entry
