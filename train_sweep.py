@@ -37,8 +37,9 @@ from training.members import ARCHS
 @click.option("--l1_coeff", type=float, default=None, help="A fixed L1 coefficient (relu, relu_april, gated, panneal, crosscoder).")
 @click.option("--l0_coeff", type=float, default=None, help="A fixed L0 coefficient (jumprelu) or tanh coefficient (jumprelu_tanh).")
 @click.option("--k", type=int, default=32, help="Active latents per row (topk, batchtopk, matryoshka) unless swept.")
-@click.option("--bandwidth", type=float, default=1e-3, help="JumpReLU straight-through bandwidth.")
-@click.option("--threshold_init", type=float, default=1e-3, help="Initial JumpReLU threshold.")
+@click.option("--bandwidth", type=float, default=None,
+              help="JumpReLU straight-through bandwidth [default: 1e-3·√d, the reference's 1e-3 on unit-norm² activations].")
+@click.option("--threshold_init", type=float, default=None, help="Initial JumpReLU threshold [default: 1e-3·√d].")
 @click.option("--grad_clip", type=float, default=None, help="Clip each member's gradient norm (0: off) [default: the recipe's].")
 @click.option("--k_anneal_steps", type=int, default=0, help="TopK family: anneal k from d_in down to --k over this many steps.")
 @click.option("--threshold_start_step", type=int, default=1000, help="BatchTopK: step from which the inference threshold is averaged.")

@@ -237,13 +237,15 @@ class ActivationStore:
         self.group["sequences"][seq_start : seq_start + len(block.sequences)] = block.sequences
         for name, values in block.acts.items():
             self.group[f"acts/{name}"][row_start:row_end] = values
+        self._advance(block, row_end, seq_start + len(block.sequences))
+
+    def _advance(self, block: "RowBlock", rows_written: int, sequences_written: int) -> None:
+        """Record a block as written (its data is on disk): progress and norm sums in one update."""
         totals = self.group.attrs["norm_sums"]
         for name, (s, s2, n) in block.norm_sums.items():
             t = totals[name]
             totals[name] = {"sum_norm": t["sum_norm"] + s, "sum_sq_norm": t["sum_sq_norm"] + s2, "count": t["count"] + n}
-        self.group.attrs.update(
-            {"rows_written": row_end, "sequences_written": seq_start + len(block.sequences), "norm_sums": totals}
-        )
+        self.group.attrs.update({"rows_written": rows_written, "sequences_written": sequences_written, "norm_sums": totals})
 
     def finish(self) -> None:
         """Trim the arrays to what was written and mark the store complete."""

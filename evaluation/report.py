@@ -75,7 +75,12 @@ def write_report(out: Path, summary: dict, plots: list[Path]) -> Path:
     lines += ["| " + " | ".join(_cell(r, k, fmt) for k, _, fmt in columns) + " |" for r in rows]
     if any("per_source" in r for r in rows):
         lines += ["", *_per_source_table(rows)]
-        loader = "Members load with `evaluation.crosscoder.load_crosscoder(<dir>)` (each has diff_summary.json, diff.png)"
+    if any("diff" in r for r in rows):
+        space = next(r["diff"].get("space", "as stored") for r in rows if "diff" in r)
+        lines += ["", f"Model-diff counts use relative decoder norms in the {space.split(':')[0]} space"
+                      + (" (each source's decoder divided by its normalisation factor, the space the penalty acted on)."
+                         if space.startswith("normalised") else ".")]
+        loader = "Members load with `formats.crosscoder.load_crosscoder(<dir>)` (each has diff_summary.json, diff.png)"
     else:
         loader = "Members load with `sae_lens.SAE.load_from_disk(<dir>)`"
     lines += ["", f"{loader}: " + ", ".join(f"[{r['name']}]({r['dir']})" for r in rows), ""]

@@ -77,14 +77,19 @@ def test_member_of_any_architecture_equals_it_trained_alone(arch):
                             grad_clip=0.05 if e == 0 else None, **{knob: v}) for e, v in enumerate(values)]
     together = Ensemble(configs, member_chunk=2, threshold_start_step=3, dead_tokens=64)
     alone = [Ensemble([c], threshold_start_step=3, dead_tokens=64) for c in configs]
-    for _ in range(8):
+    # the schedules run too: warm-ups, k annealing (TopK family) and p steps (panneal)
+    schedule = Schedule(total_steps=8, lr_warmup_steps=2, sparsity_warmup_steps=3, k_anneal_steps=4,
+                        p_anneal_start=0.25, p_anneal_updates=3)
+    for step in range(8):
         x = planted_data(g, directions(), 32)
-        together.step(x)
-        for solo in alone:
-            solo.step(x)
+        for ensemble in (together, *alone):
+            schedule.apply_(ensemble, step)
+            ensemble.step(x)
+    if arch == "panneal":
+        assert (together.dictionary.coeff_rescale != 1).all()  # the λ rescale happened
     for e, solo in enumerate(alone):
         for name, tensor in together.dictionary.state_dict().items():
-            if name in ("k", "k_active", "l1_coeff", "l0_coeff", "bandwidth", "aux_coeff", "sparsity_scale"):
+            if name in ("k", "l1_coeff", "l0_coeff", "bandwidth", "aux_coeff", "sparsity_scale"):
                 continue
             torch.testing.assert_close(tensor[e].float(), solo.dictionary.state_dict()[name][0].float(),
                                        rtol=1e-4, atol=1e-5, msg=f"{arch} member {e}: {name}")
@@ -238,37 +243,103 @@ def test_cli_sweeps_k_for_topk_and_names_members_by_knob(small_store, tmp_path):
     assert bad.exit_code == 1 and "topk does not use l1_coeff" in bad.output
 
 
-@pytest.mark.parametrize("arch_args", [
-    ["--arch", "batchtopk", "--sweep", "k=2,4", "--threshold_start_step", "4"],
-    ["--arch", "panneal", "--sweep", "l1=1e-3,3e-2", "d_sae=8,16", "--p_anneal_start", "0.3", "--p_anneal_updates", "3",
-     "--resample_every", "4", "--resample_stop", "0.9"],
-], ids=["batchtopk", "panneal-widths-resampling"])
+KILL_CASES = {
+    "batchtopk": ["--arch", "batchtopk", "--sweep", "k=2,4", "--threshold_start_step", "4"],
+    "panneal-widths-resampling": ["--arch", "panneal", "--sweep", "l1=1e-3,3e-2", "d_sae=8,16", "--p_anneal_start", "0.3",
+                                  "--p_anneal_updates", "3", "--resample_every", "4", "--resample_stop", "0.9",
+                                  "--resample_pool", "300"],
+    "topk-k-annealing": ["--arch", "topk", "--sweep", "k=2,4", "--k_anneal_steps", "20"],
+    "jumprelu": ["--arch", "jumprelu", "--sweep", "l0=1e-3,1e-2", "--threshold_init", "0.1", "--bandwidth", "0.05"],
+    "gated": ["--arch", "gated", "--sweep", "l1=1e-3,1e-2"],
+    "matryoshka": ["--arch", "matryoshka", "--sweep", "k=2,4", "--threshold_start_step", "4"],
+    "relu_april": ["--arch", "relu_april", "--sweep", "l1=1e-3,1e-2"],
+    "crosscoder-two-sources": ["--arch", "crosscoder", "--sources", "blocks.1.hook_resid_post,blocks.2.hook_mlp_out",
+                               "--sweep", "l1=1e-3,1e-2"],
+}
+
+
+def _kill_args(store, out, arch_args) -> list[str]:
+    source = [] if "--sources" in arch_args else ["--source", "blocks.1.hook_resid_post"]
+    return ["--cache", str(store), *source, "--output_dir", str(out), *arch_args, "--ratio", "2", "--batch_size", "64",
+            "--lr", "1e-2", "--n_epochs", "2", "--eval_tokens", "400", "--checkpoint_every", "5",
+            "--dead_window", "128", "--no_eval"]
+
+
+def _assert_same_members(a_dir, b_dir) -> None:
+    """Bit-identical exported weights, and the same training record, member for member."""
+    import json
+
+    from safetensors.torch import load_file
+
+    rows_a = json.loads((a_dir / "sweep.json").read_text())["members"]
+    rows_b = json.loads((b_dir / "sweep.json").read_text())["members"]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert (ra["train_tokens"], ra["dead_fraction_train"]) == (rb["train_tokens"], rb["dead_fraction_train"])
+        weights = "sae_weights.safetensors" if (a_dir / ra["dir"] / "sae_weights.safetensors").exists() else "model.safetensors"
+        a, b = load_file(a_dir / ra["dir"] / weights), load_file(b_dir / rb["dir"] / weights)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{ra['name']} {key}")
+
+
+@pytest.mark.parametrize("arch_args", list(KILL_CASES.values()), ids=list(KILL_CASES))
 def test_a_killed_sweep_resumes_to_the_same_weights(small_store, tmp_path, monkeypatch, arch_args):
     """A crash with no chance to save (as kill -9): the periodic checkpoint carries parameters,
     Adam moments, dead-latent counters, the threshold average, the Lp rescale and its queue, so
-    the resumed run matches (resampling and p steps included)."""
+    the resumed run matches (resampling, k annealing and p steps included)."""
     import training.trainer as trainer
-    from safetensors.torch import load_file
 
-    def args(out):
-        return ["--cache", str(small_store), "--source", "blocks.1.hook_resid_post", "--output_dir", str(out),
-                *arch_args, "--ratio", "2", "--batch_size", "64", "--lr", "1e-2",
-                "--n_epochs", "2", "--eval_tokens", "400", "--checkpoint_every", "5",
-                "--dead_window", "128", "--no_eval"]
-
-    assert CliRunner().invoke(train_sweep.main, args(tmp_path / "whole")).exit_code == 0
+    assert CliRunner().invoke(train_sweep.main, _kill_args(small_store, tmp_path / "whole", arch_args)).exit_code == 0
     # not KeyboardInterrupt: no checkpoint is written on the way out
     original = fail_at_call(monkeypatch, trainer.Ensemble, "step", 13, RuntimeError("killed"))
-    assert CliRunner().invoke(train_sweep.main, args(tmp_path / "killed")).exit_code != 0
+    assert CliRunner().invoke(train_sweep.main, _kill_args(small_store, tmp_path / "killed", arch_args)).exit_code != 0
     monkeypatch.setattr(trainer.Ensemble, "step", original)
-    resumed = CliRunner().invoke(train_sweep.main, args(tmp_path / "killed"))
+    resumed = CliRunner().invoke(train_sweep.main, _kill_args(small_store, tmp_path / "killed", arch_args))
     assert resumed.exit_code == 0 and "resuming" in resumed.output and "step 10" in resumed.output
-    for member in (tmp_path / "whole" / "members").iterdir():
-        a = load_file(member / "sae_weights.safetensors")
-        b = load_file(tmp_path / "killed" / "members" / member.name / "sae_weights.safetensors")
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    _assert_same_members(tmp_path / "whole", tmp_path / "killed")
+
+
+SIGINT_POINTS = {  # where inside a step the signal lands: (owner, method it arrives at the start of)
+    "forward": ("training.dictionary", "Dictionary", "loss"),
+    "optimiser": ("training.ensemble", "BatchedAdam", "step"),
+    "statistics": ("training.dictionary", "Dictionary", "observe_"),
+}
+
+
+@pytest.mark.parametrize("point", list(SIGINT_POINTS))
+def test_sigint_inside_a_step_then_resume_equals_the_uninterrupted_run(small_store, tmp_path, monkeypatch, point):
+    """A real SIGINT arrives inside a random step — as its forward starts, as the optimiser starts
+    (gradients computed, weights not yet moved) or as the step's statistics are about to be
+    applied (weights moved): training stops at the next step boundary with a checkpoint, and the
+    resumed run is bit-identical to one never interrupted. A checkpoint taken where the signal
+    landed would hold weights and statistics (BatchTopK's threshold average, dead-latent
+    counters) of different steps."""
+    import importlib
+    import os
+    import random
+    import signal
+
+    arch_args = ["--arch", "batchtopk", "--sweep", "k=2,4,8", "--threshold_start_step", "3", "--ratio", "8"]
+    args = lambda out: _kill_args(small_store, out, arch_args)  # noqa: E731
+    assert CliRunner().invoke(train_sweep.main, args(tmp_path / "whole")).exit_code == 0
+    module, owner_name, method = SIGINT_POINTS[point]
+    owner = getattr(importlib.import_module(module), owner_name)
+    at_call = random.Random(point).randint(3, 30)
+    original, calls = getattr(owner, method), {"n": 0}
+
+    def arrive(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: here, inside the step
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, arrive)
+    interrupted = CliRunner().invoke(train_sweep.main, args(tmp_path / "cut"))
+    assert interrupted.exit_code == 130, interrupted.output
+    monkeypatch.setattr(owner, method, original)
+    resumed = CliRunner().invoke(train_sweep.main, args(tmp_path / "cut"))
+    assert resumed.exit_code == 0 and "resuming" in resumed.output, resumed.output
+    _assert_same_members(tmp_path / "whole", tmp_path / "cut")
 
 
 def _dense_topk_reference(d: Dictionary, x: torch.Tensor) -> torch.Tensor:
@@ -421,8 +492,10 @@ def test_a_narrow_member_masked_inside_a_wide_ensemble_equals_it_trained_alone(a
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=f"{arch} member {e} {name}")
 
 
-def test_width_sweep_cli_exports_each_width(small_store, tmp_path):
+def test_width_sweep_cli_exports_each_width_with_statistics_over_its_own_latents(small_store, tmp_path):
     import json
+
+    from safetensors.torch import load_file
 
     out = tmp_path / "widths"
     args = ["--cache", str(small_store), "--source", "blocks.1.hook_resid_post", "--output_dir", str(out),
@@ -435,6 +508,12 @@ def test_width_sweep_cli_exports_each_width(small_store, tmp_path):
     for r, width in zip(rows, (8, 24)):
         cfg = json.loads((out / r["dir"] / "cfg.json").read_text())
         assert cfg["d_sae"] == width and r["l0"] == pytest.approx(2, abs=0.5)
+        # every per-latent statistic over the member's own latents, not the widest member's
+        log10_density = load_file(out / r["dir"] / "sparsity.safetensors")["sparsity"]
+        assert log10_density.shape == (width,)
+        assert r["dead_fraction"] == pytest.approx((log10_density <= -10).float().mean().item())
+        assert r["dense_fraction_10pct"] == pytest.approx((log10_density > -1).float().mean().item())
+    assert rows[0]["dead_fraction"] < (24 - 8) / 24  # what averaging over the padded width gave at least
     bad = CliRunner().invoke(train_sweep.main, [*args[:-4], "--arch", "matryoshka", "--output_dir", str(tmp_path / "m")])
     assert bad.exit_code == 1 and "matryoshka members must share d_sae" in bad.output
 

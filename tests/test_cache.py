@@ -78,8 +78,11 @@ def test_store_rows_are_the_model_activations_of_their_tokens(small_store, tmp_p
 def test_rows_are_shuffled_across_sequences_and_norm_scale_matches_the_data(small_store):
     store = ActivationStore.open(small_store)
     seq = store.read_column("sequence", 0, store.chunk_rows)
-    assert len(np.unique(seq)) > store.chunk_rows // 16  # one chunk mixes many sequences
-    assert not (np.diff(seq) >= 0).all()
+    rows_per_seq = store.n_rows // store.attrs["n_sequences"]
+    # an unshuffled chunk holds chunk_rows / rows_per_seq whole sequences; a chunk drawn from a
+    # shuffled block of 3 chunks touches nearly every sequence of the block (≈ 3×)
+    assert len(np.unique(seq)) > 2 * store.chunk_rows / rows_per_seq
+    assert not (np.diff(seq) >= 0).all() and not (np.diff(store.read_column("positions", 0, 50)) >= 0).all()
     name = "blocks.1.hook_resid_post"
     x = store.read_rows(name, 0, store.n_rows).double()
     expected = x.norm(dim=1).mean().item() / np.sqrt(x.shape[1])
@@ -97,22 +100,34 @@ def test_bos_rows_are_excluded_when_asked(tmp_path, text_dir):
     assert store.info["exclude_bos"] is True
 
 
-def test_interrupted_generation_resumes_to_an_identical_store(tmp_path, text_dir, monkeypatch):
+def assert_identical_stores(a: ActivationStore, b: ActivationStore) -> None:
+    """Every array and the progress/normalisation attributes are the same."""
+    assert a.n_rows == b.n_rows and a.attrs["norm_scale"] == b.attrs["norm_scale"]
+    assert a.attrs["norm_sums"] == b.attrs["norm_sums"]
+    for name in ("tokens", "positions", "sequence"):
+        assert (a.read_column(name) == b.read_column(name)).all()
+    n = a.attrs["n_sequences"]
+    assert n == b.attrs["n_sequences"] and (a.read_sequences(0, n) == b.read_sequences(0, n)).all()
+    for source in a.sources:
+        assert torch.equal(a.read_rows(source.name, 0, a.n_rows), b.read_rows(source.name, 0, b.n_rows))
+
+
+@pytest.mark.parametrize("where", ["before a block", "inside a block"])
+def test_interrupted_generation_resumes_to_an_identical_store(tmp_path, text_dir, monkeypatch, where):
+    """Killed before the third block starts writing, or after its data is on disk but before its
+    progress is recorded: the rerun rewrites that block and the store is identical."""
     args = gen_args(tmp_path / "full", text_dir)
     assert CliRunner().invoke(generate_activations.main, args).exit_code == 0
     crashed = tmp_path / "crashed"
-    original = fail_at_call(monkeypatch, ActivationStore, "write_block", 3, KeyboardInterrupt())  # after 2 blocks
+    method = "write_block" if where == "before a block" else "_advance"
+    original = fail_at_call(monkeypatch, ActivationStore, method, 3, KeyboardInterrupt())  # after 2 blocks
     result = CliRunner().invoke(generate_activations.main, gen_args(crashed, text_dir))
     assert result.exit_code == 130 and "rerun the same command" in result.output
     partial = ActivationStore.open(crashed, allow_incomplete=True)
     assert not partial.complete and partial.rows_written == 2 * partial.block_rows
-    monkeypatch.setattr(ActivationStore, "write_block", original)
+    monkeypatch.setattr(ActivationStore, method, original)
     assert CliRunner().invoke(generate_activations.main, gen_args(crashed, text_dir)).exit_code == 0
-    a, b = ActivationStore.open(tmp_path / "full"), ActivationStore.open(crashed)
-    assert a.n_rows == b.n_rows and a.attrs["norm_scale"] == b.attrs["norm_scale"]
-    for name in ("tokens", "positions", "sequence"):
-        assert (a.read_column(name) == b.read_column(name)).all()
-    assert torch.equal(a.read_rows("blocks.1.hook_resid_post", 0, a.n_rows), b.read_rows("blocks.1.hook_resid_post", 0, b.n_rows))
+    assert_identical_stores(ActivationStore.open(tmp_path / "full"), ActivationStore.open(crashed))
     # a complete store is a no-op
     again = CliRunner().invoke(generate_activations.main, gen_args(crashed, text_dir))
     assert again.exit_code == 0 and "nothing to do" in again.output

@@ -263,3 +263,20 @@ def test_write_diff_analysis_defaults_and_errors(tmp_path):
         write_diff_analysis(tmp_path, one, random_weights(one))
     empty = write_diff_analysis(tmp_path / "empty", make_config(), {"W_dec": torch.zeros(6, 2, 4)})
     assert empty["n_shared"] == 0 and (tmp_path / "empty" / "diff.png").stat().st_size > 0
+
+
+def test_relative_norms_are_measured_in_the_normalised_space_whatever_the_source_scales(tmp_path):
+    """Latents whose decoder has equal norm in both sources (in the space the penalty acted on)
+    are shared at r = ½ however differently the two sources are scaled in the export; a latent
+    only in chat is r = 1. Comparing the exported (scale-folded) decoders would give
+    1.6 / (1 + 1.6) = 0.615 for the first."""
+    W_norm = torch.tensor([[[3.0, 4.0], [0.0, 5.0]],   # ‖base‖ = ‖chat‖ = 5
+                           [[0.0, 0.0], [1.0, 0.0]]])  # chat only
+    for scales in ([1.0, 1.0], [1.0, 1.6], [0.2, 7.0]):
+        W_raw = W_norm * torch.tensor(scales).view(1, 2, 1)  # what an export holds
+        config = make_config(d_in=2, d_sae=2, normalisation={"folded": True, "scales": scales})
+        weights = {**random_weights(config), "W_dec": W_raw}
+        summary = write_diff_analysis(tmp_path / str(scales[1]), config, weights)
+        assert summary["relative_norm_mean"] == pytest.approx((0.5 + 1.0) / 2)
+        assert summary["n_shared"] == 1 and summary["n_chat_only"] == 1 and "normalised" in summary["space"]
+

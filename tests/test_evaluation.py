@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -55,12 +56,55 @@ def test_spliced_losses_do_not_depend_on_batch_size():
     assert a["half"]["kl"] == pytest.approx(b["half"]["kl"], rel=1e-3)
 
 
+def test_spliced_ce_and_kl_equal_a_hand_computation_in_the_right_direction():
+    """CE is −log p(token t+1) from the logits at t (an off-by-one between logits and targets
+    would not cancel here), and KL is KL(clean ‖ spliced), not the reverse."""
+    model = load_model(TINY_NAME, None, device="cpu")
+    tokens = torch.randint(0, model.cfg.d_vocab, (4, 9), generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(4 * 9, TINY_D, generator=torch.Generator().manual_seed(4))
+    shift = single(HOOK, lambda x, _: x + 3 * noise[: len(x)])
+    losses = spliced_losses(model, tokens, {"shift": shift}, batch_size=4)
+    with torch.no_grad():
+        clean_logits = model(tokens)
+        spliced_logits = model.run_with_hooks(
+            tokens, fwd_hooks=[(HOOK, lambda act, hook: act + 3 * noise.view(4, 9, -1))])
+    def ce(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    log_p, log_q = clean_logits[:, :-1].log_softmax(-1), spliced_logits[:, :-1].log_softmax(-1)
+    kl_clean_spliced = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    assert losses["clean"]["ce"] == pytest.approx(ce(clean_logits).item(), rel=1e-5)
+    assert losses["shift"]["ce"] == pytest.approx(ce(spliced_logits).item(), rel=1e-5)
+    assert losses["shift"]["kl"] == pytest.approx(kl_clean_spliced, rel=1e-4)
+    # the direction, on distributions where it matters: KL([.9, .1] ‖ [.5, .5]) = 0.368, the reverse 0.511
+    from evaluation.splice import _kl_sum
+
+    p, q = torch.tensor([[[0.9, 0.1]]]).log(), torch.tensor([[[0.5, 0.5]]]).log()
+    assert _kl_sum(p, q).item() == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), rel=1e-6)
+
+
 def test_spliced_losses_leave_excluded_positions_untouched():
+    """With first_pos 1 position 0 keeps its clean activation: in two-token sequences the only
+    prediction comes from position 0, so zeroing every other position changes nothing there."""
     model = load_model(TINY_NAME, None, device="cpu")
     tokens = torch.randint(0, model.cfg.d_vocab, (3, 8), generator=torch.Generator().manual_seed(2))
     seen = []
     spliced_losses(model, tokens, {"spy": single(HOOK, lambda x, _: seen.append(len(x)) or x)}, first_pos=1)
     assert seen == [3 * 7]
+    zero = {"zero": single(HOOK, lambda x, _: torch.zeros_like(x))}
+    kept = spliced_losses(model, tokens[:, :2], zero, first_pos=1)
+    assert kept["zero"]["ce"] == pytest.approx(kept["clean"]["ce"], rel=1e-6) and kept["zero"]["kl"] == pytest.approx(0, abs=1e-6)
+    replaced = spliced_losses(model, tokens[:, :2], zero, first_pos=0)
+    assert replaced["zero"]["kl"] > 1e-4  # position 0 matters, so the test above can fail
+
+
+def test_excluded_tokens_keep_their_clean_activation():
+    model = load_model(TINY_NAME, None, device="cpu")
+    tokens = torch.randint(1, model.cfg.d_vocab, (3, 2), generator=torch.Generator().manual_seed(5))
+    tokens[:, 0] = 0  # the token excluded below sits at the only predicting position
+    zero = {"zero": single(HOOK, lambda x, _: torch.zeros_like(x))}
+    kept = spliced_losses(model, tokens, zero, exclude_tokens=(0,))
+    assert kept["zero"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert spliced_losses(model, tokens, zero)["zero"]["kl"] > 1e-4
 
 
 def test_reconstruction_metrics_do_not_depend_on_batch_size():
@@ -136,12 +180,25 @@ def test_evaluate_refuses_a_directory_without_a_sweep(tmp_path):
 
 
 def test_wandb_logging_is_optional_and_records_curves_offline(small_store, tmp_path, monkeypatch):
+    """wandb's own offline writer records every member's curves and the final table (their keys
+    are in the run file), and the tracker logs what it should, at the steps it should."""
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    import training.tracking as tracking
+
+    original_log = tracking.WandbTracker.log
+    monkeypatch.setattr(tracking.WandbTracker, "log", lambda self, m, step: logged.append((step, m)) or original_log(self, m, step))
     args = sweep_args(small_store, tmp_path / "run", **{"--n_models": "2", "--n_epochs": "1"})
     result = CliRunner().invoke(train_sweep.main, args + ["--wandb_project", "sae-sweep-test", "--eval_sequences", "0"])
     assert result.exit_code == 0, result.output
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert len(runs) == 1
+    steps = json.loads((tmp_path / "run" / "sweep.json").read_text())["resolved"]["total_steps"]
+    assert [step for step, _ in logged] == [s for s in range(10, steps + 1, 10)] + ([steps] if steps % 10 else [])
+    assert set(logged[0][1]) == {f"member_{e:02d}/{k}" for e in range(2) for k in ("loss", "mse", "l0")}
+    content = runs[0].read_bytes()
+    for key in ("member_00/l0", "member_01/mse", "members", "00_l1_0.001/fvu"):
+        assert key.encode() in content, key

@@ -94,19 +94,17 @@ def test_pair_with_another_tokenizer_is_refused_before_anything_is_written(tmp_p
     assert _state(out) is None
 
 
-def test_paired_generation_resumes_to_the_uninterrupted_store(paired_store, tmp_path, text_dir, monkeypatch):
+@pytest.mark.parametrize("method", ["write_block", "_advance"], ids=["before a block", "inside a block"])
+def test_paired_generation_resumes_to_the_uninterrupted_store(paired_store, tmp_path, text_dir, monkeypatch, method):
+    from tests.test_cache import assert_identical_stores
+
     crashed = tmp_path / "crashed"
-    original = fail_at_call(monkeypatch, ActivationStore, "write_block", 3, KeyboardInterrupt())  # after 2 blocks
+    original = fail_at_call(monkeypatch, ActivationStore, method, 3, KeyboardInterrupt())  # after 2 blocks
     assert CliRunner().invoke(generate_activations.main, paired_args(crashed, text_dir)).exit_code == 130
     assert _state(crashed) is False
-    monkeypatch.setattr(ActivationStore, "write_block", original)
+    monkeypatch.setattr(ActivationStore, method, original)
     assert CliRunner().invoke(generate_activations.main, paired_args(crashed, text_dir)).exit_code == 0
-    a, b = paired_store, ActivationStore.open(crashed)
-    assert a.n_rows == b.n_rows and a.attrs["norm_scale"] == b.attrs["norm_scale"]
-    for name in ("tokens", "positions", "sequence"):
-        assert (a.read_column(name) == b.read_column(name)).all()
-    for src in a.sources:
-        assert torch.equal(a.read_rows(src.name, 0, a.n_rows), b.read_rows(src.name, 0, b.n_rows)), src.name
+    assert_identical_stores(paired_store, ActivationStore.open(crashed))
 
 
 def test_paired_model_path_with_own_labels_and_another_width(tmp_path, text_dir, wide_twin_dir):

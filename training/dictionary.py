@@ -524,6 +524,13 @@ class Dictionary(nn.Module):
         """Latents of each member's own width that have not fired for `window` tokens.  → [E, G·F] bool"""
         return (self.tokens_since_fired >= window) & self.width_mask
 
+    def lr_multiplier(self, name: str) -> float:
+        """Learning-rate factor of a parameter. JumpReLU thresholds live in activation units; the
+        reference recipes (lr 7e-5, θ₀ = ε = 1e-3; Rajamanoharan et al. 2024, dictionary_learning)
+        train on activations of unit mean squared norm, and ours have mean norm √I, so θ moves
+        √I times as far per step for the same relative move."""
+        return math.sqrt(self.I) if name == "jump_threshold" else 1.0
+
     def latent_params(self) -> list[tuple[str, nn.Parameter, int]]:
         """(name, parameter, index of its latent axis) for every parameter with one (single group)."""
         axis = {"W_enc": 2, "W_dec": 1, "b_dec": None, "W_skip": None}

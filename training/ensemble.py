@@ -27,9 +27,12 @@ class BatchedAdam:
     p ← p − lr_e · m̂ / (√v̂ + ε) with bias-corrected m̂, v̂.
     """
 
-    def __init__(self, params: list[nn.Parameter], lr_E: torch.Tensor, betas=(0.9, 0.99), eps: float = 1e-8):
+    def __init__(self, params: list[nn.Parameter], lr_E: torch.Tensor, betas=(0.9, 0.99), eps: float = 1e-8,
+                 multipliers: list[float] | None = None):
+        """`multipliers`: one factor per parameter on the members' learning rates (default 1)."""
         self.params = params
         self.lr_E = lr_E
+        self.multipliers = multipliers or [1.0] * len(params)
         self.lr_scale = 1.0  # schedule factor applied to every member's lr, set by the trainer
         self.betas = betas
         self.eps = eps
@@ -43,13 +46,13 @@ class BatchedAdam:
         beta1, beta2 = self.betas
         bias1 = 1 - beta1**self.step_count
         bias2 = 1 - beta2**self.step_count
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+        for p, m, v, factor in zip(self.params, self.exp_avg, self.exp_avg_sq, self.multipliers):
             if p.grad is None:
                 continue
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             denom = (v / bias2).sqrt_().add_(self.eps)
-            lr = (self.lr_E * (self.lr_scale / bias1)).view(-1, *([1] * (p.dim() - 1)))  # [E, 1, ...]
+            lr = (self.lr_E * (self.lr_scale * factor / bias1)).view(-1, *([1] * (p.dim() - 1)))  # [E, 1, ...]
             p.addcdiv_(m * lr, denom, value=-1.0)
 
     def state_dict(self) -> dict:
@@ -90,7 +93,9 @@ class Ensemble:
         self.dictionary = Dictionary(self.members, columns, dead_tokens, threshold_start_step).to(self.device)
         self.member_chunk = member_chunk
         lr_E = torch.tensor([m.lr for m in self.members], device=self.device)
-        self.optimizer = BatchedAdam(list(self.dictionary.parameters()), lr_E, betas=self.dictionary.spec.betas)
+        named = list(self.dictionary.named_parameters())
+        self.optimizer = BatchedAdam([p for _, p in named], lr_E, betas=self.dictionary.spec.betas,
+                                     multipliers=[self.dictionary.lr_multiplier(n) for n, _ in named])
         clip = [m.grad_clip if m.grad_clip is not None else math.inf for m in self.members]
         self.grad_clip_E = torch.tensor(clip, device=self.device)
 

@@ -41,7 +41,8 @@ from training.sweep import build_members, member_name, parse_axis, shorthand_axi
 # Fields that do not change what is trained: they may differ when a run is resumed.
 _RUNTIME_FIELDS = ("output_dir", "device", "overwrite", "checkpoint_every", "prefetch")
 CHECKPOINT = "checkpoint.pt"
-SHORTHAND_DEFAULTS = (-4.0, -2.0, 8)  # --l1_min, --l1_max, --n_models when the shorthand applies by default
+SHORTHAND_DEFAULTS = (-4.0, -2.0, 8)
+REFERENCE_THRESHOLD = 1e-3  # JumpReLU θ₀ and ε on activations of unit mean squared norm (Rajamanoharan et al. 2024)  # --l1_min, --l1_max, --n_models when the shorthand applies by default
 RunDirError = rundir.RunDirError
 
 
@@ -72,10 +73,11 @@ class SweepConfig:
     """A fixed L0 / tanh coefficient (jumprelu, jumprelu_tanh) instead of a sweep."""
     k: int = 32
     """Active latents per row (topk, batchtopk, matryoshka), unless swept."""
-    bandwidth: float = 1e-3
-    """JumpReLU straight-through bandwidth ε."""
-    threshold_init: float = 1e-3
-    """Initial JumpReLU threshold θ."""
+    bandwidth: float | None = None
+    """JumpReLU straight-through bandwidth ε; default 1e-3 in the reference's units (activations of
+    unit mean squared norm), i.e. 1e-3·√d on ours (mean norm √d)."""
+    threshold_init: float | None = None
+    """Initial JumpReLU threshold θ; default 1e-3·√d, as the bandwidth."""
     grad_clip: float | None = None
     """Clip each member's gradient norm to this (per member, never across the ensemble); 0: off.
     Default: the recipe's."""
@@ -150,7 +152,7 @@ class SweepConfig:
         for name in ("batch_size", "n_epochs", "checkpoint_every", "resample_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("n_tokens", "dead_window", "lr"):
+        for name in ("n_tokens", "dead_window", "lr", "bandwidth", "threshold_init"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ("lr_warmup_steps", "sparsity_warmup_steps", "k_anneal_steps"):
@@ -221,6 +223,8 @@ class Resolved:
     dead_window: int
     exclude_token_ids: tuple[int, ...]
     d_sae: int
+    bandwidth: float
+    threshold_init: float
 
     def schedule(self, cfg: SweepConfig) -> Schedule:
         return Schedule(self.total_steps, self.lr_warmup_steps, self.lr_decay_start, self.sparsity_warmup_steps,
@@ -235,6 +239,7 @@ def resolve(cfg: SweepConfig, stream: ActivationStream, exclude_ids: tuple[int, 
     if d_sae < 1:
         raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={stream.d}")
     run_tokens = T * cfg.batch_size
+    activation_unit = math.sqrt(stream.d * len(stream.sources))  # the reference's units → ours (mean norm √d)
     return Resolved(
         total_steps=T,
         lr=cfg.lr if cfg.lr is not None else recipe.learning_rate(d_sae),
@@ -246,6 +251,8 @@ def resolve(cfg: SweepConfig, stream: ActivationStream, exclude_ids: tuple[int, 
         dead_window=cfg.dead_window if cfg.dead_window is not None else max(1, min(recipe.dead_tokens, run_tokens // 4)),
         exclude_token_ids=exclude_ids,
         d_sae=d_sae,
+        bandwidth=cfg.bandwidth if cfg.bandwidth is not None else REFERENCE_THRESHOLD * activation_unit,
+        threshold_init=cfg.threshold_init if cfg.threshold_init is not None else REFERENCE_THRESHOLD * activation_unit,
     )
 
 
@@ -258,9 +265,12 @@ def sweep_members(cfg: SweepConfig, d_in: int, n_sources: int = 1, resolved: Res
         raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={d_in}")
     lr = resolved.lr if resolved else (cfg.lr if cfg.lr is not None else cfg.recipe.learning_rate(d_sae))
     grad_clip = resolved.grad_clip if resolved else cfg.grad_clip
+    unit = math.sqrt(d_in * n_sources)
+    bandwidth = resolved.bandwidth if resolved else (cfg.bandwidth or REFERENCE_THRESHOLD * unit)
+    threshold_init = resolved.threshold_init if resolved else (cfg.threshold_init or REFERENCE_THRESHOLD * unit)
     fixed = {spec.coefficient: getattr(cfg, spec.coefficient)} if spec.coefficient and getattr(cfg, spec.coefficient) is not None else {}
     base = MemberConfig(d_in=d_in, d_sae=d_sae, arch=cfg.arch, n_sources=n_sources, inputs=inputs, k=min(cfg.k, d_sae),
-                        bandwidth=cfg.bandwidth, threshold_init=cfg.threshold_init, p_end=cfg.p_end,
+                        bandwidth=bandwidth, threshold_init=threshold_init, p_end=cfg.p_end,
                         decoder_init_norm=cfg.decoder_init_norm, lr=lr, grad_clip=grad_clip, seed=cfg.seed, **fixed)
     axes = dict(parse_axis(spec_) for spec_ in cfg.sweep)
     if spec.coefficient and spec.coefficient not in axes and (cfg.shorthand_asked or not fixed):
@@ -312,6 +322,9 @@ def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
                                                            cfg.prefetch, cfg.seed, exclude_tokens=exclude_ids), cfg.device)
     _check_stream(cfg, stream)
     resolved = resolve(cfg, stream, exclude_ids)
+    if cfg.k_anneal_steps > resolved.total_steps:
+        raise ValueError(f"--k_anneal_steps {cfg.k_anneal_steps} is longer than the run ({resolved.total_steps} steps): "
+                         f"members would be exported at a k they never trained at; use at most {resolved.total_steps}")
     members, axes = sweep_members(cfg, stream.d, len(sources), resolved, tuple(sources))
     ensemble = Ensemble(members, cfg.device, dead_tokens=resolved.dead_window, columns=stream.columns,
                         threshold_start_step=min(cfg.threshold_start_step, resolved.total_steps // 2))
@@ -339,6 +352,8 @@ def _check_stream(cfg: SweepConfig, stream: ActivationStream) -> None:
         widths = dict(zip(stream.sources, stream.widths))
         raise StoreError(f"sources read together as a crosscoder must have one width; got {widths} "
                          "(cache pairs with --require_equal_widths)")
+    if cfg.k_anneal_steps and "k" not in ARCHS[cfg.arch].knobs:
+        raise ValueError(f"--k_anneal_steps is for the TopK family; {cfg.arch} has no k")
     if cfg.batch_size > stream.n_train:
         raise ValueError(f"--batch_size {cfg.batch_size:,} is larger than the store's {stream.n_train:,} training rows: "
                          f"use --batch_size {max(1, stream.n_train // 8):,} or cache more tokens")
