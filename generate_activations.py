@@ -2,36 +2,42 @@
 
     python generate_activations.py --model pythia-70m --layers 2 --dataset NeelNanda/pile-10k \
         --n_tokens 2_000_000 --out caches/p70m-l2
+    python generate_activations.py --model pythia-70m --layers all --hook mlp_in_normalized mlp_out attn_out \
+        --out caches/p70m-mlp       # every layer's MLP input and output and attention output, one forward pass
+    python generate_activations.py --verify --out caches/p70m-l2    # check every chunk of a store
 
 Model diffing: `--paired_model google/gemma-3-270m-it` (or `--paired_model_path`) also runs a
 second model that shares the tokenizer on the same tokens, writing `base/<hook>` and
 `chat/<hook>` sources with aligned rows (`--labels` renames them).
 
 With no --model and no --model_path it runs the embedded demo: Gemma-3-270M (GGUF, from the
-`demo` extra) over the Python standard library's docstrings. Rerunning the same command resumes
-an interrupted store; a complete one is left as it is.
+`demo` extra) over the Python standard library's docstrings, layer 6 unless --layers/--hooks say
+otherwise. Rerunning the same command resumes an interrupted store; a complete one is left as it
+is. Heavy imports wait until the options are parsed, so --help answers at once.
 """
 from __future__ import annotations
 
 import click
 
 from cache.cli_options import COUNT, SpaceSeparated, run_or_exit
-from cache.generate import GenerateConfig, generate
-from cache.models import DEMO_MODEL_NAME, HOOK_KINDS, default_gguf_path
-from cache.store import STORAGE_DTYPES
+from cache.models import DEMO_LAYER, DEMO_MODEL_NAME, HOOK_KINDS
 from cache.text import STDLIB_DOCSTRINGS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--out", default="caches/demo", help="Directory of the zarr store to write.")
-@click.option("--model", default=None, help="TransformerLens model name or alias (pythia-70m, gpt2-small, ...).")
+@click.option("--out", default="caches/demo", help="Directory of the zarr store to write (or to check with --verify).")
+@click.option("--model", default=None,
+              help=f"TransformerLens model name or alias (pythia-70m, gpt2-small, ...) [default: without --model and "
+                   f"--model_path, the embedded demo model {DEMO_MODEL_NAME} (GGUF), layer {DEMO_LAYER}].")
 @click.option("--model_path", default=None, help="Local Hugging Face directory or .gguf file (with --model naming its architecture).")
 @click.option("--paired_model", default=None, help="Second model run on the same tokens (same tokenizer), e.g. the chat fine-tune of --model.")
 @click.option("--paired_model_path", default=None, help="Local Hugging Face directory or .gguf file of the paired model.")
 @click.option("--labels", cls=SpaceSeparated, type=str, default=("base", "chat"), help="Source-name prefixes of --model and --paired_model: base/<hook>, chat/<hook>.")
 @click.option("--require_equal_widths", is_flag=True, help="Refuse a pair whose activation widths differ (crosscoders need them equal).")
-@click.option("--layers", cls=SpaceSeparated, type=int, help="Layers to cache, e.g. --layers 2 3.")
-@click.option("--hook", type=click.Choice(list(HOOK_KINDS)), default="resid_post", help="Hook kind cached at each of --layers.")
+@click.option("--layers", cls=SpaceSeparated, type=str,
+              help="Layers to cache, e.g. --layers 2 3, or --layers all.")
+@click.option("--hook", cls=SpaceSeparated, type=str, default=("resid_post",),
+              help=f"Hook kinds cached at each of --layers (several: --hook mlp_in_normalized mlp_out): {', '.join(HOOK_KINDS)}.")
 @click.option("--hooks", cls=SpaceSeparated, type=str, help="Full hook names, e.g. --hooks blocks.2.hook_resid_post.")
 @click.option("--dataset", default=STDLIB_DOCSTRINGS, help="HF dataset name, local .txt/.jsonl/.parquet file or folder, or stdlib-docstrings.")
 @click.option("--text_column", default="text", help="Column with the text in record datasets.")
@@ -46,20 +52,56 @@ from cache.text import STDLIB_DOCSTRINGS
 @click.option("--batch_size", type=int, default=32, help="Sequences per forward pass.")
 @click.option("--device", default="cpu", help="Device of the model (cpu, cuda, cuda:1, mps).")
 @click.option("--model_dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", help="Dtype the model runs in.")
-@click.option("--dtype", type=click.Choice(list(STORAGE_DTYPES)), default="float16", help="Storage dtype of activations.")
+@click.option("--dtype", default="float16", help="Storage dtype of activations: float16, bfloat16 or float32.")
 @click.option("--seed", type=int, default=0, help="Seed of the row shuffle.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store written with another configuration.")
-def main(**options) -> None:
-    """Cache activations of a TransformerLens model to a pre-shuffled zarr store."""
+@click.option("--verify", is_flag=True, help="Check every chunk of the store at --out (presence, size, checksum, finite values) and exit.")
+def main(verify: bool, **options) -> None:
+    """Cache activations of a TransformerLens model to a pre-shuffled zarr store.
+
+    Without options it caches 2M tokens of the embedded demo model's layer 6 over the Python
+    standard library's docstrings into caches/demo (about 30 minutes on a 2-core CPU; the
+    README's demo command caches 50k).
+    """
+    if verify:
+        run_or_exit(lambda: _verify(options["out"]))
+        return
+    from cache.generate import GenerateConfig, generate
+    from cache.models import default_gguf_path
+
     if options["model"] is None and options["model_path"] is None:
         demo_path = str(run_or_exit(default_gguf_path))
-        options.update(model=DEMO_MODEL_NAME, model_path=demo_path, layers=options["layers"] or (6,))
-    options["layers"], options["hooks"], options["labels"] = (tuple(options[k]) for k in ("layers", "hooks", "labels"))
+        no_hooks = not options["layers"] and not options["hooks"]
+        options.update(model=DEMO_MODEL_NAME, model_path=demo_path, layers=(str(DEMO_LAYER),) if no_hooks else options["layers"])
+    for key in ("layers", "hooks", "labels", "hook"):
+        options[key] = tuple(options[key] or ())
     if not options["layers"] and not options["hooks"]:
         raise click.UsageError("choose what to cache: --layers 2 [--hook resid_post] or --hooks blocks.2.hook_resid_post")
     store = run_or_exit(lambda: generate(GenerateConfig(**options)))
     sources = ", ".join(f"{s.name} (d={s.d}, scale {store.norm_scale(s.name):.3g})" for s in store.sources)
     click.echo(f"store {store.path}: {store.n_rows:,} rows of {sources}")
+
+
+def _verify(out: str) -> None:
+    """Check a store fully; one line per problem and exit 1 if there is any."""
+    import sys
+
+    from cache.store import ActivationStore
+
+    store = ActivationStore.open(out, allow_incomplete=True)
+    if not store.complete:
+        raise ValueError(f"store {out} is incomplete ({store.rows_written:,} of {store.n_rows:,} rows): "
+                         "rerun the generate_activations.py command that wrote it to finish it")
+    problems = store.verify()
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    n_chunks = sum(len(store.chunk_keys(a)) for a in store.array_names())
+    if problems:
+        click.echo(f"store {out}: {len(problems)} of {n_chunks} chunk files are damaged", err=True)
+        sys.exit(1)
+    checks = "size, checksum and finite values" if store.manifest is not None else \
+        "presence, size and finite values (a store written before checksums)"
+    click.echo(f"store {out}: all {n_chunks} chunk files verified ({checks})")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class DtypeResult:
     acts_bytes: int
     store_bytes: int
     gen_peak_rss: int | None
+    checksum_seconds: float  # of gen_seconds, spent checksumming chunk files
 
     @property
     def fwd_rate(self) -> float:
@@ -102,18 +103,37 @@ def forward_only_rate(model, sequences: np.ndarray, batch_size: int, stop_at: in
     return sequences.size / watch.seconds
 
 
-def measure_generation(cfg: GenerateConfig) -> tuple[float, ActivationStore, RssPeak]:
-    """Seconds of one `generate(cfg)` call, end to end."""
-    with track_rss() as rss:
-        t0 = time.perf_counter()
-        store = generate(cfg)
-        seconds = time.perf_counter() - t0
-    return seconds, store, rss
+def measure_generation(cfg: GenerateConfig) -> tuple[float, ActivationStore, RssPeak, float]:
+    """Seconds of one `generate(cfg)` call, end to end, and the seconds of it spent checksumming
+    chunk files (cache/integrity.py: each block's chunks, and the manifest at the end)."""
+    from cache import integrity
+
+    checksum = Stopwatch()
+    originals = {name: getattr(integrity, name) for name in ("record_block", "write_manifest")}
+
+    def timed(fn):
+        def run(*args, **kwargs):
+            with checksum:
+                return fn(*args, **kwargs)
+        return run
+
+    for name, fn in originals.items():
+        setattr(integrity, name, timed(fn))
+    try:
+        with track_rss() as rss:
+            t0 = time.perf_counter()
+            store = generate(cfg)
+            seconds = time.perf_counter() - t0
+    finally:
+        for name, fn in originals.items():
+            setattr(integrity, name, fn)
+    return seconds, store, rss, checksum.seconds
 
 
 def print_report(results: list[DtypeResult], load_seconds: float) -> None:
     header = ["dtype", "tokens", "gen s", "gen tok/s", "gen tok/s excl. load", "fwd-only tok/s (before, after)",
-              "gen/fwd", "gen excl. load/fwd", "acts B/value", "store B/value", "store MiB", "gen peak RSS MiB"]
+              "gen/fwd", "gen excl. load/fwd", "checksums % of gen", "acts B/value", "store B/value", "store MiB",
+              "gen peak RSS MiB"]
     rows = []
     for r in results:
         gen_rate = r.gen_tokens / r.gen_seconds
@@ -123,6 +143,7 @@ def print_report(results: list[DtypeResult], load_seconds: float) -> None:
             r.dtype, f"{r.gen_tokens:,}", f"{r.gen_seconds:.1f}", f"{gen_rate:,.0f}", f"{gen_rate_no_load:,.0f}",
             f"{r.fwd_rate:,.0f} ({r.fwd_rates[0]:,.0f}, {r.fwd_rates[1]:,.0f})",
             f"{gen_rate / r.fwd_rate:.2f}", f"{gen_rate_no_load / r.fwd_rate:.2f}",
+            f"{100 * r.checksum_seconds / max(r.gen_seconds - load_seconds, 1e-9):.2f}",
             f"{r.acts_bytes / values:.3f}", f"{r.store_bytes / values:.3f}", mib(r.store_bytes), mib(r.gen_peak_rss),
         ])
     print()
@@ -130,7 +151,8 @@ def print_report(results: list[DtypeResult], load_seconds: float) -> None:
     print(f"\nmodel load (project's load_model, measured once): {load_seconds:.1f} s. 'fwd-only' is the mean of the "
           "forward-only passes just before and just after that generation; 'gen/fwd' = generation tokens/s ÷ "
           "forward-only tokens/s (1.00: caching costs nothing over the forward). B/value = bytes on disk ÷ "
-          "(rows stored × width): acts/ arrays only, and the whole store.")
+          "(rows stored × width): acts/ arrays only, and the whole store. 'checksums % of gen' = time checksumming "
+          "chunk files ÷ generation time excluding the load.")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -166,7 +188,7 @@ def main(model, model_path, layers, n_tokens, context_length, batch_size, dtypes
         t0 = time.perf_counter()
         tl_model = load_model(model, model_path, device=device)
         load_seconds = time.perf_counter() - t0
-        hooks = resolve_hooks(tl_model, layers, "resid_post", ())
+        hooks = resolve_hooks(tl_model, layers, ("resid_post",), ())
         print(f"model {model or model_path}: d_model={tl_model.cfg.d_model} n_layers={tl_model.cfg.n_layers} "
               f"hooks={hooks} stop_at_layer={stop_layer(hooks)} prepend_bos={tl_model.cfg.default_prepend_bos}; "
               f"n_tokens={n_tokens:,} context={context_length} batch={batch_size} device={device} "
@@ -184,7 +206,7 @@ def main(model, model_path, layers, n_tokens, context_length, batch_size, dtypes
                 dataset=dataset, context_length=context_length, n_tokens=n_tokens, chunk_mb=chunk_mb,
                 batch_size=batch_size, device=device, dtype=dtype,
             )
-            gen_seconds, store, rss = measure_generation(cfg)
+            gen_seconds, store, rss, checksum_seconds = measure_generation(cfg)
             fwd_after = forward_only_rate(tl_model, sequences, batch_size, stop_at)
             results.append(DtypeResult(
                 dtype=dtype,
@@ -196,6 +218,7 @@ def main(model, model_path, layers, n_tokens, context_length, batch_size, dtypes
                 acts_bytes=dir_bytes(Path(cfg.out) / "acts"),
                 store_bytes=dir_bytes(Path(cfg.out)),
                 gen_peak_rss=rss.peak,
+                checksum_seconds=checksum_seconds,
             ))
             print(f"{dtype}: generation {gen_seconds:.1f} s; forward-only {fwd_rate:,.0f} tok/s before, {fwd_after:,.0f} after")
             fwd_rate = fwd_after

@@ -34,11 +34,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cache.models import HOOK_KINDS, ModelError, check_same_tokenizer, load_model, resolve_hooks, stop_layer
+from cache.models import (HOOK_KINDS, ModelError, check_same_tokenizer, hook_kind, load_model, n_layers_without_loading,
+                          parse_layers, resolve_hooks, stop_layer)
 from cache.background import prefetched
 from cache.devices import check_device
 from cache.store import STORAGE_DTYPES, STORAGE_MAX, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError, json_normal, to_storage
-from cache.text import STDLIB_DOCSTRINGS, TextSourceError, iter_documents, token_sequences
+from cache.text import STDLIB_DOCSTRINGS, TextCount, TextSourceError, iter_documents, token_sequences
 
 # Fields of GenerateConfig that do not change the stored bytes: they may differ on resume.
 _RUNTIME_FIELDS = ("out", "device", "batch_size", "overwrite", "require_equal_widths")
@@ -67,10 +68,10 @@ class GenerateConfig:
     """Source-name prefixes of the first and the paired model (`base/<hook>`); paired runs only."""
     require_equal_widths: bool = False
     """Refuse a pair whose activation widths differ (a crosscoder needs them equal)."""
-    layers: tuple[int, ...] = ()
-    """Layers whose `hook` to cache."""
-    hook: str = "resid_post"
-    """Hook kind for `layers`: one of cache.models.HOOK_KINDS."""
+    layers: tuple[int | str, ...] = ()
+    """Layers whose hooks to cache, or ("all",)."""
+    hook: tuple[str, ...] = ("resid_post",)
+    """Hook kinds cached at each of `layers`: cache.models.HOOK_KINDS (mlp_in_normalized brings its norm's scale)."""
     hooks: tuple[str, ...] = ()
     """Full TransformerLens hook names, in addition to `layers`."""
     dataset: str = STDLIB_DOCSTRINGS
@@ -109,8 +110,14 @@ class GenerateConfig:
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
-        if self.hook not in HOOK_KINDS:
-            raise ValueError(f"unknown --hook {self.hook!r}; choose one of: {', '.join(HOOK_KINDS)}")
+        object.__setattr__(self, "hook", (self.hook,) if isinstance(self.hook, str) else tuple(self.hook))
+        unknown = [k for k in self.hook if k not in HOOK_KINDS]
+        if unknown or not self.hook:
+            raise ValueError(f"unknown --hook {unknown[0] if unknown else ''!r}; choose from: {', '.join(HOOK_KINDS)}")
+        layers = tuple(int(x) if str(x).lstrip("-").isdigit() else str(x).lower() for x in self.layers)
+        if any(x != "all" and not isinstance(x, int) for x in layers) or ("all" in layers and len(layers) > 1):
+            raise ValueError(f"--layers {' '.join(map(str, self.layers))}: give layer numbers, or all")
+        object.__setattr__(self, "layers", layers)
         for name, value in (("context_length", self.context_length), ("n_tokens", self.n_tokens),
                             ("batch_size", self.batch_size), ("chunks_per_block", self.chunks_per_block)):
             if value < 1:
@@ -131,9 +138,13 @@ class GenerateConfig:
         return self.paired_model is not None or self.paired_model_path is not None
 
     def identity(self) -> dict:
-        """The fields that determine the store's contents."""
+        """The fields that determine the store's contents (one hook kind written as a string, as
+        stores written before several kinds existed record it)."""
         skip = _RUNTIME_FIELDS + (() if self.paired else _PAIRED_FIELDS)
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        identity = {k: v for k, v in asdict(self).items() if k not in skip}
+        if len(self.hook) == 1:
+            identity["hook"] = self.hook[0]
+        return identity
 
 
 @dataclass(frozen=True)
@@ -184,11 +195,61 @@ def plan_layout(cfg: GenerateConfig, bytes_per_row: int, first_pos: int) -> Layo
 
 
 def generate(cfg: GenerateConfig) -> ActivationStore:
-    """Write (or finish, or confirm) the store described by `cfg`; return it opened."""
+    """Write (or finish, or confirm) the store described by `cfg`; return it opened. Whatever can
+    be checked without the model is checked first; a store this call created is removed again if
+    it is refused before its first block is written, so the suggested retry just works."""
     existing = _existing_store(cfg)
     if existing is not None and existing.complete:
         print(f"{cfg.out} is complete ({existing.n_rows:,} rows); nothing to do")
         return existing
+    _preflight(cfg)
+    created = existing is None
+    try:
+        return _generate(cfg, existing)
+    except (ValueError, OSError) as err:
+        if created:
+            _remove_if_empty(Path(cfg.out))
+        kept = _rows_written(Path(cfg.out))
+        if isinstance(err, GenerationError) and kept:
+            raise GenerationError(f"{err}; add --overwrite, as {cfg.out} already holds {kept:,} rows stored as {cfg.dtype}") from None
+        raise
+
+
+def _preflight(cfg: GenerateConfig) -> None:
+    """Checks that need no model: layer numbers against the checkpoint's config, and a dataset that
+    yields a document."""
+    n_layers = n_layers_without_loading(cfg.model, cfg.model_path)
+    if n_layers is not None:
+        if cfg.layers:
+            parse_layers(cfg.layers, n_layers)
+        for hook in cfg.hooks:
+            layer, _ = hook_kind(hook)
+            if layer is not None and layer >= n_layers:
+                raise ModelError(f"{hook}: layer {layer} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
+    if next(iter_documents(cfg.dataset, cfg.text_column, cfg.split), None) is None:
+        raise TextSourceError(f"dataset {cfg.dataset!r} holds no documents (no non-empty {cfg.text_column!r} text)")
+
+
+def _rows_written(out: Path) -> int:
+    try:
+        return ActivationStore.open(out, allow_incomplete=True).rows_written
+    except StoreError:
+        return 0
+
+
+def _remove_if_empty(out: Path) -> None:
+    """Remove a store that was refused before any block was written."""
+    import shutil
+
+    try:
+        store = ActivationStore.open(out, allow_incomplete=True)
+    except StoreError:
+        return
+    if store.rows_written == 0:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _generate(cfg: GenerateConfig, existing: ActivationStore | None) -> ActivationStore:
     members = _load_members(cfg)
     model = members[0].model  # its tokenizer makes the token ids every model is fed
     prepend_bos = model.cfg.default_prepend_bos if cfg.prepend_bos is None else cfg.prepend_bos
@@ -200,16 +261,20 @@ def generate(cfg: GenerateConfig) -> ActivationStore:
     bytes_per_row = sum(s.d for s in sources) * STORAGE_TORCH_DTYPE[cfg.dtype].itemsize
     layout = plan_layout(cfg, bytes_per_row, first_pos)
 
+    count = TextCount()
     sequences = token_sequences(
         iter_documents(cfg.dataset, cfg.text_column, cfg.split),
         lambda texts: model.tokenizer(texts, add_special_tokens=False)["input_ids"],
         context_length=cfg.context_length,
         bos_id=bos_id,
         eos_id=model.tokenizer.eos_token_id,
+        count=count,
     )
     first = next(sequences, None)  # read the source before creating anything on disk
     if first is None:
-        raise TextSourceError(f"dataset {cfg.dataset!r} gave no complete sequence of {cfg.context_length} tokens")
+        raise TextSourceError(
+            f"dataset {cfg.dataset!r} gave {count.documents:,} documents of {count.tokens:,} tokens in all, "
+            f"short of one sequence of --context_length {cfg.context_length}: use a shorter --context_length or more text")
     store = existing or ActivationStore.create(
         cfg.out,
         identity=cfg.identity(),
@@ -262,7 +327,8 @@ def _load_members(cfg: GenerateConfig) -> list[Member]:
         hooks = resolve_hooks(model, cfg.layers, cfg.hook, cfg.hooks)
         model_name = name or Path(path).name
         sources = tuple(
-            SourceInfo(name=f"{label}/{h}" if label else h, model=model_name, hook=h, d=d)
+            SourceInfo(name=f"{label}/{h}" if label else h, model=model_name, hook=h, d=d, layer=hook_kind(h)[0],
+                       kind=hook_kind(h)[1])
             for h, d in _hook_widths(model, hooks).items()
         )
         members.append(Member(label, model_name, name, path, model, sources))

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import re
 import warnings
 from pathlib import Path
 
-import torch
-
+# Hook kinds: `--layers L --hook KIND` caches blocks.L.<suffix>. mlp_in_normalized is what the MLP
+# reads after its LayerNorm/RMSNorm (TransformerLens folds the norm's weights into the MLP), and
+# caching it also caches that norm's per-token scale (blocks.L.ln2.hook_scale, one value a row).
 HOOK_KINDS = {
     "resid_pre": "hook_resid_pre",
     "resid_mid": "hook_resid_mid",
@@ -27,9 +29,13 @@ HOOK_KINDS = {
     "attn_out": "hook_attn_out",
     "mlp_out": "hook_mlp_out",
     "mlp_in": "hook_mlp_in",
+    "mlp_in_normalized": "ln2.hook_normalized",
+    "mlp_in_scale": "ln2.hook_scale",
     "mlp_post": "mlp.hook_post",
 }
+SCALE_OF = {"mlp_in_normalized": "mlp_in_scale"}  # kinds cached with their norm's scale beside them
 DEMO_MODEL_NAME = "google/gemma-3-270m"
+DEMO_LAYER = 6
 
 
 class ModelError(ValueError):
@@ -91,6 +97,7 @@ def _check_tl_name(name: str) -> None:
 
 
 def _load_hf(path: Path, name: str | None, dtype: str):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.exists():
@@ -117,6 +124,7 @@ def _load_hf(path: Path, name: str | None, dtype: str):
 
 def _from_local_dir(cls, path: Path, hf_model, tokenizer, device: str, dtype: str):
     """`HookedTransformer.from_pretrained` for a directory: its config comes from the directory."""
+    import torch
     from transformer_lens import loading_from_pretrained as loading
 
     torch_dtype = getattr(torch, dtype)
@@ -174,27 +182,96 @@ def check_same_tokenizer(first, second, names: tuple[str, str]) -> None:
         )
 
 
-def resolve_hooks(model, layers: tuple[int, ...], hook: str, hooks: tuple[str, ...]) -> list[str]:
-    """Full hook names from `--layers L.. --hook KIND` and/or explicit `--hooks NAME..`, validated."""
-    n_layers = model.cfg.n_layers
+def hook_kind(hook: str) -> tuple[int | None, str | None]:
+    """(layer, kind) of a full hook name, e.g. blocks.3.ln2.hook_normalized → (3, mlp_in_normalized);
+    (None, None) where it is not blocks.L.<a known kind>."""
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
+    if match is None:
+        return None, None
+    kinds = {suffix: kind for kind, suffix in HOOK_KINDS.items()}
+    return int(match.group(1)), kinds.get(match.group(2))
+
+
+def parse_layers(layers: tuple, n_layers: int) -> list[int]:
+    """`--layers 2 3` or `--layers all` against a model of `n_layers` blocks."""
+    if any(str(x).lower() == "all" for x in layers):
+        if len(layers) > 1:
+            raise ModelError("--layers all stands alone (it means every layer)")
+        return list(range(n_layers))
+    out = []
+    for layer in layers:
+        try:
+            value = int(layer)
+        except ValueError:
+            raise ModelError(f"--layers {layer!r}: give layer numbers or all") from None
+        if not 0 <= value < n_layers:
+            raise ModelError(f"layer {value} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
+        out.append(value)
+    return out
+
+
+def resolve_hooks(model, layers: tuple, kinds: tuple[str, ...] | str, hooks: tuple[str, ...]) -> list[str]:
+    """Full hook names from `--layers L.. --hook KIND..` and/or explicit `--hooks NAME..`, validated
+    against the model (a kind it lacks is named with the hooks its blocks have)."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     names: list[str] = []
     if layers:
-        if hook not in HOOK_KINDS:
-            raise ModelError(f"unknown --hook {hook!r}; choose one of: {', '.join(HOOK_KINDS)}")
-        for layer in layers:
-            if not 0 <= layer < n_layers:
-                raise ModelError(f"layer {layer} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
-            names.append(f"blocks.{layer}.{HOOK_KINDS[hook]}")
+        unknown = [k for k in kinds if k not in HOOK_KINDS]
+        if unknown:
+            raise ModelError(f"unknown --hook {unknown[0]!r}; choose from: {', '.join(HOOK_KINDS)}")
+        for layer in parse_layers(tuple(layers), model.cfg.n_layers):
+            for kind in kinds:
+                names.append(f"blocks.{layer}.{HOOK_KINDS[kind]}")
+                if kind in SCALE_OF:
+                    names.append(f"blocks.{layer}.{HOOK_KINDS[SCALE_OF[kind]]}")
     names.extend(hooks)
     if not names:
         raise ModelError("no hook selected: pass --layers (with --hook) or --hooks")
     if any(n.endswith("hook_mlp_in") for n in names):
         model.set_use_hook_mlp_in(True)
-    unknown = [n for n in names if n not in model.hook_dict]
-    if unknown:
-        examples = ", ".join(sorted(model.hook_dict)[:6])
-        raise ModelError(f"unknown hook(s) {', '.join(unknown)} for this model; hook names look like: {examples}, ...")
+    if any(n.endswith("hook_attn_in") for n in names):
+        model.set_use_attn_in(True)
+    missing = [n for n in names if n not in model.hook_dict]
+    if missing:
+        raise ModelError(_missing_hook_message(model, missing[0]))
     return list(dict.fromkeys(names))  # de-duplicated, order kept
+
+
+def _missing_hook_message(model, hook: str) -> str:
+    layer, _ = hook_kind(hook)
+    if layer is not None and layer < model.cfg.n_layers:
+        prefix = f"blocks.{layer}."
+        has = sorted(h[len(prefix):] for h in model.hook_dict if h.startswith(prefix))
+        return (f"{hook} is not a hook of this model ({model.cfg.normalization_type} norms); "
+                f"block {layer} has: {', '.join(has)}")
+    examples = ", ".join(sorted(model.hook_dict)[:6])
+    return f"unknown hook {hook} for this model; hook names look like: {examples}, ..."
+
+
+def n_layers_without_loading(name: str | None, path: str | None) -> int | None:
+    """The model's number of blocks from its config alone (a local config.json or a GGUF header),
+    so a bad --layers costs a second; None where only loading the model can tell."""
+    if path is None:
+        return None
+    path_ = Path(path).expanduser()
+    if path_.suffix == ".gguf" and path_.is_file():
+        try:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(str(path_))
+            for key, field in reader.fields.items():
+                if key.endswith(".block_count"):
+                    return int(field.parts[field.data[0]][0])
+        except Exception:  # an unreadable header: the full load will say what is wrong
+            return None
+        return None
+    config = path_ / "config.json"
+    if config.is_file():
+        values = json.loads(config.read_text())
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(values.get(key), int):
+                return values[key]
+    return None
 
 
 def stop_layer(hooks: list[str]) -> int | None:

@@ -1,6 +1,7 @@
 """The activation store: the on-disk contract between stage 1 (cache) and stage 2 (sweep).
 
-The only module that knows zarr. Layout of `store.zarr/`:
+The only module that knows zarr; chunk files are read and listed through fsspec, so the same
+code serves local directories and object stores. Layout of `store.zarr/`:
 
     attrs                         format, version, identity config, sources, sizes, progress,
                                   `complete`, per-source normalisation sums, model/tokenizer info
@@ -9,10 +10,14 @@ The only module that knows zarr. Layout of `store.zarr/`:
     sequence    int32 [N]         index of the row's sequence in `sequences`
     sequences   int32 [S, ctx]    every token sequence that was run (lets evaluation re-run the model)
     acts/<source>  f16|f32|u16 [N, d]   one array per source; bf16 is stored as its raw uint16 bits
+                                  (uncompressed: a chunk file is its rows' raw little-endian bytes)
+    manifest.json                 byte size and crc32c of every chunk file (format 2; cache/integrity.py)
 
 All row arrays share one row order. Rows are written a block (many chunks) at a time, already
-shuffled; `rows_written` advances only after a block is fully on disk, and `complete` is set
-only after the last block, so a reader never mistakes a half-written store for a finished one.
+shuffled; `rows_written` advances only after a block is fully on disk and its chunks are
+checksummed, and `complete` is set only after the last block and the manifest, so a reader never
+mistakes a half-written store for a finished one. Reads of activation chunks check the chunk's
+size, checksum and values (no NaN/inf) and name the file when one is wrong.
 """
 from __future__ import annotations
 
@@ -22,12 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 import zarr
 
+from cache import integrity
+
 FORMAT_NAME = "sae-sweep-activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json with every chunk's size and checksum
+ROW_ARRAYS = ("tokens", "positions", "sequence")
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 _NUMPY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
@@ -37,7 +46,7 @@ STORAGE_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38}
 
 
 class StoreError(ValueError):
-    """A store that is missing, incomplete, or does not match what the caller asked for."""
+    """A store that is missing, incomplete, damaged, or does not match what the caller asked for."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,8 @@ class SourceInfo:
     model: str  # the model's name as loaded
     hook: str  # full TransformerLens hook name
     d: int  # activation width
+    layer: int | None = None  # the block it belongs to (None: not inside a block)
+    kind: str | None = None  # its kind (cache.models.HOOK_KINDS), e.g. mlp_in_normalized; None if other
 
 
 def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
@@ -83,6 +94,10 @@ class ActivationStore:
     def __init__(self, path: Path, group: zarr.Group):
         self.path = path
         self.group = group
+        self._fs, self._root = fsspec.core.url_to_fs(str(path))
+        self._manifest: dict[str, tuple[int, int]] | None = None
+        self._verified: set[str] = set()  # int-array chunks already checked in this process
+        self._last_chunk: dict[str, tuple[int, torch.Tensor]] = {}  # source → (chunk, rows): eval reads within a chunk
 
     # ---------------------------------------------------------------- creation / opening
     @classmethod
@@ -104,12 +119,11 @@ class ActivationStore:
         path = Path(path)
         group = zarr.open_group(str(path), mode="w")
         row_chunks = (chunk_rows,)
-        for name in ("tokens", "positions", "sequence"):
+        for name in ROW_ARRAYS:
             group.create_array(name, shape=(n_rows,), chunks=row_chunks, dtype=np.int32)
         seqs_per_chunk = max(1, chunk_rows // context_length)
-        group.create_array(
-            "sequences", shape=(n_sequences, context_length), chunks=(seqs_per_chunk, context_length), dtype=np.int32
-        )
+        group.create_array("sequences", shape=(n_sequences, context_length), chunks=(seqs_per_chunk, context_length),
+                           dtype=np.int32)
         for src in sources:
             group.create_array(
                 f"acts/{src.name}",
@@ -156,6 +170,10 @@ class ActivationStore:
                 f"store {path} is incomplete ({store.rows_written:,} of {store.n_rows:,} rows): "
                 "rerun the same generate_activations.py command to finish it"
             )
+        missing = [name for name in store.array_names() if name not in group]
+        if missing and store.complete:
+            raise StoreError(f"store {path} is marked complete but lacks the array {missing[0]}: "
+                             f"it is damaged; {integrity.REGENERATE}")
         return store
 
     # ---------------------------------------------------------------- metadata
@@ -169,7 +187,13 @@ class ActivationStore:
 
     @property
     def sources(self) -> list[SourceInfo]:
-        return [SourceInfo(**s) for s in self.group.attrs["sources"]]
+        from cache.models import hook_kind  # stores written before layer/kind were recorded: derive them
+
+        out = []
+        for s in self.group.attrs["sources"]:
+            layer, kind = hook_kind(s["hook"])
+            out.append(SourceInfo(**{"layer": layer, "kind": kind, **s}))
+        return out
 
     def source(self, name: str) -> SourceInfo:
         for src in self.sources:
@@ -221,23 +245,83 @@ class ActivationStore:
             raise StoreError(f"store {self.path} has no rows of {source} yet")
         return sums["sum_norm"] / sums["count"] / math.sqrt(self.source(source).d)
 
+    def array_names(self) -> list[str]:
+        return [*ROW_ARRAYS, "sequences", *(f"acts/{s.name}" for s in self.sources)]
+
+    # ---------------------------------------------------------------- chunk files
+    def chunk_keys(self, array: str, first: int = 0, stop: int | None = None) -> list[str]:
+        """Store keys of the chunk files of `array` whose first index lies in chunks [first, stop)."""
+        arr = self.group[array]
+        grid = arr.cdata_shape
+        rows = range(first, grid[0] if stop is None else min(stop, grid[0]))
+        rest = [(0,) * (len(grid) - 1)]
+        return [f"{array}/{arr.metadata.encode_chunk_key((i, *tail))}" for i in rows for tail in rest]
+
+    def read_file(self, key: str) -> bytes:
+        try:
+            return self._fs.cat_file(f"{self._root}/{key}")
+        except FileNotFoundError:
+            raise StoreError(integrity.damage(self.path, key, "is missing")) from None
+
+    def write_file(self, key: str, data: bytes) -> None:
+        path = f"{self._root}/{key}"
+        try:
+            self._fs.pipe_file(path, data)
+        except FileNotFoundError:  # a local directory that does not exist yet (object stores have none)
+            self._fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self._fs.pipe_file(path, data)
+
+    def remove_files(self, prefix: str) -> None:
+        if self._fs.exists(f"{self._root}/{prefix}"):
+            self._fs.rm(f"{self._root}/{prefix}", recursive=True)
+
+    def file_sizes(self, prefix: str) -> dict[str, int]:
+        """Store key → byte size of every file under `prefix` (one listing)."""
+        base = f"{self._root}/{prefix}"
+        if not self._fs.exists(base):
+            return {}
+        start = len(self._root.rstrip("/")) + 1
+        return {path[start:]: info["size"] for path, info in self._fs.find(base, detail=True).items()}
+
+    def check_files(self, arrays: list[str]) -> None:
+        """Presence and size of every chunk file of `arrays` (cheap: one listing per array)."""
+        integrity.check_files(self, arrays)
+
+    def verify(self, progress: bool = True) -> list[str]:
+        """Every problem of every chunk file (presence, size, checksum, finite activations)."""
+        return integrity.verify(self, progress)
+
+    @property
+    def manifest(self) -> dict[str, tuple[int, int]] | None:
+        """Chunk key → (byte size, crc32c), or None for a store written before checksums (format 1)."""
+        if self._manifest is None and self.group.attrs["format_version"] >= 2 and self.complete:
+            self._manifest = integrity.read_manifest(self)
+        return self._manifest
+
     # ---------------------------------------------------------------- writing
     def write_block(self, block: "RowBlock") -> None:
-        """Append one shuffled block of rows, then advance the progress attributes.
+        """Append one shuffled block of rows, checksum its chunk files, then advance the progress
+        attributes.
 
         Data first, attributes last: a crash between the two leaves the old progress, and the
         block is simply rewritten on resume.
         """
         row_start = self.rows_written
         row_end = row_start + len(block.tokens)
-        self.group["tokens"][row_start:row_end] = block.tokens
-        self.group["positions"][row_start:row_end] = block.positions
-        self.group["sequence"][row_start:row_end] = block.sequence
+        self._writable("tokens")[row_start:row_end] = block.tokens
+        self._writable("positions")[row_start:row_end] = block.positions
+        self._writable("sequence")[row_start:row_end] = block.sequence
         seq_start = self.sequences_written
-        self.group["sequences"][seq_start : seq_start + len(block.sequences)] = block.sequences
+        self._writable("sequences")[seq_start : seq_start + len(block.sequences)] = block.sequences
         for name, values in block.acts.items():
-            self.group[f"acts/{name}"][row_start:row_end] = values
+            self._writable(f"acts/{name}")[row_start:row_end] = values
+        integrity.record_block(self, row_start // self.block_rows, (row_start, row_end),
+                               (seq_start, seq_start + len(block.sequences)))
         self._advance(block, row_end, seq_start + len(block.sequences))
+
+    def _writable(self, array: str) -> zarr.Array:
+        """`array` writing every chunk, even one of fill values: a missing chunk file is then damage."""
+        return self.group[array].with_config({"write_empty_chunks": True})
 
     def _advance(self, block: "RowBlock", rows_written: int, sequences_written: int) -> None:
         """Record a block as written (its data is on disk): progress and norm sums in one update."""
@@ -248,37 +332,68 @@ class ActivationStore:
         self.group.attrs.update({"rows_written": rows_written, "sequences_written": sequences_written, "norm_sums": totals})
 
     def finish(self) -> None:
-        """Trim the arrays to what was written and mark the store complete."""
+        """Trim the arrays to what was written, write the manifest, mark the store complete."""
         rows, seqs = self.rows_written, self.sequences_written
         if rows < self.n_rows:
-            for name in ("tokens", "positions", "sequence"):
+            for name in ROW_ARRAYS:
                 self.group[name].resize((rows,))
             for src in self.sources:
                 self.group[f"acts/{src.name}"].resize((rows, src.d))
             self.group["sequences"].resize((seqs, self.group.attrs["context_length"]))
         scales = {src.name: self.norm_scale(src.name) for src in self.sources}
-        self.group.attrs.update({"n_rows": rows, "n_sequences": seqs, "norm_scale": scales, "complete": True})
+        self.group.attrs.update({"n_rows": rows, "n_sequences": seqs, "norm_scale": scales})
+        integrity.write_manifest(self)
+        self.group.attrs.update({"complete": True})
 
     # ---------------------------------------------------------------- reading
     def read_rows(self, source: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of `source` as a CPU tensor in the storage dtype.  # [stop-start, d]"""
-        return from_storage(self.group[f"acts/{source}"][start:stop], self.storage_dtype)
+        """Rows [start, stop) of `source` as a CPU tensor in the storage dtype, assembled from
+        checked chunks (size, checksum, finite values).  # [stop-start, d]"""
+        size = self.chunk_rows
+        parts = []
+        for chunk in range(start // size, -(-stop // size)):
+            rows = self.read_chunk(source, chunk)
+            parts.append(rows[max(start - chunk * size, 0): stop - chunk * size])
+        return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else self.empty_rows(self.source(source).d)
 
     def empty_rows(self, width: int) -> torch.Tensor:
         """No rows, in the storage dtype.  → [0, width]"""
         return from_storage(np.empty((0, width), dtype=_NUMPY_DTYPE[self.storage_dtype]), self.storage_dtype)
 
     def read_chunk(self, source: str, chunk: int) -> torch.Tensor:
-        """One stored chunk of `source`.  # [chunk_rows (or fewer for the last), d]"""
-        start = chunk * self.chunk_rows
-        return self.read_rows(source, start, min(start + self.chunk_rows, self.n_rows))
+        """One stored chunk of `source`, checked.  # [chunk_rows (or fewer for the last), d]"""
+        cached = self._last_chunk.get(source)
+        if cached is not None and cached[0] == chunk:
+            return cached[1]
+        (key,) = self.chunk_keys(f"acts/{source}", chunk, chunk + 1)
+        data = integrity.checked_bytes(self, key)
+        d, n = self.source(source).d, min(self.chunk_rows, self.n_rows - chunk * self.chunk_rows)
+        values = np.frombuffer(data, dtype=np.dtype(_NUMPY_DTYPE[self.storage_dtype]).newbyteorder("<"))
+        if values.size != self.chunk_rows * d:
+            raise StoreError(integrity.damage(self.path, key, f"holds {values.size} values, {self.chunk_rows * d} expected"))
+        rows = from_storage(values.reshape(self.chunk_rows, d)[:n], self.storage_dtype)
+        if not torch.isfinite(rows).all():
+            raise StoreError(integrity.damage(self.path, key, "holds NaN or inf values"))
+        self._last_chunk[source] = (chunk, rows)
+        return rows
+
+    def _checked_range(self, array: str, start: int, stop: int | None, chunk_len: int) -> None:
+        """Check the chunk files under rows [start, stop) of an int array once per process."""
+        n = self.group[array].shape[0]
+        stop = n if stop is None else min(stop, n)
+        for key in self.chunk_keys(array, start // chunk_len, -(-stop // chunk_len)):
+            if key not in self._verified:
+                integrity.checked_bytes(self, key)
+                self._verified.add(key)
 
     def read_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of one of the int32 row arrays: tokens, positions, sequence."""
+        self._checked_range(name, start, stop, self.chunk_rows)
         return self.group[name][start:stop]
 
     def read_sequences(self, start: int, stop: int) -> np.ndarray:
         """Token sequences [start, stop).  # [stop-start, ctx]"""
+        self._checked_range("sequences", start, stop, self.group["sequences"].chunks[0])
         return self.group["sequences"][start:stop]
 
 

@@ -58,6 +58,8 @@ class ActivationStream:
     def __init__(self, store: ActivationStore, source: str | list[str], cfg: StreamConfig,
                  device: str | torch.device = "cpu"):
         infos = [store.source(name) for name in ([source] if isinstance(source, str) else source)]
+        # every chunk file this stream will read is there, at its size, before any work starts
+        store.check_files([*(f"acts/{info.name}" for info in infos), "sequence", "tokens", "sequences"])
         self.store = store
         self.sources = [info.name for info in infos]
         self.source = ",".join(self.sources)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -27,6 +28,14 @@ _TEXT_SUFFIXES = {".txt", ".md"}
 
 class TextSourceError(ValueError):
     """A dataset that cannot be read as text: missing, empty, or without the text column."""
+
+
+@dataclass
+class TextCount:
+    """How much text token_sequences has read (for saying why a dataset is too short)."""
+
+    documents: int = 0
+    tokens: int = 0
 
 
 def iter_documents(dataset: str, text_column: str = "text", split: str = "train") -> Iterator[str]:
@@ -55,8 +64,19 @@ def _file_documents(path: Path, text_column: str) -> Iterator[str]:
         return
     import datasets
 
+    if path.suffix != ".parquet" and not _has_content(path):
+        return  # an empty .json/.jsonl: no documents (datasets would fail on it)
     records = datasets.load_dataset(_RECORD_SUFFIXES[path.suffix], data_files=str(path), split="train", streaming=True)
     yield from _column(records, text_column, str(path))
+
+
+def _has_content(path: Path) -> bool:
+    """Whether a text file holds anything but whitespace (reads only up to its first such byte)."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return True
+    return False
 
 
 def _hub_documents(name: str, text_column: str, split: str) -> Iterator[str]:
@@ -108,8 +128,11 @@ def token_sequences(
     bos_id: int | None,
     eos_id: int | None,
     batch_docs: int = 64,
+    count: TextCount | None = None,
 ) -> Iterator[np.ndarray]:
-    """Yield int32 rows of `context_length` tokens (BOS first when `bos_id` is not None)."""
+    """Yield int32 rows of `context_length` tokens (BOS first when `bos_id` is not None);
+    `count` tallies the documents and tokens read."""
+    count = count if count is not None else TextCount()
     body = context_length - (bos_id is not None)
     if body < 1:
         raise ValueError(f"context_length {context_length} leaves no room for text")
@@ -119,6 +142,8 @@ def token_sequences(
     def flush() -> Iterator[np.ndarray]:
         for ids in tokenize(batch):
             buffer.extend(ids)
+            count.documents += 1
+            count.tokens += len(ids)
             if eos_id is not None:
                 buffer.append(eos_id)
         batch.clear()

@@ -130,7 +130,7 @@ def _store_state(path):
         ({"--layers": "0", "--hook": "resid_sideways"}, ["resid_sideways"]),
         ({"--dataset": "/does/not/exist.txt"}, ["does not exist"]),
         ({"--dataset": "someone/not-cached-here"}, ["cannot load dataset", "not a local file or folder"]),
-        ({"--context_length": "100000"}, ["no complete sequence"]),
+        ({"--context_length": "100000"}, ["short of one sequence", "60 documents"]),
         ({"--device": "not-a-device"}, ["is not a device name"]),
     ],
 )
@@ -143,7 +143,7 @@ def test_bad_generation_input_gives_one_line_error_and_no_complete_store(tmp_pat
 
 def test_unknown_full_hook_name_is_refused(tmp_path, text_dir):
     result = CliRunner().invoke(generate_activations.main, gen_args(tmp_path / "x", text_dir) + ["--hooks", "blocks.1.hook_nope"])
-    assert_one_line_error(result, "unknown hook", "blocks.1.hook_nope")
+    assert_one_line_error(result, "blocks.1.hook_nope is not a hook of this model", "block 1 has", "hook_resid_post")
 
 
 def test_missing_text_column_is_refused(tmp_path, text_jsonl):

@@ -285,12 +285,20 @@ def sweep_members(cfg: SweepConfig, d_in: int, n_sources: int = 1, resolved: Res
 
 
 def resolve_sources(store: ActivationStore, cfg: SweepConfig) -> list[str]:
-    """The sources a sweep reads: `cfg.sources`, or the one of `cfg.source`, or the store's only one."""
+    """The sources a sweep reads: `cfg.sources`, or the one of `cfg.source`, or the store's only
+    one; a crosscoder without --sources reads every source of the store (of one width)."""
     if cfg.sources:
         return [store.source(name).name for name in cfg.sources]
     if cfg.source is not None:
         return [store.source(cfg.source).name]
     names = [s.name for s in store.sources]
+    if cfg.arch == "crosscoder" and len(names) > 1:
+        widths = {s.name: s.d for s in store.sources}
+        if len(set(widths.values())) > 1:
+            raise StoreError(f"store {store.path} holds sources of several widths {widths}: "
+                             "choose the crosscoder's with --sources")
+        print(f"crosscoder over all {len(names)} sources of the store: {', '.join(names)}")
+        return names
     if len(names) > 1:
         raise StoreError(f"store {store.path} holds several sources; choose one with --source: {', '.join(names)}")
     return names

@@ -1,0 +1,161 @@
+"""A store knows what it holds: the byte size and crc32c of every chunk file, and the checks
+that use them.
+
+  * While generating, each block's chunk files are checksummed right after they are written
+    (read back from the page cache: ~1 ms per MB, measured in bench/RESULTS.md) into
+    `manifest.blocks/<block>.json`; at completion these merge into `manifest.json`, written
+    before the store is marked complete.
+  * `check_files`: presence and size of every chunk a reader will use, from one listing per
+    array, before training starts (a missing or truncated file costs a second, not a run).
+  * `checked_bytes`: a chunk's bytes, with its size and checksum checked, as it is read (the
+    stream reads in its prefetch thread); activation values are also checked to be finite.
+  * `verify`: all of it for every chunk (generate_activations.py --verify).
+Every failure is one line naming the file, what is wrong and what to do. Stores written before
+checksums (format 1) get the presence, size and value checks only.
+"""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Iterator
+
+import google_crc32c
+
+if TYPE_CHECKING:
+    from cache.store import ActivationStore
+
+MANIFEST = "manifest.json"
+BLOCK_MANIFESTS = "manifest.blocks"
+REGENERATE = "regenerate it: rerun generate_activations.py with the same arguments and --overwrite"
+
+
+def damage(path, key: str, problem: str) -> str:
+    """The one-line message for a damaged chunk file."""
+    return f"store {path}: {key} {problem}; the store is damaged: {REGENERATE}"
+
+
+def crc32c(data: bytes) -> int:
+    return google_crc32c.value(data)
+
+
+def record_block(store: "ActivationStore", block: int, rows: tuple[int, int], sequences: tuple[int, int]) -> None:
+    """Checksum every chunk file a block touched (rows [a, b) of the row arrays, sequences [c, d))."""
+    entries = {}
+    for array, (lo, hi) in _ranges(store, rows, sequences):
+        length = _chunk_length(store, array)
+        for key in store.chunk_keys(array, lo // length, -(-hi // length)):
+            data = store.read_file(key)
+            entries[key] = [len(data), crc32c(data)]
+    store.write_file(f"{BLOCK_MANIFESTS}/{block:06d}.json", json.dumps(entries).encode())
+
+
+def write_manifest(store: "ActivationStore") -> None:
+    """Merge the block manifests (later blocks win for a chunk two blocks share), keep the chunks
+    the trimmed arrays still have, checksum any chunk no block recorded, write manifest.json."""
+    merged: dict[str, list[int]] = {}
+    for key in sorted(store.file_sizes(BLOCK_MANIFESTS)):
+        merged.update(json.loads(store.read_file(key)))
+    chunks = {}
+    for array in store.array_names():
+        for key in store.chunk_keys(array):
+            if key not in merged:  # e.g. written by a version without block manifests, then resumed
+                data = store.read_file(key)
+                merged[key] = [len(data), crc32c(data)]
+            chunks[key] = merged[key]
+    store.write_file(MANIFEST, json.dumps({"algorithm": "crc32c", "chunks": chunks}).encode())
+    store.remove_files(BLOCK_MANIFESTS)
+
+
+def read_manifest(store: "ActivationStore") -> dict[str, tuple[int, int]]:
+    data = store.read_file(MANIFEST)
+    try:
+        content = json.loads(data)
+    except ValueError as err:
+        raise store_error(damage(store.path, MANIFEST, f"cannot be read ({err})")) from None
+    return {key: (size, crc) for key, (size, crc) in content["chunks"].items()}
+
+
+def checked_bytes(store: "ActivationStore", key: str) -> bytes:
+    """The bytes of one chunk file, after checking its size and checksum against the manifest."""
+    data = store.read_file(key)
+    manifest = store.manifest
+    if manifest is None:
+        return data
+    if key not in manifest:
+        raise store_error(damage(store.path, key, f"is not in {MANIFEST}"))
+    size, crc = manifest[key]
+    if len(data) != size:
+        raise store_error(damage(store.path, key, f"has {len(data):,} bytes, {size:,} were written (truncated or overwritten)"))
+    if crc32c(data) != crc:
+        raise store_error(damage(store.path, key, "fails its checksum (its bytes changed since they were written)"))
+    return data
+
+
+def check_files(store: "ActivationStore", arrays: list[str]) -> None:
+    """Presence and size of every chunk file of `arrays` (one listing each); the first problem raises."""
+    problem = next(_file_problems(store, arrays), None)
+    if problem is not None:
+        raise store_error(problem[1])
+
+
+def verify(store: "ActivationStore", progress: bool = True) -> list[str]:
+    """Every problem of every chunk file: presence, size, checksum, and finite activations."""
+    from tqdm.auto import tqdm
+
+    listed = list(_file_problems(store, store.array_names()))
+    problems = [message for _, message in listed]
+    unreadable = {key for key, _ in listed}
+    sources = {f"acts/{s.name}": s.name for s in store.sources}
+    keys = [(array, key) for array in store.array_names() for key in store.chunk_keys(array)]
+    for i, (array, key) in enumerate(tqdm(keys, desc="verifying", unit="chunk", disable=not progress)):
+        if key in unreadable:
+            continue
+        try:
+            if array in sources:
+                store.read_chunk(sources[array], int(key.split("/c/")[1].split("/")[0]))
+            else:
+                checked_bytes(store, key)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
+
+
+def _file_problems(store: "ActivationStore", arrays: list[str]) -> Iterator[tuple[str, str]]:
+    """(key, message) of every missing or wrongly sized chunk file of `arrays`."""
+    manifest = store.manifest
+    for array in arrays:
+        if array not in store.group:
+            yield array, f"store {store.path}: the array {array} is missing; the store is damaged: {REGENERATE}"
+            continue
+        sizes = store.file_sizes(array)
+        raw = _raw_chunk_bytes(store, array)
+        for key in store.chunk_keys(array):
+            if key not in sizes:
+                yield key, damage(store.path, key, "is missing")
+                continue
+            expected = manifest[key][0] if manifest is not None and key in manifest else raw
+            if expected is not None and sizes[key] != expected:
+                yield key, damage(store.path, key, f"has {sizes[key]:,} bytes, {expected:,} were written "
+                                                   "(truncated or overwritten)")
+
+
+def _raw_chunk_bytes(store: "ActivationStore", array: str) -> int | None:
+    """Byte size of an uncompressed activation chunk (None for the compressed int arrays)."""
+    if not array.startswith("acts/"):
+        return None
+    arr = store.group[array]
+    return int(arr.chunks[0] * arr.chunks[1] * arr.dtype.itemsize)
+
+
+def _chunk_length(store: "ActivationStore", array: str) -> int:
+    return store.group[array].chunks[0]
+
+
+def _ranges(store: "ActivationStore", rows: tuple[int, int], sequences: tuple[int, int]):
+    for array in store.array_names():
+        yield array, (sequences if array == "sequences" else rows)
+
+
+def store_error(message: str) -> ValueError:
+    from cache.store import StoreError  # the store imports this module
+
+    return StoreError(message)
