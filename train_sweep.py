@@ -24,8 +24,15 @@ from training.members import ARCHS
 @click.option("--source", default=None, help="Source in the store to train on [default: the store's only source].")
 @click.option("--sources", cls=SpaceSeparated, type=str, default=(),
               help="Several sources read side by side for crosscoders, e.g. base/blocks.6.hook_resid_post,chat/blocks.6.hook_resid_post.")
+@click.option("--targets", cls=SpaceSeparated, type=str, default=(),
+              help="What the members reconstruct when not their inputs: a transcoder, --sources IN --targets OUT.")
+@click.option("--transcoder", is_flag=True, help="MLP transcoders at each of --layers (input: the MLP's input, target: its output).")
+@click.option("--clt", is_flag=True, help="A cross-layer transcoder over --layers (also: --arch clt).")
+@click.option("--layers", cls=SpaceSeparated, type=str, default=(), help="Layers of --transcoder / --clt: numbers, or all.")
+@click.option("--skip", is_flag=True, help="Transcoders: add a linear skip term x W_skip (skip transcoders).")
 @click.option("--output_dir", default="runs/demo", help="Where checkpoints, members and the summary go.")
-@click.option("--arch", type=click.Choice(list(ARCHS)), default="relu", help="Architecture of every member.")
+@click.option("--arch", type=click.Choice([*ARCHS, "clt"]), default="relu",
+              help="Architecture of every member; clt = jumprelu_tanh with --clt (Anthropic's cross-layer transcoder).")
 @click.option("--sweep", cls=SpaceSeparated, split_commas=False, type=str,
               help="Knob axes; members are their grid: --sweep k=16,32,64 'l1=logspace(-4,-2,8)' seed=0,1.")
 @click.option("--l1_min", type=float, default=None,
@@ -91,8 +98,10 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_projec
     from training.tracking import WandbTracker
     from training.trainer import SweepConfig, train_sweep
 
-    for key in ("sweep", "sources", "exclude_tokens"):
+    for key in ("sweep", "sources", "exclude_tokens", "targets", "layers"):
         options[key] = tuple(options[key])
+    if options["arch"] == "clt":
+        options.update(arch="jumprelu_tanh", clt=True)
     cfg = run_or_exit(lambda: SweepConfig(**options))
     out = options["output_dir"]
     eval_cfg = run_or_exit(lambda: EvalConfig(run_dir=out, n_sequences=eval_sequences, batch_size=eval_batch_size,

@@ -368,7 +368,7 @@ class ActivationStore:
         (key,) = self.chunk_keys(f"acts/{source}", chunk, chunk + 1)
         data = integrity.checked_bytes(self, key)
         d, n = self.source(source).d, min(self.chunk_rows, self.n_rows - chunk * self.chunk_rows)
-        values = np.frombuffer(data, dtype=np.dtype(_NUMPY_DTYPE[self.storage_dtype]).newbyteorder("<"))
+        values = np.frombuffer(bytearray(data), dtype=np.dtype(_NUMPY_DTYPE[self.storage_dtype]).newbyteorder("<"))
         if values.size != self.chunk_rows * d:
             raise StoreError(integrity.damage(self.path, key, f"holds {values.size} values, {self.chunk_rows * d} expected"))
         rows = from_storage(values.reshape(self.chunk_rows, d)[:n], self.storage_dtype)

@@ -36,6 +36,7 @@ from evaluation.model_diff import write_diff_analysis
 from evaluation.plots import plot_sweep
 from evaluation.report import write_report, write_summary
 from evaluation.splice import Splice, recovered, single, spliced_losses
+from formats import circuit_tracer
 from formats.crosscoder import crosscoder_forward, is_crosscoder_dir, load_crosscoder
 from formats.saelens import load_saelens, saelens_forward, save_density
 
@@ -75,7 +76,7 @@ class _Member:
     @property
     def kind(self) -> str:
         if self.inputs != self.targets:
-            return "transcoder"
+            return "clt" if len(self.inputs) > 1 else "transcoder"
         return "crosscoder" if len(self.inputs) > 1 else "sae"
 
 
@@ -146,6 +147,16 @@ def open_run_store(summary: dict, run_dir: Path) -> ActivationStore:
 def _load(directory: Path, row: dict, summary: dict, device: str) -> _Member:
     """A member in its format, with a forward on raw inputs side by side."""
     store_sources = summary["store"].get("sources") or [summary["store"]["source"]]
+    if circuit_tracer.is_circuit_tracer_dir(directory):
+        c, layers = circuit_tracer.load(directory, device)
+        L, d = len(layers), layers[0]["W_enc"].shape[1]
+
+        def clt_forward(x_BI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return circuit_tracer.forward(c, layers, x_BI.view(-1, L, d))
+
+        weights = {f"{k}_{layer}": v for layer, t in enumerate(layers) for k, v in t.items()}
+        return _Member(row["name"], L * layers[0]["W_enc"].shape[0], list(row["inputs"]), list(row["targets"]),
+                       clt_forward, c, weights)
     if is_crosscoder_dir(directory):
         c, w = load_crosscoder(directory, device)
         S, D = c["n_sources"], c["d_in"]
@@ -186,6 +197,7 @@ def _reconstruction_metrics(cfg: EvalConfig, store, summary, members: list[_Memb
     per_target = [[MetricAccumulator(1, stream.columns[t][1], m.d_sae, cfg.device) for t in m.targets]
                   if len(m.targets) > 1 else [] for m in members]
     sums = {s: torch.zeros(w, dtype=torch.float64, device=cfg.device) for s, w in zip(sources, stream.widths)}
+    layer_l0 = {m.name: torch.zeros(len(m.inputs), dtype=torch.float64, device=cfg.device) for m in members if m.kind == "clt"}
     n_rows = 0
     batches = tqdm(stream.eval_batches(), total=-(-stream.n_eval // cfg.row_batch_size), unit="batch",
                    desc="held-out rows", leave=False)
@@ -196,6 +208,8 @@ def _reconstruction_metrics(cfg: EvalConfig, store, summary, members: list[_Memb
             sums[s] += raw_BC[:, start:start + width].double().sum(0)
         for (m, in_cols, out_cols, s_out), acc, accs in zip(plan, overall, per_target):
             f_BF, y_hat_BO = m.forward(raw_BC[:, in_cols])
+            if m.name in layer_l0:  # a CLT's L0 per layer: its features are [L, F] side by side
+                layer_l0[m.name] += (f_BF.view(len(f_BF), len(m.inputs), -1) > 0).sum(dim=(0, 2)).double()
             y_BO, y_hat_BO = raw_BC[:, out_cols] / s_out, y_hat_BO / s_out
             acc.update(y_BO, y_hat_BO.unsqueeze(0), f_BF.unsqueeze(0))
             for t, block in enumerate(accs):
@@ -208,6 +222,8 @@ def _reconstruction_metrics(cfg: EvalConfig, store, summary, members: list[_Memb
         r.update(acc.results()[0])
         if accs:
             r["per_source"] = {t: {k: a.results()[0][k] for k in _PER_TARGET_METRICS} for t, a in zip(m.targets, accs)}
+        if m.name in layer_l0:  # the L0 of each layer's features (read at that layer's input)
+            r["per_layer_l0"] = dict(zip(m.inputs, (layer_l0[m.name] / n_rows).tolist()))
         density[m.name] = acc.density()[0]
     return density, {s: (v / n_rows).float() for s, v in sums.items()}
 
@@ -258,20 +274,47 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[_Member],
         if len(m.targets) > 1:
             for target, values in per.items():
                 r["per_source"][target].update(values)
+    clts = [(r, m) for r, m in zip(rows, members) if m.kind == "clt"]
+    replaced = _replacement_metrics(cfg, store, models, entries, clts, mean_raw, sequences, first_pos, exclude) if clts else {}
+    out = {"n_sequences": len(sequences), **({"replacement_model": replaced} if replaced else {})}
     if len(targets) == 1:
-        return {"n_sequences": len(sequences), **baselines[targets[0]]}
-    return {"n_sequences": len(sequences), "per_source": baselines}
+        return {**out, **baselines[targets[0]]}
+    return {**out, "per_source": baselines}
+
+
+def _replacement_metrics(cfg: EvalConfig, store, models: dict, entries: dict, clts: list, mean_raw: dict,
+                         sequences: torch.Tensor, first_pos: int, exclude: tuple[int, ...]) -> dict:
+    """CE/KL with every MLP output replaced at once by each CLT (the replacement model) into its
+    row's top level (its one-layer-at-a-time figures stay per source); return the baselines of
+    ablating every MLP output at once."""
+    targets = clts[0][1].targets
+    hooks = [store.source(t).hook for t in targets]
+    splices = {"zero": Splice(tuple((h, lambda x, rec, b: torch.zeros_like(x)) for h in hooks)),
+               "mean": Splice(tuple((h, lambda x, rec, b, t=t: mean_raw[t].expand_as(x)) for h, t in zip(hooks, targets)))}
+    splices.update({m.name: replacement_model(m, store) for _, m in clts})
+    model = models[entries[targets[0]]["label"]]
+    losses = spliced_losses(model, sequences, splices, first_pos=first_pos, exclude_tokens=exclude,
+                            batch_size=cfg.batch_size, desc="CE/KL of the replacement model")
+    clean, zero, mean = losses["clean"]["ce"], losses["zero"]["ce"], losses["mean"]["ce"]
+    for r, m in clts:
+        r["ce_recovered_one_layer_at_a_time"] = r.get("ce_recovered")
+        spliced = losses[m.name]
+        r.update({"ce_spliced": spliced["ce"], "kl": spliced["kl"], "ce_recovered": recovered(spliced["ce"], clean, zero),
+                  "ce_recovered_mean_ablation": recovered(spliced["ce"], clean, mean)})
+    return {"clean_ce": clean, "zero_ablation_ce": zero, "mean_ablation_ce": mean,
+            "zero_ablation_kl": losses["zero"]["kl"], "mean_ablation_kl": losses["mean"]["kl"],
+            "replaced": [store.source(t).hook for t in targets]}
 
 
 def _splice(member: _Member, target: str, store, clean: dict[str, torch.Tensor], first_pos: int) -> Splice:
     """How `member` replaces `target`'s hook: its reconstruction of the hook's own rows (SAE), its
     reconstruction from the clean activations of all its sources (crosscoder), or its output from
-    its input hook recorded earlier in the same pass (transcoder)."""
-    t = member.targets.index(target)
+    its input hook recorded earlier in the same pass (transcoder, CLT)."""
     if member.kind == "sae":
         return single(store.source(target).hook, lambda x, _: member.forward(x)[1])
     if member.kind == "crosscoder":
         width = store.source(target).d
+        t = member.targets.index(target)
         acts = [clean[s] for s in member.inputs]  # each [N, T, d]
 
         def from_clean(x, seqs):
@@ -279,14 +322,31 @@ def _splice(member: _Member, target: str, store, clean: dict[str, torch.Tensor],
             return member.forward(x_BI)[1][:, t * width:(t + 1) * width]
 
         return single(store.source(target).hook, from_clean)
+    return Splice(((store.source(target).hook, _from_inputs(member, target, store)),),
+                  record=tuple(store.source(s).hook for s in member.inputs))
+
+
+def _from_inputs(member: _Member, target: str, store):
+    """A transcoder's (or CLT's) output at `target`, from its inputs recorded earlier in the same
+    forward pass. A CLT's output at layer m reads the inputs of layers ≤ m only, which are the
+    ones recorded by then; later layers' slots get zeros (they do not write to m)."""
+    t = member.targets.index(target)
     in_hooks = [store.source(s).hook for s in member.inputs]
     width = store.source(target).d
 
-    def from_inputs(x, recorded, seqs):
-        x_BI = torch.cat([recorded[h] for h in in_hooks], dim=-1)
-        return member.forward(x_BI)[1][:, t * width:(t + 1) * width]
+    def replace(x, recorded, seqs):
+        parts = [recorded[h] if h in recorded else torch.zeros(len(x), store.source(s).d, device=x.device)
+                 for h, s in zip(in_hooks, member.inputs)]
+        return member.forward(torch.cat(parts, dim=-1))[1][:, t * width:(t + 1) * width]
 
-    return Splice(((store.source(target).hook, from_inputs),), record=tuple(in_hooks))
+    return replace
+
+
+def replacement_model(member: _Member, store) -> Splice:
+    """Every target of a CLT replaced at once, each from the inputs as they flow in that pass
+    (earlier replaced outputs included): the replacement model of Anthropic's circuit tracing."""
+    return Splice(tuple((store.source(t).hook, _from_inputs(member, t, store)) for t in member.targets),
+                  record=tuple(store.source(s).hook for s in member.inputs))
 
 
 def _clean_activations(models: dict, store, sources: list[str], sequences: torch.Tensor,

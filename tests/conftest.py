@@ -19,6 +19,7 @@ TINY_NAME = "pythia-70m"  # TransformerLens alias of EleutherAI/pythia-70m
 TINY_LAYERS = 3
 TINY_D = 32
 TWIN_NAME = "pythia-160m"  # EleutherAI/pythia-160m: the tiny model's tokenizer, other weights
+TRAINED_NAME = "pythia-14m"  # EleutherAI/pythia-14m: the tiny model trained briefly on the corpus (its MLPs matter)
 OTHER_TOKENIZER_NAME = "pythia-410m"  # EleutherAI/pythia-410m: a different tokenizer
 WORDS = (
     "sparse dictionary feature latent activation model layer token residual stream decoder encoder "
@@ -86,6 +87,7 @@ def pytest_configure(config):
     save_tiny_model(_hub_snapshot(root, "EleutherAI/pythia-70m"), tokenizer, seed=0)
     save_tiny_model(_hub_snapshot(root, "EleutherAI/pythia-160m"), tokenizer, seed=1)
     save_tiny_model(_hub_snapshot(root, "EleutherAI/pythia-410m"), _train_tokenizer(vocab_size=300, corpus_seed=7), seed=2)
+    _hub_snapshot(root, "EleutherAI/pythia-14m")  # filled on first use by the trained_model fixture
 
 
 def pytest_unconfigure(config):
@@ -96,6 +98,39 @@ def pytest_unconfigure(config):
 def tiny_model_dir(pytestconfig) -> Path:
     """The tiny model's snapshot directory (a plain local HF directory)."""
     return next((pytestconfig._sae_sweep_hf_root / "hub" / "models--EleutherAI--pythia-70m" / "snapshots").iterdir())
+
+
+@pytest.fixture(scope="session")
+def trained_model(pytestconfig, tiny_model_dir) -> str:
+    """The tiny model's shape and tokenizer, trained for 300 steps on the pseudo-English corpus
+    (~8 s), saved as EleutherAI/pythia-14m in the test HF cache: a model whose MLPs change its
+    loss, for replacement-model and suite tests.  → its TransformerLens alias"""
+    import torch
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    snapshot = next((pytestconfig._sae_sweep_hf_root / "hub" / "models--EleutherAI--pythia-14m" / "snapshots").iterdir())
+    if (snapshot / "config.json").exists():
+        return TRAINED_NAME
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer(" ".join(corpus(400, seed=11)), return_tensors="pt")["input_ids"][0]
+    rows = ids[: len(ids) // 64 * 64].view(-1, 64)
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=TINY_D, num_hidden_layers=TINY_LAYERS, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=256, rotary_pct=0.25, bos_token_id=0, eos_token_id=0,
+    )
+    model = GPTNeoXForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        batch = rows[torch.randint(0, len(rows), (16,), generator=g)]
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    return TRAINED_NAME
 
 
 @pytest.fixture(scope="session")

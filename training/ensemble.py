@@ -73,6 +73,17 @@ class StepOutput(NamedTuple):
     l0: torch.Tensor  # [E]
 
 
+def group_size(members: list[MemberConfig], batch_size: int, device: torch.device, member_chunk: int | None = None) -> int:
+    """Members per forward/backward group: all of them on a GPU; on a CPU as many as keep one
+    group's [B, F] activations near 64 MB (beyond that, caches overflow and it runs slower)."""
+    if member_chunk is not None:
+        return member_chunk
+    if device.type == "cuda":
+        return len(members)
+    bytes_per_member = batch_size * max(m.d_sae for m in members) * members[0].n_groups * 4
+    return max(1, (64 * 2**20) // bytes_per_member)
+
+
 class Ensemble:
     """E members of one architecture, trained together on shared batches (members of different
     widths as masks inside the widest, see training.dictionary).
@@ -142,13 +153,7 @@ class Ensemble:
 
     def _groups(self, batch_size: int) -> list[slice]:
         E = len(self.members)
-        chunk = self.member_chunk
-        if chunk is None:
-            if self.device.type == "cuda":
-                chunk = E
-            else:
-                bytes_per_member = batch_size * max(m.d_sae for m in self.members) * 4
-                chunk = max(1, (64 * 2**20) // bytes_per_member)
+        chunk = group_size(self.members, batch_size, self.device, self.member_chunk)
         return [slice(i, min(i + chunk, E)) for i in range(0, E, chunk)]
 
     @torch.no_grad()

@@ -3,7 +3,9 @@
   * an SAE (one source, reconstructing it) → a SAELens directory (formats/saelens.py);
   * a crosscoder (several sources read side by side) → our crosscoder format (formats/crosscoder.py);
   * a single-layer transcoder → a SAELens transcoder directory (`transcoder`, `skip_transcoder`,
-    `jumprelu_transcoder`, `jumprelu_skip_transcoder`).
+    `jumprelu_transcoder`, `jumprelu_skip_transcoder`), and, with one per layer, the layers of a
+    sweep setting together as a circuit-tracer transcoder set (formats/circuit_tracer.py);
+  * a cross-layer transcoder → circuit-tracer's CLT layout.
 SAELens transcoders and circuit-tracer load only ReLU and JumpReLU: a TopK member exported there
 becomes JumpReLU with one threshold per layer calibrated on store rows so that it keeps k
 latents per row on average (`calibrate_threshold`); what that costs in FVU is measured by
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from formats import circuit_tracer
 from formats.crosscoder import save_crosscoder
 from formats.saelens import saelens_architecture, saelens_cfg, save_saelens
 from training.dictionary import Dictionary
@@ -46,6 +49,8 @@ def export_member(directory: Path, d: Dictionary, e: int, ctx: ExportContext) ->
     out_scales = [ctx.scales[name] for name in member.target_names()]
     tensors = d.member_tensors(e, in_scales, out_scales)
     rule = d.inference_rule(e)
+    if member.cross_layer:
+        return {**record, **_save_clt(directory, d, e, tensors, rule, ctx, record), "format": "circuit_tracer_clt"}
     if member.n_sources > 1 and not member.is_transcoder:
         _save_crosscoder(directory, member, tensors, rule, ctx, record)
         return {**record, "format": "crosscoder"}
@@ -73,7 +78,7 @@ def calibrate_threshold(d: Dictionary, e: int, rows_NC: torch.Tensor | None) -> 
     group's latents.  → [G·F_e]"""
     if rows_NC is None or not len(rows_NC):
         raise ValueError("calibrating a TopK export needs store rows")
-    f, F = d.members[e].d_sae, d.W_enc.shape[-1]
+    f = d.members[e].d_sae
     pre_UNF = torch.relu(d.pre_activation(rows_NC.to(d.W_enc.device)))
     k = int(d.k[e])
     thresholds = []
@@ -81,8 +86,76 @@ def calibrate_threshold(d: Dictionary, e: int, rows_NC: torch.Tensor | None) -> 
         values = pre_UNF[e * d.G + g, :, :f].flatten()
         kth = values.topk(min(k * len(rows_NC), len(values))).values[-1]
         thresholds.append(kth.clamp_min(1e-12).expand(f))
-    del F
     return torch.cat(thresholds).clone()
+
+
+def circuit_tracer_layer(d: Dictionary, e: int, ctx: ExportContext) -> tuple[dict[str, torch.Tensor], dict]:
+    """Member e (a single-layer transcoder) as one layer of a circuit-tracer transcoder set:
+    W_enc [F, d], W_dec, b_enc, b_dec, its threshold (calibrated for TopK) and W_skip [d_out, d_in]."""
+    member = d.members[e]
+    tensors = d.member_tensors(e, [ctx.scales[n] for n in member.input_names()],
+                               [ctx.scales[n] for n in member.target_names()])
+    rule, extra = d.inference_rule(e), {}
+    layer = {"W_enc": tensors["W_enc"].T, "W_dec": tensors["W_dec"], "b_enc": tensors["b_enc"], "b_dec": tensors["b_dec"]}
+    threshold = _threshold(d, e, rule, tensors, ctx)
+    if threshold is not None:
+        layer["activation_function.threshold"] = threshold
+        extra = {"threshold_calibrated_from": f"topk k={int(d.k[e])}"} if rule.activation == "topk" else {}
+    if "W_skip" in tensors:
+        layer["W_skip"] = tensors["W_skip"].T
+    return layer, extra
+
+
+def save_transcoder_set(directory: Path, d: Dictionary, members: dict[int, int], ctx: ExportContext, record: dict) -> dict:
+    """The members of one sweep setting, one per layer ({layer: member index}), as a circuit-tracer
+    transcoder set; a note when it does not cover every layer of the model (circuit-tracer needs all)."""
+    first = d.members[next(iter(members.values()))]
+    layers, extras = {}, {}
+    for layer, e in sorted(members.items()):
+        layers[layer], extra = circuit_tracer_layer(d, e, ctx)
+        extras.update(extra)
+    source, target = ctx.sources[first.input_names()[0]], ctx.sources[first.target_names()[0]]
+    circuit_tracer.save_transcoder_set(directory, layers, input_hook=_block_relative(source["hook"]),
+                                       output_hook=_block_relative(target["hook"]), model_name=source["model"],
+                                       record={**record, **extras, "layers": sorted(members)})
+    complete = sorted(members) == list(range(ctx.info.get("n_layers", len(members))))
+    return {"layers": sorted(members), "loads_in_circuit_tracer": complete, **extras}
+
+
+def _save_clt(directory: Path, d: Dictionary, e: int, tensors: dict, rule, ctx: ExportContext, record: dict) -> dict:
+    member = d.members[e]
+    F, I, width = member.d_sae, d.I, d.d_out
+    threshold = _threshold(d, e, rule, tensors, ctx)
+    layers = {}
+    for g, name in enumerate(member.input_names()):
+        layer = ctx.sources[name]["layer"]
+        part = slice(g * F, (g + 1) * F)
+        slab = tensors["W_dec"][:, d.slab_starts[g]: d.slab_starts[g + 1]]
+        layers[layer] = {"W_enc": tensors["W_enc"][g * I:(g + 1) * I].T, "b_enc": tensors["b_enc"][part],
+                         "b_dec": tensors["b_dec"][g * width:(g + 1) * width], "W_dec": slab.reshape(F, -1, width)}
+        if threshold is not None:
+            layers[layer]["threshold"] = threshold[part]
+    source, target = ctx.sources[member.input_names()[0]], ctx.sources[member.target_names()[0]]
+    extra = {"threshold_calibrated_from": f"topk k={int(d.k[e])}"} if rule.activation == "topk" else {}
+    circuit_tracer.save_clt(directory, layers, input_hook=_block_relative(source["hook"]),
+                            output_hook=_block_relative(target["hook"]), model_name=source["model"],
+                            record={**record, **extra, "layers": sorted(layers)})
+    complete = sorted(layers) == list(range(ctx.info.get("n_layers", len(layers))))
+    return {"layers": sorted(layers), "loads_in_circuit_tracer": complete, **extra}
+
+
+def _threshold(d: Dictionary, e: int, rule, tensors: dict, ctx: ExportContext) -> torch.Tensor | None:
+    """The JumpReLU threshold an export carries: the member's own (JumpReLU, BatchTopK), one
+    calibrated on store rows (TopK, which circuit-tracer cannot run), or None (ReLU).  → [G·F]"""
+    if rule.activation == "topk":
+        return calibrate_threshold(d, e, ctx.calibration_rows)
+    return tensors.get("threshold")
+
+
+def _block_relative(hook: str) -> str:
+    """blocks.3.ln2.hook_normalized → ln2.hook_normalized (circuit-tracer names hooks within a block)."""
+    parts = hook.split(".", 2)
+    return parts[2] if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() else hook
 
 
 def _metadata(member, ctx: ExportContext, record: dict) -> dict:

@@ -68,7 +68,9 @@ def shorthand_axis(arch_knobs: tuple[str, ...], l1_min: float, l1_max: float, n_
     return {field: [float(v) for v in values]}
 
 
-def member_name(e: int, member: MemberConfig, axes: list[str]) -> str:
-    """Directory name of member e from the knobs the sweep varies, e.g. 03_l1_0.00072, 01_k_32_seed_1."""
+def member_name(e: int, member: MemberConfig, axes: list[str], label: str = "") -> str:
+    """Directory name of member e from its wiring's label and the knobs the sweep varies, e.g.
+    03_l1_0.00072, 01_k_32_seed_1, 05_L02_k_16."""
     parts = [f"{_SHORT.get(a, a)}_{getattr(member, a):.3g}" for a in axes]
+    parts = ([label] if label else []) + parts
     return "_".join([f"{e:02d}", *parts]) if parts else f"{e:02d}_{member.arch}"

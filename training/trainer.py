@@ -33,10 +33,12 @@ from cache.stream import ActivationStream, StreamConfig
 from evaluation.report import write_summary
 from training import rundir
 from training.members import ARCHS, LOSS_CONVENTION, MemberConfig
-from training.ensemble import Ensemble
-from training.export import ExportContext, export_member
+from training import memory
+from training.ensemble import Ensemble, group_size
+from training.export import ExportContext, export_member, save_transcoder_set
 from training.schedules import RECIPES, Schedule, short_run_note
 from training.sweep import build_members, member_name, parse_axis, shorthand_axis
+from training.wiring import Wiring, plan_wirings
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
 _RUNTIME_FIELDS = ("output_dir", "device", "overwrite", "checkpoint_every", "prefetch")
@@ -55,7 +57,17 @@ class SweepConfig:
     source: str | None = None
     """Source in the store to train on; default: the store's only source."""
     sources: tuple[str, ...] = ()
-    """Several sources to train crosscoders on, read side by side (instead of `source`)."""
+    """Several sources to train crosscoders on, read side by side (instead of `source`); a transcoder's input."""
+    targets: tuple[str, ...] = ()
+    """What members reconstruct, when not their inputs: a transcoder's target (with one --sources)."""
+    transcoder: bool = False
+    """MLP transcoders at each of `layers`: input the layer's MLP input, target its MLP output."""
+    clt: bool = False
+    """One cross-layer transcoder over `layers` per sweep setting (consecutive layers)."""
+    layers: tuple[str, ...] = ()
+    """Layers of --transcoder/--clt: numbers, or all."""
+    skip: bool = False
+    """Transcoders: add a linear skip term x W_skip (skip transcoders)."""
     arch: str = "relu"
     """Architecture of every member: one of training.dictionary.ARCHS."""
     sweep: tuple[str, ...] = ()
@@ -166,6 +178,12 @@ class SweepConfig:
             raise ValueError("--resample_every must be ≥ 0 and --resample_stop a fraction in (0, 1]")
         if self.source is not None and self.sources:
             raise ValueError("give --source (one) or --sources (several), not both")
+        if self.transcoder and self.clt:
+            raise ValueError("give --transcoder (one per layer) or --clt (one across layers), not both")
+        if self.skip and not (self.transcoder or self.targets):
+            raise ValueError("--skip is for transcoders (--transcoder, or --sources … --targets …)")
+        if self.skip and self.clt:
+            raise ValueError("--skip is for single-layer transcoders; circuit-tracer reads no skip term of a CLT")
         if len(set(self.sources)) < len(self.sources):
             raise ValueError(f"--sources names a source twice: {', '.join(self.sources)}")
         if self.arch not in ARCHS:
@@ -231,15 +249,16 @@ class Resolved:
                         cfg.k_anneal_steps, cfg.p_anneal_start, cfg.p_anneal_updates)
 
 
-def resolve(cfg: SweepConfig, stream: ActivationStream, exclude_ids: tuple[int, ...]) -> Resolved:
-    """The run's concrete schedule: the config's values where given, else the recipe's."""
+def resolve(cfg: SweepConfig, stream: ActivationStream, exclude_ids: tuple[int, ...], d_in: int, unit_in: int) -> Resolved:
+    """The run's concrete schedule: the config's values where given, else the recipe's. `d_in`:
+    the width of each input source; `unit_in`: what one encoder reads (S·d_in for a crosscoder)."""
     recipe = cfg.recipe
     T = math.ceil(cfg.n_tokens / cfg.batch_size) if cfg.n_tokens is not None else cfg.n_epochs * stream.batches_per_epoch
-    d_sae = cfg.d_sae or int(round(cfg.ratio * stream.d))
+    d_sae = cfg.d_sae or int(round(cfg.ratio * d_in))
     if d_sae < 1:
-        raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={stream.d}")
+        raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={d_in}")
     run_tokens = T * cfg.batch_size
-    activation_unit = math.sqrt(stream.d * len(stream.sources))  # the reference's units → ours (mean norm √d)
+    activation_unit = math.sqrt(unit_in)  # the reference's units → ours (mean norm √d)
     return Resolved(
         total_steps=T,
         lr=cfg.lr if cfg.lr is not None else recipe.learning_rate(d_sae),
@@ -257,51 +276,37 @@ def resolve(cfg: SweepConfig, stream: ActivationStream, exclude_ids: tuple[int, 
 
 
 def sweep_members(cfg: SweepConfig, d_in: int, n_sources: int = 1, resolved: Resolved | None = None,
-                  inputs: tuple[str, ...] = ()) -> tuple[list[MemberConfig], list[str]]:
-    """The sweep's members and the names of the knobs it varies."""
+                  wirings: list[Wiring] | None = None, d_out: int | None = None) -> tuple[list[MemberConfig], list[str]]:
+    """The sweep's members (its grid of knobs for every wiring) and the names of the knobs it varies."""
     spec = ARCHS[cfg.arch]
+    wirings = wirings or [Wiring(tuple(f"input{i}" for i in range(n_sources)))]
+    n_in = len(wirings[0].inputs)
     d_sae = resolved.d_sae if resolved else (cfg.d_sae or int(round(cfg.ratio * d_in)))
     if d_sae < 1:
         raise ValueError(f"--ratio {cfg.ratio} gives no latents for d_in={d_in}")
     lr = resolved.lr if resolved else (cfg.lr if cfg.lr is not None else cfg.recipe.learning_rate(d_sae))
     grad_clip = resolved.grad_clip if resolved else cfg.grad_clip
-    unit = math.sqrt(d_in * n_sources)
+    unit = math.sqrt(d_in * (1 if wirings[0].cross_layer else n_in))
     bandwidth = resolved.bandwidth if resolved else (cfg.bandwidth or REFERENCE_THRESHOLD * unit)
     threshold_init = resolved.threshold_init if resolved else (cfg.threshold_init or REFERENCE_THRESHOLD * unit)
     fixed = {spec.coefficient: getattr(cfg, spec.coefficient)} if spec.coefficient and getattr(cfg, spec.coefficient) is not None else {}
-    base = MemberConfig(d_in=d_in, d_sae=d_sae, arch=cfg.arch, n_sources=n_sources, inputs=inputs, k=min(cfg.k, d_sae),
-                        bandwidth=bandwidth, threshold_init=threshold_init, p_end=cfg.p_end,
-                        decoder_init_norm=cfg.decoder_init_norm, lr=lr, grad_clip=grad_clip, seed=cfg.seed, **fixed)
     axes = dict(parse_axis(spec_) for spec_ in cfg.sweep)
     if spec.coefficient and spec.coefficient not in axes and (cfg.shorthand_asked or not fixed):
         lo, hi, n = (v if v is not None else d for v, d in zip((cfg.l1_min, cfg.l1_max, cfg.n_models), SHORTHAND_DEFAULTS))
         if lo > hi:
             raise ValueError(f"--l1_min ({lo}) is larger than --l1_max ({hi})")
         axes = {**shorthand_axis(spec.knobs, lo, hi, n), **axes}
-    members = build_members(base, axes)
+    members = []
+    for wiring in wirings:
+        base = MemberConfig(d_in=d_in, d_sae=d_sae, arch=cfg.arch, n_sources=len(wiring.inputs), inputs=wiring.inputs,
+                            targets=wiring.targets, d_out=d_out if wiring.targets else None,
+                            cross_layer=wiring.cross_layer, skip=cfg.skip, k=min(cfg.k, d_sae),
+                            bandwidth=bandwidth, threshold_init=threshold_init, p_end=cfg.p_end,
+                            decoder_init_norm=cfg.decoder_init_norm, lr=lr, grad_clip=grad_clip, seed=cfg.seed, **fixed)
+        members += build_members(base, axes)
     if cfg.lr is None and "lr" not in axes and cfg.recipe.scale_lr_with_width:
         members = [replace(m, lr=cfg.recipe.learning_rate(m.d_sae)) for m in members]
     return members, list(axes)
-
-
-def resolve_sources(store: ActivationStore, cfg: SweepConfig) -> list[str]:
-    """The sources a sweep reads: `cfg.sources`, or the one of `cfg.source`, or the store's only
-    one; a crosscoder without --sources reads every source of the store (of one width)."""
-    if cfg.sources:
-        return [store.source(name).name for name in cfg.sources]
-    if cfg.source is not None:
-        return [store.source(cfg.source).name]
-    names = [s.name for s in store.sources]
-    if cfg.arch == "crosscoder" and len(names) > 1:
-        widths = {s.name: s.d for s in store.sources}
-        if len(set(widths.values())) > 1:
-            raise StoreError(f"store {store.path} holds sources of several widths {widths}: "
-                             "choose the crosscoder's with --sources")
-        print(f"crosscoder over all {len(names)} sources of the store: {', '.join(names)}")
-        return names
-    if len(names) > 1:
-        raise StoreError(f"store {store.path} holds several sources; choose one with --source: {', '.join(names)}")
-    return names
 
 
 def exclude_token_ids(store: ActivationStore, names: tuple[str, ...]) -> tuple[int, ...]:
@@ -324,16 +329,25 @@ def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
     """Train and export every member; return one row per member. `tracker`, if given, gets the
     training curves (see training.tracking.WandbTracker)."""
     store = ActivationStore.open(cfg.cache)
-    sources = resolve_sources(store, cfg)
+    wirings = plan_wirings(store, source=cfg.source, sources=cfg.sources, targets=cfg.targets, transcoder=cfg.transcoder,
+                           clt=cfg.clt, layers=cfg.layers, arch=cfg.arch)
+    sources = list(dict.fromkeys(s for w in wirings for s in w.sources))
     exclude_ids = exclude_token_ids(store, cfg.exclude_tokens)
     stream = ActivationStream(store, sources, StreamConfig(cfg.batch_size, cfg.eval_tokens, cfg.shuffle_chunks,
                                                            cfg.prefetch, cfg.seed, exclude_tokens=exclude_ids), cfg.device)
+    _check_widths(store, wirings)
     _check_stream(cfg, stream)
-    resolved = resolve(cfg, stream, exclude_ids)
+    first = wirings[0]
+    d_in = store.source(first.inputs[0]).d
+    d_out = store.source(first.targets[0]).d if first.targets else None
+    resolved = resolve(cfg, stream, exclude_ids, d_in, d_in * (1 if first.cross_layer else len(first.inputs)))
     if cfg.k_anneal_steps > resolved.total_steps:
         raise ValueError(f"--k_anneal_steps {cfg.k_anneal_steps} is longer than the run ({resolved.total_steps} steps): "
                          f"members would be exported at a k they never trained at; use at most {resolved.total_steps}")
-    members, axes = sweep_members(cfg, stream.d, len(sources), resolved, tuple(sources))
+    members, axes = sweep_members(cfg, d_in, len(first.inputs), resolved, wirings, d_out)
+    need = memory.estimate(members, cfg.batch_size, group_size(members, cfg.batch_size, torch.device(cfg.device)),
+                           stream.width, cfg.prefetch)
+    memory.check_fits(need, torch.device(cfg.device), len(members))
     ensemble = Ensemble(members, cfg.device, dead_tokens=resolved.dead_window, columns=stream.columns,
                         threshold_start_step=min(cfg.threshold_start_step, resolved.total_steps // 2))
     # everything is validated: only now may the output directory be touched
@@ -343,6 +357,7 @@ def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
         print(f"{out} already holds this finished sweep; see {out / 'sweep.csv'}")
         return json.loads((out / rundir.SUMMARY_FILE).read_text())["members"]
     _print_plan(cfg, resolved, members, stream)
+    print(f"memory: {need.describe()}")
     if cfg.b_dec_init == "mean":
         ensemble.dictionary.init_b_dec_(stream.sample_mean())
     state = _TrainState(0, 0)
@@ -355,11 +370,19 @@ def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
     return rows
 
 
+def _check_widths(store: ActivationStore, wirings: list[Wiring]) -> None:
+    """Inputs read side by side (a crosscoder) or layer by layer (a CLT) share a width, as do
+    targets; transcoders' inputs and targets may differ."""
+    for wiring in wirings:
+        for role, names in (("inputs", wiring.inputs), ("targets", wiring.targets)):
+            widths = {n: store.source(n).d for n in names}
+            if len(set(widths.values())) > 1:
+                kind = "a crosscoder" if not wiring.targets else "a cross-layer transcoder"
+                raise StoreError(f"the {role} of {kind} must have one width; got {widths} "
+                                 "(cache pairs with --require_equal_widths)")
+
+
 def _check_stream(cfg: SweepConfig, stream: ActivationStream) -> None:
-    if len(stream.sources) > 1 and len(set(stream.widths)) > 1:
-        widths = dict(zip(stream.sources, stream.widths))
-        raise StoreError(f"sources read together as a crosscoder must have one width; got {widths} "
-                         "(cache pairs with --require_equal_widths)")
     if cfg.k_anneal_steps and "k" not in ARCHS[cfg.arch].knobs:
         raise ValueError(f"--k_anneal_steps is for the TopK family; {cfg.arch} has no k")
     if cfg.batch_size > stream.n_train:
@@ -483,17 +506,19 @@ def _export(cfg: SweepConfig, ensemble: Ensemble, axes: list[str], stream: Activ
     needs_rows = any(m.is_transcoder and m.spec.activation == "topk" for m in ensemble.members)
     ctx = ExportContext(
         info={**store.info, "context_length": store.attrs["context_length"]},
-        sources={s.name: {"model": s.model, "hook": s.hook, "d": s.d} for s in store.sources},
+        sources={s.name: {"model": s.model, "hook": s.hook, "d": s.d, "layer": s.layer} for s in store.sources},
         scales=dict(zip(stream.sources, stream.scales)),
         exclude_tokens=resolved.exclude_token_ids,
         calibration_rows=stream.sample(8192) if needs_rows else None,
     )
     rows = []
     for e, member in enumerate(ensemble.members):
-        name = member_name(e, member, axes)
+        layer = store.source(member.inputs[0]).layer if cfg.transcoder else None
+        name = member_name(e, member, axes, f"L{layer:02d}" if layer is not None else "")
         record = export_member(out / "members" / name, dictionary, e, ctx)
         rows.append({"name": name, "dir": f"members/{name}", **record, "source": stream.source,
                      "dead_fraction_train": dead_train_E[e].item(), "train_tokens": state.tokens_seen})
+    sets = _export_transcoder_sets(ensemble, axes, store, ctx, out) if cfg.transcoder else []
     first = store.source(stream.sources[0])
     summary = {
         "config": asdict(cfg),
@@ -505,6 +530,24 @@ def _export(cfg: SweepConfig, ensemble: Ensemble, axes: list[str], stream: Activ
         "loss_convention": LOSS_CONVENTION,
         "swept": axes,
         "members": rows,
+        **({"transcoder_sets": sets} if sets else {}),
     }
     write_summary(out, summary)
     return rows
+
+
+def _export_transcoder_sets(ensemble: Ensemble, axes: list[str], store: ActivationStore, ctx: ExportContext,
+                            out: Path) -> list[dict]:
+    """Per sweep setting, its per-layer transcoders together as a circuit-tracer transcoder set
+    (transcoder_sets/<setting>/); members come layer-major, each layer with the whole grid."""
+    members = ensemble.members
+    layers = sorted({store.source(m.inputs[0]).layer for m in members})
+    per_layer = len(members) // len(layers)
+    sets = []
+    for j in range(per_layer):
+        group = {layer: i * per_layer + j for i, layer in enumerate(layers)}
+        name = member_name(j, members[j], axes)
+        record = {k: v for k, v in members[j].record().items() if k not in ("inputs", "targets")}
+        info = save_transcoder_set(out / "transcoder_sets" / name, ensemble.dictionary, group, ctx, record)
+        sets.append({"name": name, "dir": f"transcoder_sets/{name}", **info})
+    return sets

@@ -1,0 +1,89 @@
+"""Will a sweep fit? An estimate of the training memory of an ensemble, checked against what the
+device has before anything runs (a sweep of cross-layer transcoders can need tens of GB; it
+should fail in a second with the numbers, not after an hour).
+
+    parameters, gradients and Adam's two moments   16 bytes × parameters (fp32)
+    one group's forward/backward                   ~4 × 4 bytes × B × (U_g·F + E_g·O)   (pre-activations,
+                                                   activations, their gradients; U_g units and E_g members
+                                                   of the largest group, O the width a member writes)
+    batches in flight                              4 bytes × B × C × (1 + prefetch) on the host
+
+A cross-layer transcoder over L layers of width d with F latents per layer has L·d·F encoder and
+d·F·L(L+1)/2 decoder weights: about (L+1)/2 times an SAE per layer. Estimates are rough (within
+~30%); the check refuses only what clearly will not fit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Estimate:
+    parameters: int  # weights of every member
+    state_bytes: int  # parameters + gradients + Adam moments
+    activation_bytes: int  # one member group's forward/backward
+    batch_bytes: int  # batches in flight (host memory)
+
+    @property
+    def device_bytes(self) -> int:
+        return self.state_bytes + self.activation_bytes
+
+    def describe(self) -> str:
+        return (f"{self.parameters / 1e6:,.1f}M parameters: {self.state_bytes / GiB:.2f} GiB with gradients and Adam, "
+                f"{self.activation_bytes / GiB:.2f} GiB for a step's activations")
+
+
+def parameter_count(members: list) -> int:
+    """Weights of an ensemble of `members` (one architecture and shape; as wide as the widest),
+    counted from their configurations, before any tensor exists."""
+    m = members[0]
+    F, G, I, O = max(x.d_sae for x in members), m.n_groups, m.unit_in, m.member_out
+    decoder_columns = m.width_out * m.n_targets * (m.n_targets + 1) // 2 if m.cross_layer else O
+    per_member = G * I * F + G * F + F * decoder_columns + O
+    per_member += I * O if m.skip else 0
+    per_member += G * F if m.spec.activation == "jumprelu" else 0
+    per_member += 2 * F if m.spec.activation == "gated" else 0
+    return len(members) * per_member
+
+
+def estimate(members: list, batch_size: int, group_members: int, columns: int, prefetch: int) -> Estimate:
+    """The memory an ensemble of `members` needs to train, with `group_members` members per
+    forward/backward group (all of them on a GPU)."""
+    m, E = members[0], len(members)
+    parameters = parameter_count(members)
+    F, group = max(x.d_sae for x in members), min(group_members, E)
+    activations = 4 * 4 * batch_size * (group * m.n_groups * F + group * m.member_out)
+    return Estimate(parameters, 16 * parameters, activations, 4 * batch_size * columns * (1 + prefetch))
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of the device (a CUDA GPU's, or the host's MemAvailable); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(need: Estimate, device: torch.device, n_members: int) -> None:
+    """Refuse, with the numbers and the ways out, a sweep that clearly will not fit."""
+    free = available_bytes(device)
+    total = need.device_bytes + (need.batch_bytes if device.type == "cpu" else 0)
+    if free is None or total <= 0.9 * free:
+        return
+    per_member = need.state_bytes / max(n_members, 1)
+    fit = max(0, math.floor((0.9 * free - need.activation_bytes) / per_member))
+    raise ValueError(
+        f"this sweep needs about {total / GiB:.1f} GiB on {device} ({need.describe()}) and {free / GiB:.1f} GiB are free: "
+        f"train at most {fit} members at a time, fewer latents (--ratio/--d_sae), a smaller --batch_size, "
+        "or split the members over several processes with torchrun")
