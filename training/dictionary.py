@@ -610,6 +610,27 @@ class Dictionary(nn.Module):
             tensors[name] = t[latents] if t.shape[0] == self.G * F else t[:f]
         return tensors
 
+    @torch.no_grad()
+    def load_member_tensors_(self, e: int, tensors: dict[str, torch.Tensor], in_scale=1.0, out_scale=None) -> None:
+        """Set member e from raw-space tensors as `member_tensors` writes them (W_enc [I, F],
+        b_enc, W_dec [F, O], b_dec, and threshold / W_skip where the member has them), taking the
+        normalisation back out: the inverse of the fold. Single encoder group only."""
+        if self.G > 1:
+            raise ValueError("loading exported tensors is for single-layer members")
+        member = self.members[e]
+        f = member.d_sae
+        s_in = _per_column(in_scale, self.I, self.W_enc)
+        s_out = s_in if out_scale is None and not member.is_transcoder else _per_column(
+            in_scale if out_scale is None else out_scale, self.O, self.W_enc)
+        self.W_enc[e, :, :f] = tensors["W_enc"] * s_in.unsqueeze(1)
+        self.b_enc[e, :f] = tensors["b_enc"]
+        self.W_dec[e, :f] = tensors["W_dec"] / s_out
+        self.b_dec[e] = tensors["b_dec"] / s_out
+        if member.skip:
+            self.W_skip[e] = tensors["W_skip"] * s_in.unsqueeze(1) / s_out
+        if "threshold" in tensors and self.spec.activation == "jumprelu":
+            self.jump_threshold[e, :f] = tensors["threshold"]
+
     def inference_rule(self, e: int) -> InferenceRule:
         """Member e's inference rule (activation name and its tensors, at full width)."""
         units = torch.arange(e * self.G, (e + 1) * self.G)

@@ -3,14 +3,17 @@ device has before anything runs (a sweep of cross-layer transcoders can need ten
 should fail in a second with the numbers, not after an hour).
 
     parameters, gradients and Adam's two moments   16 bytes × parameters (fp32)
-    one group's forward/backward                   ~4 × 4 bytes × B × (U_g·F + E_g·O)   (pre-activations,
-                                                   activations, their gradients; U_g units and E_g members
-                                                   of the largest group, O the width a member writes)
+    one group's forward/backward                   ~8 × 4 bytes × B × (U_g·F + E_g·O)   (pre-activations,
+                                                   activations, penalty terms and their gradients; U_g units
+                                                   and E_g members of the largest group, O the width a member
+                                                   writes; measured 6.6 GB for a d 512 × 6-layer CLT with
+                                                   8,192 features per layer at B 4,096: bench/RESULTS.md)
     batches in flight                              4 bytes × B × C × (1 + prefetch) on the host
 
 A cross-layer transcoder over L layers of width d with F latents per layer has L·d·F encoder and
 d·F·L(L+1)/2 decoder weights: about (L+1)/2 times an SAE per layer. Estimates are rough (within
-~30%); the check refuses only what clearly will not fit.
+~30%, on the high side for TopK, whose sparse path keeps less); the check refuses only what clearly will
+not fit.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def estimate(members: list, batch_size: int, group_members: int, columns: int, p
     m, E = members[0], len(members)
     parameters = parameter_count(members)
     F, group = max(x.d_sae for x in members), min(group_members, E)
-    activations = 4 * 4 * batch_size * (group * m.n_groups * F + group * m.member_out)
+    activations = 8 * 4 * batch_size * (group * m.n_groups * F + group * m.member_out)
     return Estimate(parameters, 16 * parameters, activations, 4 * batch_size * columns * (1 + prefetch))
 
 

@@ -65,7 +65,9 @@ class SweepConfig:
     clt: bool = False
     """One cross-layer transcoder over `layers` per sweep setting (consecutive layers)."""
     layers: tuple[str, ...] = ()
-    """Layers of --transcoder/--clt: numbers, or all."""
+    """Layers of --kind/--transcoder/--clt: numbers, or all."""
+    kind: str | None = None
+    """An SAE at each of `layers` on the store's source of this kind (e.g. attn_out), all in one ensemble."""
     skip: bool = False
     """Transcoders: add a linear skip term x W_skip (skip transcoders)."""
     arch: str = "relu"
@@ -330,7 +332,7 @@ def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
     training curves (see training.tracking.WandbTracker)."""
     store = ActivationStore.open(cfg.cache)
     wirings = plan_wirings(store, source=cfg.source, sources=cfg.sources, targets=cfg.targets, transcoder=cfg.transcoder,
-                           clt=cfg.clt, layers=cfg.layers, arch=cfg.arch)
+                           clt=cfg.clt, layers=cfg.layers, arch=cfg.arch, kind=cfg.kind)
     sources = list(dict.fromkeys(s for w in wirings for s in w.sources))
     exclude_ids = exclude_token_ids(store, cfg.exclude_tokens)
     stream = ActivationStream(store, sources, StreamConfig(cfg.batch_size, cfg.eval_tokens, cfg.shuffle_chunks,
@@ -365,7 +367,7 @@ def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
         state = _load_checkpoint(out / CHECKPOINT, ensemble, cfg.device)
         print(f"resuming {out} at step {state.step}")
     _train(cfg, ensemble, stream, state, resolved, out, tracker)
-    rows = _export(cfg, ensemble, axes, stream, store, state, resolved, out)
+    rows = _export(cfg, ensemble, axes, stream, store, state, resolved, out, wirings)
     (out / CHECKPOINT).unlink(missing_ok=True)  # the exported members are the result now
     return rows
 
@@ -499,7 +501,7 @@ def _load_checkpoint(path: Path, ensemble: Ensemble, device) -> _TrainState:
 
 @torch.no_grad()
 def _export(cfg: SweepConfig, ensemble: Ensemble, axes: list[str], stream: ActivationStream, store: ActivationStore,
-            state: _TrainState, resolved: Resolved, out: Path) -> list[dict]:
+            state: _TrainState, resolved: Resolved, out: Path, wirings: list[Wiring]) -> list[dict]:
     """Every member in its format (training/export.py) + the training summary."""
     dictionary = ensemble.dictionary
     dead_train_E = dictionary.dead_latents(resolved.dead_window).sum(-1) / dictionary.width_mask.sum(-1)
@@ -512,9 +514,9 @@ def _export(cfg: SweepConfig, ensemble: Ensemble, axes: list[str], stream: Activ
         calibration_rows=stream.sample(8192) if needs_rows else None,
     )
     rows = []
+    labels = {(w.inputs, w.targets): w.label for w in wirings}
     for e, member in enumerate(ensemble.members):
-        layer = store.source(member.inputs[0]).layer if cfg.transcoder else None
-        name = member_name(e, member, axes, f"L{layer:02d}" if layer is not None else "")
+        name = member_name(e, member, axes, labels[member.inputs, member.targets])
         record = export_member(out / "members" / name, dictionary, e, ctx)
         rows.append({"name": name, "dir": f"members/{name}", **record, "source": stream.source,
                      "dead_fraction_train": dead_train_E[e].item(), "train_tokens": state.tokens_seen})

@@ -3,6 +3,7 @@
     SAE            --source S (or the store's only source)       reads S, reconstructs S
     crosscoder     --sources A B …                               reads and reconstructs A, B, … side by side
     transcoder     --sources A --targets B                       reads A, reconstructs B
+    per-layer SAEs --kind attn_out --layers all                  per layer L: an SAE on L's source of that kind
     MLP transcoder --transcoder --layers 3 (or all)              per layer L: reads L's MLP input, writes its output
     cross-layer    --clt --layers all (--arch clt)               one member reading every layer's MLP input and
                                                                  writing the MLP outputs of that layer and later ones
@@ -37,8 +38,14 @@ class Wiring:
 
 
 def plan_wirings(store: ActivationStore, *, source: str | None, sources: tuple[str, ...], targets: tuple[str, ...],
-                 transcoder: bool, clt: bool, layers: tuple, arch: str) -> list[Wiring]:
+                 transcoder: bool, clt: bool, layers: tuple, arch: str, kind: str | None = None) -> list[Wiring]:
     """The wirings a sweep trains, checked against the store."""
+    if kind is not None:
+        if transcoder or clt or source or sources or targets:
+            raise ValueError("--kind trains an SAE per layer on that kind: give --layers, not other wiring flags")
+        if not layers:
+            raise ValueError("--kind needs --layers (numbers, or all)")
+        return [Wiring((_of_kind(store, layer, kind).name,), label=f"L{layer:02d}") for layer in _store_layers(store, layers)]
     if transcoder or clt:
         if source or sources or targets:
             raise ValueError("--transcoder/--clt find their sources by layer: give --layers, not --source/--sources/--targets")
@@ -50,7 +57,7 @@ def plan_wirings(store: ActivationStore, *, source: str | None, sources: tuple[s
             return [Wiring(tuple(i.name for _, i, _ in pairs), tuple(o.name for _, _, o in pairs), cross_layer=True)]
         return [Wiring((i.name,), (o.name,), label=f"L{layer:02d}") for layer, i, o in pairs]
     if layers:
-        raise ValueError("--layers chooses the layers of --transcoder or --clt; for other sweeps name --source/--sources")
+        raise ValueError("--layers chooses the layers of --kind, --transcoder or --clt; otherwise name --source/--sources")
     names = [store.source(n).name for n in sources] if sources else [store.source(source).name] if source else []
     if targets:
         if not names:
@@ -85,6 +92,16 @@ def _store_layers(store: ActivationStore, layers: tuple) -> list[int]:
     if n_layers is None:
         raise StoreError(f"store {store.path} does not record its model's number of layers")
     return parse_layers(tuple(layers), n_layers)
+
+
+def _of_kind(store: ActivationStore, layer: int, kind: str) -> SourceInfo:
+    """The store's (first model's) source of `kind` at `layer`."""
+    for s in store.sources:
+        if s.layer == layer and s.kind == kind and "/" not in s.name:
+            return s
+    held = ", ".join(s.name for s in store.sources if s.layer == layer) or "nothing"
+    raise StoreError(f"store {store.path} has no {kind} at layer {layer} (it holds {held} there): "
+                     f"cache it with generate_activations.py --layers … --hook {kind}")
 
 
 def _mlp_pair(store: ActivationStore, layer: int) -> tuple[int, SourceInfo, SourceInfo]:
