@@ -4,6 +4,7 @@ several learning rates on one store and print held-out L0 and FVU per member, si
     python -m bench.recipes --cache caches/demo --arch relu --lrs 1e-4,3e-4,1e-3,3e-3
     python -m bench.recipes --cache caches/demo --arch jumprelu --lrs 7e-5,3e-4,1e-3 --sweep 'l0=logspace(-4,-2,4)'
     python -m bench.recipes --cache caches/demo --arch topk --lrs recipe,1e-3 --sweep k=16,32,64,128
+    python -m bench.recipes --cache caches/mlp --arch jumprelu_tanh --clt_layers all --lrs recipe,1e-3
 
 Everything else is the recipe's default (warm-ups, decay, clip; training/schedules.py), so a row
 with `recipe` is exactly what a user gets without --lr. The table is what bench/RESULTS.md
@@ -28,7 +29,8 @@ import click
 @click.option("--n_epochs", type=int, default=1)
 @click.option("--n_models", type=int, default=4, help="Members of the λ shorthand when no --sweep is given.")
 @click.option("--eval_tokens", type=int, default=10_000)
-def main(cache, arch, lrs, sweep, ratio, batch_size, n_epochs, n_models, eval_tokens):
+@click.option("--clt_layers", default="", help="e.g. all, or 0,1,2: train cross-layer transcoders over these layers.")
+def main(cache, arch, lrs, sweep, ratio, batch_size, n_epochs, n_models, eval_tokens, clt_layers):
     from evaluation.runner import EvalConfig, evaluate_run
     from training.trainer import SweepConfig, train_sweep
 
@@ -39,7 +41,8 @@ def main(cache, arch, lrs, sweep, ratio, batch_size, n_epochs, n_models, eval_to
             cfg = SweepConfig(cache=cache, output_dir=str(out), arch=arch, sweep=tuple(sweep), ratio=ratio,
                               batch_size=batch_size, n_epochs=n_epochs, eval_tokens=eval_tokens,
                               lr=None if lr == "recipe" else float(lr),
-                              n_models=None if sweep else n_models)
+                              n_models=None if sweep else n_models,
+                              clt=bool(clt_layers), layers=tuple(clt_layers.split(",")) if clt_layers else ())
             start = time.perf_counter()
             train_sweep(cfg)
             rows = evaluate_run(EvalConfig(run_dir=str(out), n_sequences=0))

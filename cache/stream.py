@@ -105,6 +105,13 @@ class ActivationStream:
         rows, keep = self._rows(start, stop, held_out=False)
         return rows if keep is None else rows[keep]
 
+    def read_token_ids(self, start: int, stop: int, held_out: bool = False) -> torch.Tensor:
+        """Token id and position of the training (or held-out) rows among [start, stop).  → [n, 2] int64"""
+        keep = self._keep_mask(start, stop, held_out)
+        ids = torch.from_numpy(np.stack([self.store.read_column("tokens", start, stop),
+                                         self.store.read_column("positions", start, stop)], axis=1).astype(np.int64))
+        return ids if keep is None else ids[keep]
+
     def n_training_rows(self, start: int, stop: int) -> int:
         """How many of rows [start, stop) (a chunk range) are training rows."""
         if self._chunk_train_rows is not None:
@@ -156,8 +163,13 @@ class ActivationStream:
 
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """The epoch's batches from `start_batch` on.  → [B, C] float32 on device"""
-        for batch in prefetched(self._cpu_batches(epoch, start_batch), self.cfg.prefetch):
+        for (batch,) in prefetched(self._cpu_batches(epoch, start_batch), self.cfg.prefetch):
             yield self._to_device(batch)
+
+    def train_batches_with_ids(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """As `train_batches`, with each row's token id and position.  → ([B, C] float32, [B, 2] int64) on device"""
+        for batch, ids in prefetched(self._cpu_batches(epoch, start_batch, with_ids=True), self.cfg.prefetch):
+            yield self._to_device(batch), ids.to(self.device)
 
     def eval_batches(self) -> Iterator[torch.Tensor]:
         """The held-out rows in store order, in batches of at most batch_size.  → [B, C] float32 on device"""
@@ -167,6 +179,16 @@ class ActivationStream:
             rows = rows if keep is None else rows[keep]
             if len(rows):
                 yield self._to_device(rows)
+
+    def eval_batches_with_ids(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """As `eval_batches`, with each row's token id and position.  → ([B, C] float32, [B, 2] int64) on device"""
+        size = self.cfg.batch_size
+        for start in range(self.tail_start, self.store.n_rows, size):
+            stop = min(start + size, self.store.n_rows)
+            rows, keep = self._rows(start, stop, held_out=True)
+            rows = rows if keep is None else rows[keep]
+            if len(rows):
+                yield self._to_device(rows), self.read_token_ids(start, stop, held_out=True).to(self.device)
 
     def sample_mean(self, n_rows: int = 32_768) -> torch.Tensor:
         """Mean of the first `n_rows` training rows, normalised (rows are pre-shuffled on disk, so
@@ -204,28 +226,31 @@ class ActivationStream:
         x = batch.to(self.device, non_blocking=True).float()
         return x.div_(self._divisor) if isinstance(self._divisor, torch.Tensor) or self._divisor != 1.0 else x
 
-    def _cpu_batches(self, epoch: int, start_batch: int) -> Iterator[torch.Tensor]:
-        """Batches in the storage dtype, cut from the shuffled groups with leftovers carried over."""
+    def _cpu_batches(self, epoch: int, start_batch: int, with_ids: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Batches in the storage dtype (and their rows' token ids and positions), cut from the
+        shuffled groups with leftovers carried over."""
         size = self.cfg.batch_size
         skip = start_batch * size  # rows of this epoch already consumed
-        pending: list[torch.Tensor] = []
+        pending: list[tuple[torch.Tensor, ...]] = []
         n_pending = 0
         for g, group in enumerate(self.epoch_groups(epoch)):
             group_rows = sum(self.n_training_rows(a, b) for a, b in group)
             if skip >= group_rows:  # resume: this whole group was consumed before
                 skip -= group_rows
                 continue
-            rows = torch.cat([self.read_training_rows(a, b) for a, b in group])
-            rows = rows[torch.randperm(len(rows), generator=_generator(self.cfg.seed, epoch, g + 1))]
-            rows, skip = rows[skip:], 0
-            pending.append(rows)
-            n_pending += len(rows)
+            parts = [torch.cat([self.read_training_rows(a, b) for a, b in group])]
+            if with_ids:
+                parts.append(torch.cat([self.read_token_ids(a, b) for a, b in group]))
+            order = torch.randperm(len(parts[0]), generator=_generator(self.cfg.seed, epoch, g + 1))
+            pending.append(tuple(part[order][skip:] for part in parts))
+            n_pending += len(parts[0]) - skip
+            skip = 0
             while n_pending >= size:
-                merged = torch.cat(pending) if len(pending) > 1 else pending[0]
-                yield merged[:size]
-                pending, n_pending = [merged[size:]], n_pending - size
+                merged = tuple(torch.cat(p) for p in zip(*pending)) if len(pending) > 1 else pending[0]
+                yield tuple(m[:size] for m in merged)
+                pending, n_pending = [tuple(m[size:] for m in merged)], n_pending - size
         if n_pending:
-            yield torch.cat(pending)
+            yield tuple(torch.cat(p) for p in zip(*pending))
 
 
 def _generator(*seeds: int) -> torch.Generator:

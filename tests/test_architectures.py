@@ -386,7 +386,7 @@ def test_matryoshka_loss_is_the_mean_reconstruction_loss_of_its_nested_prefixes(
     d.eval()
     x = torch.randn(16, D)
     out = d.loss(x)
-    f = out.f[0]
+    f = out.codes.dense[0]
     ends = [6, 18, 48]
     expected = torch.stack([((f[:, :m] @ d.W_dec[0, :m] + d.b_dec[0]) - x).pow(2).mean() for m in ends]).mean()
     torch.testing.assert_close(out.total[0], expected)  # no AuxK yet: nothing is dead

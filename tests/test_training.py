@@ -27,7 +27,7 @@ def test_relu_loss_known_answer():
     x = torch.tensor([[3.0, 2.0]])
     # x − b_dec = (2, 2); pre = (2, −2 + 0.5) → f = (2, 0); x̂ = (2, 0) + (1, 0) = (3, 0)
     out = d.loss(x)
-    assert out.f[0, 0].tolist() == [2.0, 0.0]
+    assert out.codes.dense[0, 0].tolist() == [2.0, 0.0]
     assert out.x_hat[0, 0].tolist() == [3.0, 0.0]
     assert out.mse.item() == pytest.approx((0 + 4) / 2)
     assert out.total.item() == pytest.approx(2.0 + 0.5 * 2.0)

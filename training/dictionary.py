@@ -90,16 +90,6 @@ class Stats(NamedTuple):
     coeff_rescale: torch.Tensor  # [E] p-annealing's λ rescale in force this step
 
 
-class LossOutput(NamedTuple):
-    total: torch.Tensor  # [E] the loss each member minimises
-    mse: torch.Tensor  # [E] mean over batch and d of (ŷ − y)², over everything the member writes
-    sparsity: torch.Tensor  # [E] the penalty before its coefficient (L1, L0, tanh or 0)
-    l0: torch.Tensor  # [E] mean over batch of #{f_i > 0} (over all its layers for a CLT)
-    f: torch.Tensor | None  # [U, B, F]; None where only the active latents are materialised (topk)
-    x_hat: torch.Tensor  # [E, B, O]
-    stats: Stats
-
-
 class Codes(NamedTuple):
     """Latent activations, dense ([U, B, F]) or as the k active ones per row (values, indices [U, B, K])."""
 
@@ -118,6 +108,23 @@ class Codes(NamedTuple):
         """Active latents per row, averaged over the batch.  → [U]"""
         active = self.dense if self.dense is not None else self.values
         return (active > 0).sum(-1).float().mean(-1)
+
+    def to_dense(self, n_latents: int) -> torch.Tensor:
+        """The activations as a dense tensor (differentiable in the kept values).  → [U, B, F]"""
+        if self.dense is not None:
+            return self.dense
+        zeros = self.values.new_zeros(*self.values.shape[:2], n_latents)
+        return zeros.scatter(-1, self.index, self.values)
+
+
+class LossOutput(NamedTuple):
+    total: torch.Tensor  # [E] the loss each member minimises
+    mse: torch.Tensor  # [E] mean over batch and d of (ŷ − y)², over everything the member writes
+    sparsity: torch.Tensor  # [E] the penalty before its coefficient (L1, L0, tanh or 0)
+    l0: torch.Tensor  # [E] mean over batch of #{f_i > 0} (over all its layers for a CLT)
+    codes: Codes  # the latent activations: dense [U, B, F], or only the k active ones (topk)
+    x_hat: torch.Tensor  # [E, B, O]
+    stats: Stats
 
 
 # ---------------------------------------------------------------- the tables: one function per rule
@@ -452,8 +459,7 @@ class Dictionary(nn.Module):
             total_E = total_E + EXTRA_LOSSES[name](self, x_BC, y_EBO, x_hat_EBO, pre_UBF)
         stats = Stats(codes.fired(F).view(len(total_E), -1), self._smallest_kept(codes), sparsity_E.detach(),
                       rescale_E.detach())
-        return LossOutput(total_E, mse_E, sparsity_E,
-                          self.per_member(codes.l0()), codes.dense, x_hat_EBO, stats)
+        return LossOutput(total_E, mse_E, sparsity_E, self.per_member(codes.l0()), codes, x_hat_EBO, stats)
 
     def _skip(self, x_BC: torch.Tensor | None) -> torch.Tensor | float:
         if not hasattr(self, "W_skip") or x_BC is None:

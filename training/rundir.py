@@ -23,23 +23,25 @@ class RunDirError(ValueError):
     """An output directory that holds another run."""
 
 
-def claim(out: Path, identity: dict, overwrite: bool, defaults: dict) -> bool:
-    """Make `out` this run's directory; True if it already holds this run, finished.
-    `defaults`: identity fields' defaults, for run directories written before a field existed."""
-    config_file = out / CONFIG_FILE
+def claim(out: Path, identity: dict, overwrite: bool, defaults: dict, config_name: str = CONFIG_FILE,
+          summary_name: str = SUMMARY_FILE) -> bool:
+    """Make `out` this run's directory; True if it already holds this run, finished (its summary
+    file written). `defaults`: identity fields' defaults, for run directories written before a
+    field existed."""
+    config_file = out / config_name
     if out.exists() and any(out.iterdir()):
         if overwrite:
             backup = _move_aside(out)
             print(f"--overwrite: moved the previous contents of {out} to {backup}")
         elif not config_file.exists():
-            raise RunDirError(f"{out} is not empty and holds no sweep: choose another --output_dir or pass --overwrite")
+            raise RunDirError(f"{out} is not empty and holds no run of this kind: choose another --output_dir or pass --overwrite")
         else:
             theirs = {**defaults, **json.loads(config_file.read_text())}
             if theirs != identity:
                 diff = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
                 raise RunDirError(f"{out} holds another run (differs in: {', '.join(diff)}): "
                                   "choose another --output_dir or pass --overwrite")
-            return (out / SUMMARY_FILE).exists()
+            return (out / summary_name).exists()
     out.mkdir(parents=True, exist_ok=True)
     config_file.write_text(json.dumps(identity, indent=2))
     return False
