@@ -39,7 +39,10 @@ def _curves(path: Path, rows: list[dict], xkey: str, ykey: str, xlabel: str, yla
         ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if groups:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, f"no member has both {xlabel} and {ylabel}", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

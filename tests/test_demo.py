@@ -28,11 +28,13 @@ def test_demo_defaults_cache_and_sweep_a_real_model(tmp_path):
     result = CliRunner().invoke(
         train_sweep.main,
         ["--cache", str(cache), "--output_dir", str(run), "--ratio", "1", "--n_models", "2",
-         "--batch_size", "256", "--lr", "1e-3", "--eval_tokens", "150"],
+         "--batch_size", "256", "--lr", "1e-3", "--n_epochs", "8", "--eval_tokens", "150"],
     )
     assert result.exit_code == 0, result.output
     members = json.loads((run / "sweep.json").read_text())["members"]
-    assert len(members) == 2 and all(m["fvu"] < 0.5 for m in members), [m["fvu"] for m in members]
+    # λ = 1e-4 and 1e-2: the light member reconstructs well, the heavy one is much sparser (a frontier)
+    light, heavy = members
+    assert light["fvu"] < 0.5 and heavy["l0"] < light["l0"] / 4, [(m["fvu"], m["l0"]) for m in members]
     cfg = json.loads((run / members[0]["dir"] / "cfg.json").read_text())
     assert cfg["metadata"]["model_name"] == "google/gemma-3-270m"
 
