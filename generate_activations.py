@@ -5,6 +5,8 @@
     python generate_activations.py --model pythia-70m --layers all --hook mlp_in_normalized mlp_out attn_out \
         --out caches/p70m-mlp       # every layer's MLP input and output and attention output, one forward pass
     python generate_activations.py --verify --out caches/p70m-l2    # check every chunk of a store
+    torchrun --nproc_per_node 4 generate_activations.py …   # 4 processes (one model each) share the blocks
+    python generate_activations.py … --out s3://bucket/caches/p70m-l2   # any fsspec URL: pip install 'sae-sweep[s3]'
 
 Model diffing: `--paired_model google/gemma-3-270m-it` (or `--paired_model_path`) also runs a
 second model that shares the tokenizer on the same tokens, writing `base/<hook>` and
@@ -25,7 +27,8 @@ from cache.text import STDLIB_DOCSTRINGS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--out", default="caches/demo", help="Directory of the zarr store to write (or to check with --verify).")
+@click.option("--out", default="caches/demo",
+              help="Where the zarr store goes (or the one to check with --verify): a directory, or a URL such as s3://bucket/prefix.")
 @click.option("--model", default=None,
               help=f"TransformerLens model name or alias (pythia-70m, gpt2-small, ...) [default: without --model and "
                    f"--model_path, the embedded demo model {DEMO_MODEL_NAME} (GGUF), layer {DEMO_LAYER}].")
@@ -55,17 +58,26 @@ from cache.text import STDLIB_DOCSTRINGS
 @click.option("--dtype", default="float16", help="Storage dtype of activations: float16, bfloat16 or float32.")
 @click.option("--seed", type=int, default=0, help="Seed of the row shuffle.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store written with another configuration.")
+@click.option("--storage_options", default=None,
+              help="JSON options of the --out filesystem, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' "
+                   "[default: credentials and endpoint from the environment, AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …].")
+@click.option("--dist_timeout", type=float, default=300.0,
+              help="Under torchrun: seconds a rank waits for the others before giving up with an error naming the step.")
 @click.option("--verify", is_flag=True, help="Check every chunk of the store at --out (presence, size, checksum, finite values) and exit.")
-def main(verify: bool, **options) -> None:
+def main(verify: bool, dist_timeout: float, **options) -> None:
     """Cache activations of a TransformerLens model to a pre-shuffled zarr store.
 
     Without options it caches 2M tokens of the embedded demo model's layer 6 over the Python
     standard library's docstrings into caches/demo (about 30 minutes on a 2-core CPU; the
     README's demo command caches 50k).
     """
+    from cache.location import parse_storage_options
+
+    options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
     if verify:
-        run_or_exit(lambda: _verify(options["out"]))
+        run_or_exit(lambda: _verify(options["out"], options["storage_options"]))
         return
+    from cache.distributed import join, leave
     from cache.generate import GenerateConfig, generate
     from cache.models import default_gguf_path
 
@@ -77,18 +89,23 @@ def main(verify: bool, **options) -> None:
         options[key] = tuple(options[key] or ())
     if not options["layers"] and not options["hooks"]:
         raise click.UsageError("choose what to cache: --layers 2 [--hook resid_post] or --hooks blocks.2.hook_resid_post")
-    store = run_or_exit(lambda: generate(GenerateConfig(**options)))
-    sources = ", ".join(f"{s.name} (d={s.d}, scale {store.norm_scale(s.name):.3g})" for s in store.sources)
-    click.echo(f"store {store.path}: {store.n_rows:,} rows of {sources}")
+    cfg = run_or_exit(lambda: GenerateConfig(**options))
+    processes = run_or_exit(lambda: join(dist_timeout))
+    store = run_or_exit(lambda: generate(cfg, processes))
+    leave(processes)
+    if processes.rank == 0:
+        sources = ", ".join(f"{s.name} (d={s.d}, scale {store.norm_scale(s.name):.3g})" for s in store.sources)
+        click.echo(f"store {store.path}: {store.n_rows:,} rows of {sources}")
 
 
-def _verify(out: str) -> None:
+def _verify(out: str, storage_options: dict) -> None:
     """Check a store fully; one line per problem and exit 1 if there is any."""
     import sys
 
+    from cache.location import location
     from cache.store import ActivationStore
 
-    store = ActivationStore.open(out, allow_incomplete=True)
+    store = ActivationStore.open(location(out, storage_options), allow_incomplete=True)
     if not store.complete:
         raise ValueError(f"store {out} is incomplete ({store.rows_written:,} of {store.n_rows:,} rows): "
                          "rerun the generate_activations.py command that wrote it to finish it")

@@ -6,6 +6,8 @@ from typing import Callable, TypeVar
 
 import click
 
+from cache.distributed import PeerError
+
 T = TypeVar("T")
 # Errors that mean "the input is wrong": shown as one line, never as a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -48,7 +50,7 @@ def run_or_exit(step: Callable[[], T]) -> T:
     """Run `step`; a user error ends the program with its one-line message instead of a traceback."""
     try:
         return step()
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, PeerError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:

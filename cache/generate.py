@@ -19,14 +19,21 @@ and resume are shared. Both models stay loaded for the whole run (twice the mode
 for small models). Their widths may differ in the store; `require_equal_widths` refuses such a
 pair up front for a crosscoder that needs them equal (the trainer checks again).
 
-Not done here: multi-GPU generation, packing of variable-length documents without crossing
-document boundaries, more than two models.
+Several processes (`torchrun --nproc_per_node N generate_activations.py …`, cache/distributed.py)
+share the work by blocks: rank r runs its own copy of the model on blocks r, r+N, …, reading
+past the others' sequences in the (cheap, deterministic) text stream. Blocks are independent
+(cache/store.py), so the store is byte-identical to a single-process run, and a rerun after a
+crash of any rank writes exactly the blocks that have no record. Rank 0 creates the store and,
+once every rank is done, completes it.
+
+Not done here: packing of variable-length documents without crossing document boundaries, more
+than two models.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from itertools import chain, islice
+from dataclasses import asdict, dataclass, field
+from itertools import chain, groupby, islice
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,11 +45,14 @@ from cache.models import (HOOK_KINDS, ModelError, check_same_tokenizer, hook_kin
                           parse_layers, resolve_hooks, stop_layer)
 from cache.background import prefetched
 from cache.devices import check_device
-from cache.store import STORAGE_DTYPES, STORAGE_MAX, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError, json_normal, to_storage
+from cache.distributed import Processes
+from cache.location import Location, location
+from cache.store import (STORAGE_DTYPES, STORAGE_MAX, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError,
+                         exists, json_normal, to_storage)
 from cache.text import STDLIB_DOCSTRINGS, TextCount, TextSourceError, iter_documents, token_sequences
 
 # Fields of GenerateConfig that do not change the stored bytes: they may differ on resume.
-_RUNTIME_FIELDS = ("out", "device", "batch_size", "overwrite", "require_equal_widths")
+_RUNTIME_FIELDS = ("out", "device", "batch_size", "overwrite", "require_equal_widths", "storage_options")
 # Fields that only mean something for a paired run: left out of an unpaired store's identity,
 # so stores written before pairing existed still resume.
 _PAIRED_FIELDS = ("paired_model", "paired_model_path", "labels")
@@ -55,7 +65,7 @@ class GenerationError(ValueError):
 @dataclass(frozen=True)
 class GenerateConfig:
     out: str
-    """Path of the zarr store to write (a directory)."""
+    """Where to write the zarr store: a local directory, or an fsspec URL (s3://bucket/prefix)."""
     model: str | None = None
     """TransformerLens model name or alias (pythia-70m, gpt2-small, google/gemma-3-270m, ...)."""
     model_path: str | None = None
@@ -106,6 +116,8 @@ class GenerateConfig:
     """Seed of the row shuffle."""
     overwrite: bool = False
     """Replace an existing store written with another configuration."""
+    storage_options: dict = field(default_factory=dict)
+    """Options of the remote filesystem of `out` (credentials and endpoint otherwise come from the environment)."""
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
@@ -132,6 +144,10 @@ class GenerateConfig:
         labels = tuple(self.labels)
         if len(labels) != 2 or len(set(labels)) != 2 or not all(labels) or any("/" in x for x in labels):
             raise ValueError(f"--labels {','.join(labels)}: give two different names without '/', e.g. --labels base,chat")
+
+    @property
+    def where(self) -> Location:
+        return location(self.out, self.storage_options)
 
     @property
     def paired(self) -> bool:
@@ -194,10 +210,11 @@ def plan_layout(cfg: GenerateConfig, bytes_per_row: int, first_pos: int) -> Layo
     return Layout(rows_per_seq, seqs_per_chunk, n_chunks, cfg.chunks_per_block, first_pos)
 
 
-def generate(cfg: GenerateConfig) -> ActivationStore:
+def generate(cfg: GenerateConfig, processes: Processes = Processes()) -> ActivationStore:
     """Write (or finish, or confirm) the store described by `cfg`; return it opened. Whatever can
     be checked without the model is checked first; a store this call created is removed again if
-    it is refused before its first block is written, so the suggested retry just works."""
+    it is refused before its first block is written, so the suggested retry just works. Under
+    torchrun every rank calls this with the same `cfg`; the ranks share the blocks."""
     existing = _existing_store(cfg)
     if existing is not None and existing.complete:
         print(f"{cfg.out} is complete ({existing.n_rows:,} rows); nothing to do")
@@ -205,11 +222,11 @@ def generate(cfg: GenerateConfig) -> ActivationStore:
     _preflight(cfg)
     created = existing is None
     try:
-        return _generate(cfg, existing)
+        return _generate(cfg, existing, processes)
     except (ValueError, OSError) as err:
-        if created:
-            _remove_if_empty(Path(cfg.out))
-        kept = _rows_written(Path(cfg.out))
+        if created and processes.rank == 0:
+            _remove_if_empty(cfg.where)
+        kept = _rows_written(cfg.where)
         if isinstance(err, GenerationError) and kept:
             raise GenerationError(f"{err}; add --overwrite, as {cfg.out} already holds {kept:,} rows stored as {cfg.dtype}") from None
         raise
@@ -230,26 +247,24 @@ def _preflight(cfg: GenerateConfig) -> None:
         raise TextSourceError(f"dataset {cfg.dataset!r} holds no documents (no non-empty {cfg.text_column!r} text)")
 
 
-def _rows_written(out: Path) -> int:
+def _rows_written(where: Location) -> int:
     try:
-        return ActivationStore.open(out, allow_incomplete=True).rows_written
+        return ActivationStore.open(where, allow_incomplete=True).rows_written
     except StoreError:
         return 0
 
 
-def _remove_if_empty(out: Path) -> None:
+def _remove_if_empty(where: Location) -> None:
     """Remove a store that was refused before any block was written."""
-    import shutil
-
     try:
-        store = ActivationStore.open(out, allow_incomplete=True)
+        store = ActivationStore.open(where, allow_incomplete=True)
     except StoreError:
         return
     if store.rows_written == 0:
-        shutil.rmtree(out, ignore_errors=True)
+        store.remove()
 
 
-def _generate(cfg: GenerateConfig, existing: ActivationStore | None) -> ActivationStore:
+def _generate(cfg: GenerateConfig, existing: ActivationStore | None, processes: Processes) -> ActivationStore:
     members = _load_members(cfg)
     model = members[0].model  # its tokenizer makes the token ids every model is fed
     prepend_bos = model.cfg.default_prepend_bos if cfg.prepend_bos is None else cfg.prepend_bos
@@ -275,42 +290,47 @@ def _generate(cfg: GenerateConfig, existing: ActivationStore | None) -> Activati
         raise TextSourceError(
             f"dataset {cfg.dataset!r} gave {count.documents:,} documents of {count.tokens:,} tokens in all, "
             f"short of one sequence of --context_length {cfg.context_length}: use a shorter --context_length or more text")
-    store = existing or ActivationStore.create(
-        cfg.out,
-        identity=cfg.identity(),
-        sources=sources,
-        n_rows=layout.n_chunks * layout.chunk_rows,
-        n_sequences=layout.n_seqs,
-        context_length=cfg.context_length,
-        chunk_rows=layout.chunk_rows,
-        block_rows=layout.seqs_per_block * layout.rows_per_seq,
-        storage_dtype=cfg.dtype,
-        info=_store_info(cfg, members, prepend_bos, bos_id),
-    )
-    _write_blocks(cfg, members, layout, store, chain([first], sequences))
-    if store.rows_written < store.n_rows:
-        print(f"warning: dataset ran out after {store.rows_written:,} of {store.n_rows:,} rows")
-    store.finish()
-    return store
+    if processes.rank == 0 and existing is None:
+        existing = ActivationStore.create(
+            cfg.where,
+            identity=cfg.identity(),
+            sources=sources,
+            n_rows=layout.n_chunks * layout.chunk_rows,
+            n_sequences=layout.n_seqs,
+            context_length=cfg.context_length,
+            chunk_rows=layout.chunk_rows,
+            block_rows=layout.seqs_per_block * layout.rows_per_seq,
+            storage_dtype=cfg.dtype,
+            info=_store_info(cfg, members, prepend_bos, bos_id),
+        )
+    processes.barrier("creating the store")
+    store = existing if processes.rank == 0 else ActivationStore.open(cfg.where, writable=True, allow_incomplete=True)
+    _write_blocks(cfg, members, layout, store, chain([first], sequences), processes)
+    processes.barrier("writing blocks")
+    if processes.rank == 0:
+        if store.rows_written < store.n_rows:
+            print(f"warning: dataset ran out after {store.rows_written:,} of {store.n_rows:,} rows")
+        store.finish()
+    processes.barrier("completing the store")
+    return ActivationStore.open(cfg.where) if processes.rank else store
 
 
 def _existing_store(cfg: GenerateConfig) -> ActivationStore | None:
     """The store at cfg.out if it was written with the same identity; refuse conflicts."""
-    out = Path(cfg.out)
-    if not out.exists():
-        return None
+    where = cfg.where
     if cfg.overwrite:
         return None  # ActivationStore.create replaces it
-    if not (out / "zarr.json").exists():
-        if any(out.iterdir()):
-            raise StoreError(f"{out} exists and is not an activation store: choose another --out or pass --overwrite")
+    if not exists(where):
+        fs, root = where.filesystem()
+        if fs.exists(root) and fs.ls(root):
+            raise StoreError(f"{cfg.out} exists and is not an activation store: choose another --out or pass --overwrite")
         return None
-    store = ActivationStore.open(out, writable=True, allow_incomplete=True)
+    store = ActivationStore.open(where, writable=True, allow_incomplete=True)
     mine = json_normal(cfg.identity())
     if store.identity != mine:
         diff = sorted(k for k in set(mine) | set(store.identity) if mine.get(k) != store.identity.get(k))
         raise StoreError(
-            f"{out} was written with another configuration (differs in: {', '.join(diff)}): "
+            f"{cfg.out} was written with another configuration (differs in: {', '.join(diff)}): "
             "use another --out, or --overwrite to replace it"
         )
     return store
@@ -369,36 +389,59 @@ def record_hooks(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, tor
     return saved
 
 
-def _write_blocks(cfg, members: list[Member], layout: Layout, store: ActivationStore, sequences: Iterator) -> None:
-    seq_start = store.sequences_written
-    block_index = seq_start // layout.seqs_per_block
-    sequences = islice(sequences, seq_start, layout.n_seqs)  # resume: skip the sequences already stored
+def _write_blocks(cfg, members: list[Member], layout: Layout, store: ActivationStore, sequences: Iterator,
+                  processes: Processes) -> None:
+    """Write this rank's blocks that have no record yet; those past the end of the text get an
+    empty record."""
+    mine = [b for b in store.missing_blocks() if b % processes.world == processes.rank]
+    if processes.distributed:
+        print(f"{processes.name}: blocks {_describe(mine)} of {store.n_blocks}")
     # Text is read and tokenised in a background thread, a few forward batches ahead.
-    batches = prefetched(_batches(sequences, cfg.batch_size, layout.seqs_per_block), depth=4)
-    batches_per_block = math.ceil(layout.seqs_per_block / cfg.batch_size)
-    with tqdm(total=store.n_rows, initial=store.rows_written, unit="tok", unit_scale=True, desc="caching") as bar:
-        while rows := _block_rows(cfg, members, layout, islice(batches, batches_per_block), seq_start, block_index):
-            store.write_block(rows)
+    batches = prefetched(_block_batches(sequences, layout, cfg.batch_size, set(mine)), depth=4)
+    planned_rows = store.block_rows * len(mine)
+    desc = f"caching ({processes.name})" if processes.distributed else "caching"
+    with tqdm(total=planned_rows, unit="tok", unit_scale=True, desc=desc, disable=processes.rank > 0) as bar:
+        for block, group in groupby(batches, key=lambda item: item[0]):
+            rows = _block_rows(cfg, members, layout, (batch for _, batch in group), block)
+            store.write_block(block, rows)
             bar.update(len(rows.tokens))
-            seq_start += len(rows.sequences)
-            block_index += 1
+            mine.remove(block)
+    for block in mine:  # the text ran out before them
+        store.write_block(block, None)
 
 
-def _batches(sequences: Iterator[np.ndarray], batch_size: int, seqs_per_block: int) -> Iterator[torch.Tensor]:
-    """Token sequences stacked `batch_size` at a time, never across a block boundary (so the
-    blocks, and the store, do not depend on the batch size).  → [b, ctx]"""
-    while True:
-        for start in range(0, seqs_per_block, batch_size):
-            batch = list(islice(sequences, min(batch_size, seqs_per_block - start)))
+def _describe(blocks: list[int]) -> str:
+    """[0, 2, 4, 6] → "0, 2, 4, 6"; long lists shortened."""
+    if not blocks:
+        return "none (all written)"
+    shown = ", ".join(map(str, blocks[:6]))
+    return shown + (f", … ({len(blocks)} blocks)" if len(blocks) > 6 else "")
+
+
+def _block_batches(sequences: Iterator[np.ndarray], layout: Layout, batch_size: int,
+                   blocks: set[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(block, batch of its token sequences) for `blocks`, in order; the other blocks' sequences
+    are read past. Batches never cross a block boundary (so the blocks, and the store, do not
+    depend on the batch size).  → (int, [b, ctx])"""
+    for block in range(math.ceil(layout.n_seqs / layout.seqs_per_block)):
+        if not blocks:
+            return
+        size = min(layout.seqs_per_block, layout.n_seqs - block * layout.seqs_per_block)
+        if block not in blocks:
+            if len(list(islice(sequences, size))) < size:
+                return
+            continue
+        blocks.discard(block)
+        for start in range(0, size, batch_size):
+            batch = list(islice(sequences, min(batch_size, size - start)))
             if not batch:
                 return
-            yield torch.from_numpy(np.stack(batch))
+            yield block, torch.from_numpy(np.stack(batch))
 
 
-def _block_rows(cfg, members: list[Member], layout: Layout, batches: Iterator[torch.Tensor], seq_start: int,
-                block_index: int) -> RowBlock | None:
+def _block_rows(cfg, members: list[Member], layout: Layout, batches: Iterator[torch.Tensor], block_index: int) -> RowBlock:
     """Forward one block's batches as they arrive (every model on the same batch), drop excluded
-    positions, check, cast; then permute the block's rows. None when there is no batch left."""
+    positions, check, cast; then permute the block's rows."""
     sources = [src for member in members for src in member.sources]
     sequences: list[torch.Tensor] = []
     stored: dict[str, list[torch.Tensor]] = {src.name: [] for src in sources}
@@ -414,8 +457,7 @@ def _block_rows(cfg, members: list[Member], layout: Layout, batches: Iterator[to
                 norms = torch.linalg.vector_norm(values, dim=1, dtype=torch.float64)
                 norm_sums[src.name] += (norms.sum().item(), norms.square().sum().item(), len(norms))
                 stored[src.name].append(values.to(STORAGE_TORCH_DTYPE[cfg.dtype]).cpu())  # cast early: half the copying
-    if not sequences:
-        return None
+    seq_start = block_index * layout.seqs_per_block
     tokens = torch.cat(sequences)  # [S, ctx]
     n_seqs, ctx = tokens.shape
     perm = np.random.default_rng([cfg.seed, block_index]).permutation(n_seqs * layout.rows_per_seq)

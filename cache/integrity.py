@@ -2,9 +2,9 @@
 that use them.
 
   * While generating, each block's chunk files are checksummed right after they are written
-    (read back from the page cache: ~1 ms per MB, measured in bench/RESULTS.md) into
-    `manifest.blocks/<block>.json`; at completion these merge into `manifest.json`, written
-    before the store is marked complete.
+    (read back: ~1 ms per MB from the page cache, measured in bench/RESULTS.md) into the block's
+    record `manifest.blocks/<block>.json`; at completion these merge into `manifest.json`,
+    written before the store is marked complete.
   * `check_files`: presence and size of every chunk a reader will use, from one listing per
     array, before training starts (a missing or truncated file costs a second, not a run).
   * `checked_bytes`: a chunk's bytes, with its size and checksum checked, as it is read (the
@@ -37,27 +37,33 @@ def crc32c(data: bytes) -> int:
     return google_crc32c.value(data)
 
 
-def record_block(store: "ActivationStore", block: int, rows: tuple[int, int], sequences: tuple[int, int]) -> None:
-    """Checksum every chunk file a block touched (rows [a, b) of the row arrays, sequences [c, d))."""
+def block_checksums(store: "ActivationStore", rows: tuple[int, int], sequences: tuple[int, int]) -> dict[str, list[int]]:
+    """Size and crc32c of every chunk file a block touched (rows [a, b) of the row arrays,
+    sequences [c, d)): the `chunks` of its record."""
     entries = {}
     for array, (lo, hi) in _ranges(store, rows, sequences):
         length = _chunk_length(store, array)
         for key in store.chunk_keys(array, lo // length, -(-hi // length)):
             data = store.read_file(key)
             entries[key] = [len(data), crc32c(data)]
-    store.write_file(f"{BLOCK_MANIFESTS}/{block:06d}.json", json.dumps(entries).encode())
+    return entries
 
 
-def write_manifest(store: "ActivationStore") -> None:
-    """Merge the block manifests (later blocks win for a chunk two blocks share), keep the chunks
-    the trimmed arrays still have, checksum any chunk no block recorded, write manifest.json."""
+def write_manifest(store: "ActivationStore", records: dict[int, dict]) -> None:
+    """Merge the block records' checksums, keep the chunks the trimmed arrays still have,
+    checksum again any chunk no block or more than one block recorded (a store written before
+    blocks aligned with chunks), write manifest.json, drop the block records."""
     merged: dict[str, list[int]] = {}
-    for key in sorted(store.file_sizes(BLOCK_MANIFESTS)):
-        merged.update(json.loads(store.read_file(key)))
+    shared: set[str] = set()
+    for index in sorted(records):
+        for key, entry in records[index]["chunks"].items():
+            if key in merged:
+                shared.add(key)
+            merged[key] = entry
     chunks = {}
     for array in store.array_names():
         for key in store.chunk_keys(array):
-            if key not in merged:  # e.g. written by a version without block manifests, then resumed
+            if key not in merged or key in shared:
                 data = store.read_file(key)
                 merged[key] = [len(data), crc32c(data)]
             chunks[key] = merged[key]
@@ -75,8 +81,9 @@ def read_manifest(store: "ActivationStore") -> dict[str, tuple[int, int]]:
 
 
 def checked_bytes(store: "ActivationStore", key: str) -> bytes:
-    """The bytes of one chunk file, after checking its size and checksum against the manifest."""
-    data = store.read_file(key)
+    """The bytes of one chunk file (through the store's read-through cache, if it has one), after
+    checking its size and checksum against the manifest."""
+    data = store.read_file(key, cached=True)
     manifest = store.manifest
     if manifest is None:
         return data

@@ -13,11 +13,15 @@ code serves local directories and object stores. Layout of `store.zarr/`:
                                   (uncompressed: a chunk file is its rows' raw little-endian bytes)
     manifest.json                 byte size and crc32c of every chunk file (format 2; cache/integrity.py)
 
-All row arrays share one row order. Rows are written a block (many chunks) at a time, already
-shuffled; `rows_written` advances only after a block is fully on disk and its chunks are
-checksummed, and `complete` is set only after the last block and the manifest, so a reader never
-mistakes a half-written store for a finished one. Reads of activation chunks check the chunk's
-size, checksum and values (no NaN/inf) and name the file when one is wrong.
+All row arrays share one row order. Rows are written a block (many whole chunks; sequences'
+chunks aligned with the rows') at a time, already shuffled. A block is done when its record
+`manifest.blocks/<block>.json` is written, after its data: its chunks' sizes and checksums, its
+row and sequence counts and its norm sums. Blocks are independent, so several processes can write
+disjoint blocks of one store (torchrun) and a rerun redoes exactly the blocks without a record.
+`complete` is set only after every block has a record and the merged manifest is written, so a
+reader never mistakes a half-written store for a finished one. Reads of activation chunks check
+the chunk's size, checksum and values (no NaN/inf) and name the file when one is wrong. A store
+lives in a local directory or at any fsspec URL (cache/location.py).
 """
 from __future__ import annotations
 
@@ -27,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import zarr
 
 from cache import integrity
+from cache.location import Location, location
 
 FORMAT_NAME = "sae-sweep-activations"
 FORMAT_VERSION = 2  # 2: manifest.json with every chunk's size and checksum
@@ -91,10 +95,12 @@ class RowBlock:
 class ActivationStore:
     """Open zarr activation store. Create with `create`, open with `open`."""
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = path
+    def __init__(self, where: Location, group: zarr.Group):
+        self.location = where
+        self.path = where.url  # for messages and records: an absolute path, or the URL
         self.group = group
-        self._fs, self._root = fsspec.core.url_to_fs(str(path))
+        self._fs, self._root = where.filesystem()
+        self._read_fs, self._read_root = where.filesystem(cached=True)  # chunk reads, through the local cache if any
         self._manifest: dict[str, tuple[int, int]] | None = None
         self._verified: set[str] = set()  # int-array chunks already checked in this process
         self._last_chunk: dict[str, tuple[int, torch.Tensor]] = {}  # source → (chunk, rows): eval reads within a chunk
@@ -103,7 +109,7 @@ class ActivationStore:
     @classmethod
     def create(
         cls,
-        path: str | Path,
+        path: str | Path | Location,
         *,
         identity: dict[str, Any],
         sources: list[SourceInfo],
@@ -115,13 +121,15 @@ class ActivationStore:
         storage_dtype: str,
         info: dict[str, Any],
     ) -> "ActivationStore":
-        """Create an empty store (any existing one at `path` is replaced)."""
-        path = Path(path)
-        group = zarr.open_group(str(path), mode="w")
+        """Create an empty store (any existing one at `path` is replaced). Every sequence has
+        `n_rows // n_sequences` rows; the sequences array is chunked by the sequences of one row
+        chunk, so a block's sequences fill whole chunks as its rows do."""
+        where = path if isinstance(path, Location) else location(path)
+        group = where.open_group("w")
         row_chunks = (chunk_rows,)
         for name in ROW_ARRAYS:
             group.create_array(name, shape=(n_rows,), chunks=row_chunks, dtype=np.int32)
-        seqs_per_chunk = max(1, chunk_rows // context_length)
+        seqs_per_chunk = max(1, chunk_rows // max(1, n_rows // max(1, n_sequences)))
         group.create_array("sequences", shape=(n_sequences, context_length), chunks=(seqs_per_chunk, context_length),
                            dtype=np.int32)
         for src in sources:
@@ -144,27 +152,28 @@ class ActivationStore:
                 "context_length": context_length,
                 "chunk_rows": chunk_rows,
                 "block_rows": block_rows,
-                "rows_written": 0,
+                "rows_written": 0,  # rows and sequences summed from the block records at completion
                 "sequences_written": 0,
                 "complete": False,
                 "norm_sums": {src.name: {"sum_norm": 0.0, "sum_sq_norm": 0.0, "count": 0} for src in sources},
                 "info": json_normal(info),
             }
         )
-        return cls(path, group)
+        return cls(where, group)
 
     @classmethod
-    def open(cls, path: str | Path, *, writable: bool = False, allow_incomplete: bool = False) -> "ActivationStore":
+    def open(cls, path: str | Path | Location, *, writable: bool = False, allow_incomplete: bool = False) -> "ActivationStore":
         """Open an existing store; refuse an incomplete one unless `allow_incomplete`."""
-        path = Path(path)
-        if not (path / "zarr.json").exists():
-            raise StoreError(f"no activation store at {path}: create one with generate_activations.py --out {path}")
-        group = zarr.open_group(str(path), mode="r+" if writable else "r")
+        where = path if isinstance(path, Location) else location(path)
+        if not exists(where):
+            raise StoreError(f"no activation store at {where.url}: create one with generate_activations.py --out {where.url}")
+        path = where.url
+        group = where.open_group("r+" if writable else "r")
         if group.attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{path} is a zarr store but not a {FORMAT_NAME} store")
         if group.attrs["format_version"] > FORMAT_VERSION:
             raise StoreError(f"{path} has format version {group.attrs['format_version']}; upgrade sae-sweep to read it")
-        store = cls(path, group)
+        store = cls(where, group)
         if not allow_incomplete and not store.complete:
             raise StoreError(
                 f"store {path} is incomplete ({store.rows_written:,} of {store.n_rows:,} rows): "
@@ -224,11 +233,40 @@ class ActivationStore:
 
     @property
     def rows_written(self) -> int:
-        return self.group.attrs["rows_written"]
+        """Rows in blocks that are done (a complete store: all of them)."""
+        if self.complete:
+            return self.n_rows
+        return self.group.attrs["rows_written"] + sum(r["rows"] for r in self.block_records().values())
 
     @property
     def sequences_written(self) -> int:
-        return self.group.attrs["sequences_written"]
+        if self.complete:
+            return self.group.attrs["n_sequences"]
+        return self.group.attrs["sequences_written"] + sum(r["sequences"] for r in self.block_records().values())
+
+    @property
+    def n_blocks(self) -> int:
+        """Blocks the store was planned with."""
+        return math.ceil(self.group.attrs["n_sequences"] / self.seqs_per_block)
+
+    @property
+    def seqs_per_block(self) -> int:
+        return self.block_rows // max(1, self.n_rows // max(1, self.group.attrs["n_sequences"]))
+
+    def block_records(self) -> dict[int, dict]:
+        """Block → its record (rows, sequences, norm sums, chunk checksums), for the blocks done."""
+        records = {}
+        for key in self.file_sizes(integrity.BLOCK_MANIFESTS):
+            record = json.loads(self.read_file(key))
+            if "rows" in record:  # not the checksums-only file of a block a store before records wrote
+                records[int(key.rsplit("/", 1)[1].split(".")[0])] = record
+        return records
+
+    def blocks_done(self) -> set[int]:
+        """Blocks that need no writing: those with a record, and those a store written before
+        block records counted as written (its `rows_written` prefix)."""
+        legacy = self.group.attrs["rows_written"] // self.block_rows
+        return set(range(legacy)) | set(self.block_records())
 
     @property
     def complete(self) -> bool:
@@ -257,9 +295,11 @@ class ActivationStore:
         rest = [(0,) * (len(grid) - 1)]
         return [f"{array}/{arr.metadata.encode_chunk_key((i, *tail))}" for i in rows for tail in rest]
 
-    def read_file(self, key: str) -> bytes:
+    def read_file(self, key: str, cached: bool = False) -> bytes:
+        """A file's bytes (`cached`: through the read-through cache, for chunk data)."""
+        fs, root = (self._read_fs, self._read_root) if cached else (self._fs, self._root)
         try:
-            return self._fs.cat_file(f"{self._root}/{key}")
+            return fs.cat_file(f"{root}/{key}")
         except FileNotFoundError:
             raise StoreError(integrity.damage(self.path, key, "is missing")) from None
 
@@ -274,6 +314,10 @@ class ActivationStore:
     def remove_files(self, prefix: str) -> None:
         if self._fs.exists(f"{self._root}/{prefix}"):
             self._fs.rm(f"{self._root}/{prefix}", recursive=True)
+
+    def remove(self) -> None:
+        """Delete the whole store."""
+        self._fs.rm(self._root, recursive=True)
 
     def file_sizes(self, prefix: str) -> dict[str, int]:
         """Store key → byte size of every file under `prefix` (one listing)."""
@@ -299,41 +343,61 @@ class ActivationStore:
         return self._manifest
 
     # ---------------------------------------------------------------- writing
-    def write_block(self, block: "RowBlock") -> None:
-        """Append one shuffled block of rows, checksum its chunk files, then advance the progress
-        attributes.
+    def write_block(self, index: int, block: "RowBlock | None") -> None:
+        """Write block `index` (its rows and sequences at their places), checksum its chunk files,
+        then write its record: the block is done. `None`: the text ran out before this block (an
+        empty record, so the store knows where it ends).
 
-        Data first, attributes last: a crash between the two leaves the old progress, and the
-        block is simply rewritten on resume.
-        """
-        row_start = self.rows_written
+        Data first, record last: a crash between the two leaves no record, and the block is
+        simply rewritten on resume. Blocks touch disjoint chunks, so processes may write
+        different blocks at once."""
+        if block is None:
+            self._record(index, None, 0, 0)
+            return
+        row_start = index * self.block_rows
         row_end = row_start + len(block.tokens)
+        seq_start = index * self.seqs_per_block
         self._writable("tokens")[row_start:row_end] = block.tokens
         self._writable("positions")[row_start:row_end] = block.positions
         self._writable("sequence")[row_start:row_end] = block.sequence
-        seq_start = self.sequences_written
         self._writable("sequences")[seq_start : seq_start + len(block.sequences)] = block.sequences
         for name, values in block.acts.items():
             self._writable(f"acts/{name}")[row_start:row_end] = values
-        integrity.record_block(self, row_start // self.block_rows, (row_start, row_end),
-                               (seq_start, seq_start + len(block.sequences)))
-        self._advance(block, row_end, seq_start + len(block.sequences))
+        self._record(index, block, row_end - row_start, len(block.sequences))
+
+    def _record(self, index: int, block: "RowBlock | None", rows: int, sequences: int) -> None:
+        chunks = integrity.block_checksums(self, (index * self.block_rows, index * self.block_rows + rows),
+                                           (index * self.seqs_per_block, index * self.seqs_per_block + sequences))
+        norm_sums = {name: list(sums) for name, sums in (block.norm_sums.items() if block else ())}
+        record = {"rows": rows, "sequences": sequences, "norm_sums": norm_sums, "chunks": chunks}
+        self.write_file(f"{integrity.BLOCK_MANIFESTS}/{index:06d}.json", json.dumps(record).encode())
 
     def _writable(self, array: str) -> zarr.Array:
         """`array` writing every chunk, even one of fill values: a missing chunk file is then damage."""
         return self.group[array].with_config({"write_empty_chunks": True})
 
-    def _advance(self, block: "RowBlock", rows_written: int, sequences_written: int) -> None:
-        """Record a block as written (its data is on disk): progress and norm sums in one update."""
-        totals = self.group.attrs["norm_sums"]
-        for name, (s, s2, n) in block.norm_sums.items():
-            t = totals[name]
-            totals[name] = {"sum_norm": t["sum_norm"] + s, "sum_sq_norm": t["sum_sq_norm"] + s2, "count": t["count"] + n}
-        self.group.attrs.update({"rows_written": rows_written, "sequences_written": sequences_written, "norm_sums": totals})
+    def missing_blocks(self) -> list[int]:
+        """Planned blocks with no record (none: every block is written, or the text ran out)."""
+        done = self.blocks_done()
+        return [b for b in range(self.n_blocks) if b not in done]
 
     def finish(self) -> None:
-        """Trim the arrays to what was written, write the manifest, mark the store complete."""
-        rows, seqs = self.rows_written, self.sequences_written
+        """Once every block is done: sum the blocks' norm sums (in block order, so the result does
+        not depend on which process wrote what), trim the arrays to the rows written, write the
+        manifest, mark the store complete."""
+        missing = self.missing_blocks()
+        if missing:
+            raise StoreError(f"store {self.path} lacks blocks {missing[:5]}{'…' if len(missing) > 5 else ''}: "
+                             "rerun the same generate_activations.py command to write them")
+        records = self.block_records()
+        totals = self.group.attrs["norm_sums"]  # a store written before block records keeps its prefix's sums here
+        for index in sorted(records):
+            for name, (s, s2, n) in records[index]["norm_sums"].items():
+                t = totals[name]
+                totals[name] = {"sum_norm": t["sum_norm"] + s, "sum_sq_norm": t["sum_sq_norm"] + s2, "count": t["count"] + n}
+        rows = self.group.attrs["rows_written"] + sum(r["rows"] for r in records.values())
+        seqs = self.group.attrs["sequences_written"] + sum(r["sequences"] for r in records.values())
+        self.group.attrs.update({"norm_sums": totals, "rows_written": rows, "sequences_written": seqs})
         if rows < self.n_rows:
             for name in ROW_ARRAYS:
                 self.group[name].resize((rows,))
@@ -342,7 +406,7 @@ class ActivationStore:
             self.group["sequences"].resize((seqs, self.group.attrs["context_length"]))
         scales = {src.name: self.norm_scale(src.name) for src in self.sources}
         self.group.attrs.update({"n_rows": rows, "n_sequences": seqs, "norm_scale": scales})
-        integrity.write_manifest(self)
+        integrity.write_manifest(self, records)
         self.group.attrs.update({"complete": True})
 
     # ---------------------------------------------------------------- reading
@@ -395,6 +459,12 @@ class ActivationStore:
         """Token sequences [start, stop).  # [stop-start, ctx]"""
         self._checked_range("sequences", start, stop, self.group["sequences"].chunks[0])
         return self.group["sequences"][start:stop]
+
+
+def exists(where: Location) -> bool:
+    """Whether a zarr group (an activation store, perhaps unfinished) is at `where`."""
+    fs, root = where.filesystem()
+    return fs.exists(f"{root}/zarr.json")
 
 
 def json_normal(obj: dict[str, Any]) -> dict[str, Any]:

@@ -175,7 +175,7 @@ def test_hooks_with_the_default_model_add_no_default_layer(monkeypatch, tmp_path
     class Stop(Exception):
         pass
 
-    def capture(cfg):
+    def capture(cfg, *_):
         seen["cfg"] = cfg
         raise Stop
 

@@ -94,7 +94,7 @@ def test_pair_with_another_tokenizer_is_refused_before_anything_is_written(tmp_p
     assert _state(out) is None
 
 
-@pytest.mark.parametrize("method", ["write_block", "_advance"], ids=["before a block", "inside a block"])
+@pytest.mark.parametrize("method", ["write_block", "_record"], ids=["before a block", "inside a block"])
 def test_paired_generation_resumes_to_the_uninterrupted_store(paired_store, tmp_path, text_dir, monkeypatch, method):
     from tests.test_cache import assert_identical_stores
 

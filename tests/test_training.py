@@ -136,7 +136,7 @@ def _indexed_store(path, n_rows=1000, chunk_rows=64, d=4) -> ActivationStore:
     ids = np.arange(n_rows, dtype=np.int32)
     values = np.repeat(np.arange(n_rows, dtype=np.float32)[:, None], d, axis=1)
     norms = np.linalg.norm(values, axis=1).astype(np.float64)
-    store.write_block(RowBlock(ids, ids, ids, {"s": values}, {"s": (norms.sum(), (norms**2).sum(), n_rows)}, ids[:, None]))
+    store.write_block(0, RowBlock(ids, ids, ids, {"s": values}, {"s": (norms.sum(), (norms**2).sum(), n_rows)}, ids[:, None]))
     store.finish()
     return store
 
@@ -187,7 +187,7 @@ def test_held_out_rows_are_whole_sequences_even_inside_a_shuffled_block(tmp_path
     )
     values = np.repeat(np.arange(n_rows, dtype=np.float32)[:, None], d, axis=1)
     ids = np.arange(n_rows, dtype=np.int32)
-    store.write_block(RowBlock(ids, ids % per_seq, seq_of_row, {"s": values}, {"s": (1.0, 1.0, n_rows)},
+    store.write_block(0, RowBlock(ids, ids % per_seq, seq_of_row, {"s": values}, {"s": (1.0, 1.0, n_rows)},
                                np.zeros((n_rows // per_seq, per_seq), dtype=np.int32)))
     store.finish()
     stream = ActivationStream(store, "s", StreamConfig(batch_size=37, eval_rows=90, shuffle_chunks=2, normalise=False))

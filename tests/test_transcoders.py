@@ -298,7 +298,7 @@ def test_targets_of_different_widths_are_refused(tmp_path):
                                    info={"n_layers": 2, "models": [{"label": None}]})
     ids = np.arange(n, dtype=np.int32)
     acts = {s.name: np.random.default_rng(0).normal(size=(n, s.d)).astype(np.float32) for s in sources}
-    store.write_block(RowBlock(ids, ids % per_seq, ids // per_seq, acts, {s.name: (1.0, 1.0, n) for s in sources},
+    store.write_block(0, RowBlock(ids, ids % per_seq, ids // per_seq, acts, {s.name: (1.0, 1.0, n) for s in sources},
                                np.zeros((n // per_seq, per_seq), dtype=np.int32)))
     store.finish()
     result = _sweep(tmp_path / "s", tmp_path / "x", "--arch", "clt", "--layers", "all", "--eval_tokens", "40")

@@ -525,7 +525,7 @@ def _export(cfg: SweepConfig, ensemble: Ensemble, axes: list[str], stream: Activ
     summary = {
         "config": asdict(cfg),
         "resolved": asdict(resolved),
-        "store": {"path": str(store.path.resolve()), "path_as_given": cfg.cache, "source": stream.source,
+        "store": {"path": store.path, "path_as_given": cfg.cache, "source": stream.source,
                   "hook": first.hook, "norm_scale": stream.scale, "sources": stream.sources, "norm_scales": stream.scales,
                   "train_rows": stream.n_train, "eval_rows": stream.n_eval,
                   "eval_sequence_start": stream.eval_sequence_start},
