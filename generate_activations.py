@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import COUNT, SpaceSeparated, run_or_exit
+from cache.cli_options import COUNT, SpaceSeparated, dist_timeout_option, run_or_exit, storage_options_option
 from cache.models import DEMO_LAYER, DEMO_MODEL_NAME, HOOK_KINDS
 from cache.text import STDLIB_DOCSTRINGS
 
@@ -58,11 +58,8 @@ from cache.text import STDLIB_DOCSTRINGS
 @click.option("--dtype", default="float16", help="Storage dtype of activations: float16, bfloat16 or float32.")
 @click.option("--seed", type=int, default=0, help="Seed of the row shuffle.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store written with another configuration.")
-@click.option("--storage_options", default=None,
-              help="JSON options of the --out filesystem, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' "
-                   "[default: credentials and endpoint from the environment, AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …].")
-@click.option("--dist_timeout", type=float, default=300.0,
-              help="Under torchrun: seconds a rank waits for the others before giving up with an error naming the step.")
+@storage_options_option("--out")
+@dist_timeout_option()
 @click.option("--verify", is_flag=True, help="Check every chunk of the store at --out (presence, size, checksum, finite values) and exit.")
 def main(verify: bool, dist_timeout: float, **options) -> None:
     """Cache activations of a TransformerLens model to a pre-shuffled zarr store.

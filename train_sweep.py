@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import COUNT, SpaceSeparated, run_or_exit
+from cache.cli_options import COUNT, SpaceSeparated, dist_timeout_option, run_or_exit, storage_options_option
 from training.members import ARCHS
 
 
@@ -85,7 +85,14 @@ from training.members import ARCHS
 @click.option("--eval_sequences", type=int, default=64, help="Held-out sequences for spliced CE/KL (0 skips it).")
 @click.option("--eval_batch_size", type=int, default=8, help="Sequences per model forward pass in evaluation.")
 @click.option("--wandb_project", default=None, help="Log curves and results to this Weights & Biases project (optional).")
-def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_project: str | None, **options) -> None:
+@storage_options_option("--cache")
+@click.option("--cache_dir", default=None, help="A store at a URL: keep a local copy of every chunk read in this directory.")
+@click.option("--data_parallel", type=int, default=1,
+              help="Under torchrun: ranks that split each batch of the same members (default: every rank trains its "
+                   "own members on whole batches).")
+@dist_timeout_option()
+def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_project: str | None, dist_timeout: float,
+         **options) -> None:
     """Train many sparse dictionaries at once on cached activations.
 
     Without options it trains 8 ReLU SAEs (λ 1e-4 … 1e-2) on caches/demo, the store that
@@ -94,8 +101,11 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_projec
     from dataclasses import asdict
     from pathlib import Path
 
+    from cache.distributed import join, leave
+    from cache.location import parse_storage_options
     from evaluation.report import format_table
     from evaluation.runner import EvalConfig, evaluate_run
+    from training.parallel import Layout
     from training.tracking import WandbTracker
     from training.trainer import SweepConfig, train_sweep
 
@@ -103,12 +113,21 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_projec
         options[key] = tuple(options[key])
     if options["arch"] == "clt":
         options.update(arch="jumprelu_tanh", clt=True)
+    options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
     cfg = run_or_exit(lambda: SweepConfig(**options))
     out = options["output_dir"]
     eval_cfg = run_or_exit(lambda: EvalConfig(run_dir=out, n_sequences=eval_sequences, batch_size=eval_batch_size,
-                                              device=options["device"]))
-    tracker = run_or_exit(lambda: WandbTracker(wandb_project, Path(out).name, asdict(cfg))) if wandb_project else None
-    rows = run_or_exit(lambda: train_sweep(cfg, tracker))
+                                              device=options["device"], storage_options=cfg.storage_options,
+                                              cache_dir=cfg.cache_dir))
+    processes = run_or_exit(lambda: join(dist_timeout))
+    layout = run_or_exit(lambda: Layout(processes, cfg.data_parallel))
+    lead = processes.rank == 0  # under torchrun, rank 0 evaluates, logs and reports
+    tracker = (run_or_exit(lambda: WandbTracker(wandb_project, Path(out).name, asdict(cfg)))
+               if wandb_project and lead else None)
+    rows = run_or_exit(lambda: train_sweep(cfg, tracker, layout))
+    leave(processes)
+    if not lead:
+        return
     if run_eval and "fvu" not in rows[0]:
         rows = run_or_exit(lambda: evaluate_run(eval_cfg))
     if tracker is not None:

@@ -71,3 +71,19 @@ class Count(click.ParamType):
 
 
 COUNT = Count()
+
+
+def storage_options_option(what: str):
+    """--storage_options: JSON options of a store's fsspec filesystem."""
+    return click.option("--storage_options", default=None,
+                        help=f"{what} at a URL (s3://…): JSON options of its fsspec filesystem, e.g. "
+                             "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' [default: credentials and endpoint from "
+                             "the environment, AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …].")
+
+
+def dist_timeout_option():
+    """--dist_timeout: how long a rank waits for the others under torchrun."""
+    return click.option("--dist_timeout", type=float, default=300.0,
+                        help="Under torchrun: seconds a rank waits for the others before giving up with an error "
+                             "naming the step.")
+

@@ -43,6 +43,10 @@ class Processes:
     def name(self) -> str:
         return f"rank {self.rank}/{self.world}"
 
+    def device_for(self, device: str) -> str:
+        """Under torchrun a bare "cuda" means this rank's own GPU, cuda:LOCAL_RANK."""
+        return f"cuda:{self.local_rank}" if self.distributed and device == "cuda" else device
+
     def barrier(self, what: str) -> None:
         """Wait until every rank reaches this point (`what`: for messages)."""
         if not self.distributed:
@@ -52,7 +56,7 @@ class Processes:
         try:
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=self.timeout), wait_all_ranks=True)
         except RuntimeError as err:
-            raise self._peer_error(what, err) from None
+            raise self.peer_error(what, err) from None
 
     def all_gather(self, value: Any, what: str) -> list[Any]:
         """Every rank's `value` (picklable), in rank order."""
@@ -64,10 +68,10 @@ class Processes:
         try:
             dist.all_gather_object(values, value)
         except RuntimeError as err:
-            raise self._peer_error(what, err) from None
+            raise self.peer_error(what, err) from None
         return values
 
-    def _peer_error(self, what: str, err: RuntimeError) -> PeerError:
+    def peer_error(self, what: str, err: RuntimeError) -> PeerError:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return PeerError(f"{self.name}: lost the other ranks while {what} ({first_line}); a rank died, left or is "
                          "stuck (torchrun's summary names it). Rerun the same torchrun command to resume from the "

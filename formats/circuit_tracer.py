@@ -34,9 +34,15 @@ RECORD = "sae_sweep.json"
 
 
 def save_transcoder_set(directory: str | Path, layers: dict[int, dict[str, torch.Tensor]], *, input_hook: str,
-                        output_hook: str, model_name: str, record: dict) -> Path:
-    """One layer_{l}.safetensors per layer (tensors in circuit-tracer's names and layout)."""
-    directory = _start(directory, TRANSCODER_SET, input_hook, output_hook, model_name, record)
+                        output_hook: str, model_name: str, record: dict, describe: bool = True) -> Path:
+    """One layer_{l}.safetensors per layer (tensors in circuit-tracer's names and layout).
+    `describe`: also write config.yaml and the record (processes that each write some of a
+    set's layers leave it to one of them)."""
+    if describe:
+        directory = _start(directory, TRANSCODER_SET, input_hook, output_hook, model_name, record)
+    else:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
     for layer, tensors in layers.items():
         save_file(_contiguous(tensors), directory / f"layer_{layer}.safetensors")
     return directory

@@ -109,14 +109,26 @@ class Ensemble:
                                      multipliers=[self.dictionary.lr_multiplier(n) for n, _ in named])
         clip = [m.grad_clip if m.grad_clip is not None else math.inf for m in self.members]
         self.grad_clip_E = torch.tensor(clip, device=self.device)
+        self.sync = None  # data-parallel: a training.parallel.GradientSync over the ranks sharing these members
+
+    def sync_gradients(self, sync) -> None:
+        """Step on slices of each batch, summing gradients over `sync`'s ranks (data-parallel)."""
+        spec = self.dictionary.spec
+        if spec.activation == "batchtopk" or spec.penalty == "lp":
+            raise ValueError(f"--data_parallel cannot split the batch of {self.members[0].arch}: its "
+                             + ("top-k is over the whole batch" if spec.activation == "batchtopk" else
+                                "p-annealing rescales λ by the batch's penalty")
+                             + "; run it ensemble-parallel (without --data_parallel)")
+        self.sync = sync
 
     def __len__(self) -> int:
         return len(self.members)
 
-    def step(self, x_BC: torch.Tensor) -> StepOutput:
+    def step(self, x_BC: torch.Tensor, batch_rows: int | None = None) -> StepOutput:
         """One optimisation step of every member on the batch x [B, C]. The losses change no
         state; what they observed (dead-latent counters, thresholds, p-annealing) is applied after
-        the optimiser step, so a step is applied whole or not at all."""
+        the optimiser step, so a step is applied whole or not at all. Data-parallel: x is this
+        rank's part of a batch of `batch_rows` rows."""
         params = dict(self.dictionary.named_parameters())
         buffers = dict(self.dictionary.named_buffers())
         for p in params.values():
@@ -133,11 +145,15 @@ class Ensemble:
                 p.grad[group] = g
             outputs.append(StepOutput(out.total.detach(), out.mse.detach(), out.sparsity.detach(), out.l0.detach()))
             stats.append(out.stats)
+        observed, rows = Stats(*(torch.cat(parts) for parts in zip(*stats))), batch_rows or len(x_BC)
+        if self.sync is not None:
+            fired = self.sync.reduce_([p.grad for p in params.values()], observed.fired, len(x_BC), rows)
+            observed = observed._replace(fired=fired)
         self._clip_per_member_(list(params.values()))
         self.dictionary.before_step_()
         self.optimizer.step()
         self.dictionary.after_step_()
-        self.dictionary.observe_(Stats(*(torch.cat(parts) for parts in zip(*stats))), len(x_BC))
+        self.dictionary.observe_(observed, rows)
         return StepOutput(*(torch.cat(parts) for parts in zip(*outputs)))
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from formats import circuit_tracer
 from formats.crosscoder import save_crosscoder
 from formats.saelens import saelens_architecture, saelens_cfg, save_saelens
 from training.dictionary import Dictionary
-from training.members import LOSS_CONVENTION
+from training.members import LOSS_CONVENTION, MemberConfig
 
 
 @dataclass(frozen=True)
@@ -89,37 +89,39 @@ def calibrate_threshold(d: Dictionary, e: int, rows_NC: torch.Tensor | None) -> 
     return torch.cat(thresholds).clone()
 
 
-def circuit_tracer_layer(d: Dictionary, e: int, ctx: ExportContext) -> tuple[dict[str, torch.Tensor], dict]:
+def circuit_tracer_layer(d: Dictionary, e: int, ctx: ExportContext) -> dict[str, torch.Tensor]:
     """Member e (a single-layer transcoder) as one layer of a circuit-tracer transcoder set:
     W_enc [F, d], W_dec, b_enc, b_dec, its threshold (calibrated for TopK) and W_skip [d_out, d_in]."""
     member = d.members[e]
     tensors = d.member_tensors(e, [ctx.scales[n] for n in member.input_names()],
                                [ctx.scales[n] for n in member.target_names()])
-    rule, extra = d.inference_rule(e), {}
     layer = {"W_enc": tensors["W_enc"].T, "W_dec": tensors["W_dec"], "b_enc": tensors["b_enc"], "b_dec": tensors["b_dec"]}
-    threshold = _threshold(d, e, rule, tensors, ctx)
+    threshold = _threshold(d, e, d.inference_rule(e), tensors, ctx)
     if threshold is not None:
         layer["activation_function.threshold"] = threshold
-        extra = {"threshold_calibrated_from": f"topk k={int(d.k[e])}"} if rule.activation == "topk" else {}
     if "W_skip" in tensors:
         layer["W_skip"] = tensors["W_skip"].T
-    return layer, extra
+    return layer
 
 
-def save_transcoder_set(directory: Path, d: Dictionary, members: dict[int, int], ctx: ExportContext, record: dict) -> dict:
-    """The members of one sweep setting, one per layer ({layer: member index}), as a circuit-tracer
-    transcoder set; a note when it does not cover every layer of the model (circuit-tracer needs all)."""
-    first = d.members[next(iter(members.values()))]
-    layers, extras = {}, {}
-    for layer, e in sorted(members.items()):
-        layers[layer], extra = circuit_tracer_layer(d, e, ctx)
-        extras.update(extra)
+def save_transcoder_set(directory: Path, d: Dictionary, members: dict[int, int], ctx: ExportContext, record: dict,
+                        first: MemberConfig | None = None, layers: list[int] | None = None, describe: bool = True) -> dict:
+    """The members of one sweep setting, one per layer, as a circuit-tracer transcoder set.
+    `members` ({layer: member index in d}): the layers this process writes, of the set's `layers`
+    (default: these); `first`: the set's first member (default: of these); `describe`: also write
+    the set's config (when processes share a set's layers, one of them does).
+    → what sweep.json records of the set (a note when it does not cover every layer of the
+    model: circuit-tracer needs all)."""
+    first = first or d.members[members[min(members)]]
+    layers = layers or sorted(members)
     source, target = ctx.sources[first.input_names()[0]], ctx.sources[first.target_names()[0]]
-    circuit_tracer.save_transcoder_set(directory, layers, input_hook=_block_relative(source["hook"]),
+    extras = {"threshold_calibrated_from": f"topk k={first.k}"} if first.spec.activation == "topk" else {}
+    tensors = {layer: circuit_tracer_layer(d, e, ctx) for layer, e in sorted(members.items())}
+    circuit_tracer.save_transcoder_set(directory, tensors, input_hook=_block_relative(source["hook"]),
                                        output_hook=_block_relative(target["hook"]), model_name=source["model"],
-                                       record={**record, **extras, "layers": sorted(members)})
-    complete = sorted(members) == list(range(ctx.info.get("n_layers", len(members))))
-    return {"layers": sorted(members), "loads_in_circuit_tracer": complete, **extras}
+                                       record={**record, **extras, "layers": layers}, describe=describe)
+    complete = layers == list(range(ctx.info.get("n_layers", len(layers))))
+    return {"layers": layers, "loads_in_circuit_tracer": complete, **extras}
 
 
 def _save_clt(directory: Path, d: Dictionary, e: int, tensors: dict, rule, ctx: ExportContext, record: dict) -> dict:

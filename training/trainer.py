@@ -18,16 +18,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from cache.devices import check_device
+from cache.distributed import Processes
+from cache.location import location
 from cache.store import ActivationStore, StoreError, json_normal
 from cache.stream import ActivationStream, StreamConfig
 from evaluation.report import write_summary
@@ -36,13 +40,14 @@ from training.members import ARCHS, LOSS_CONVENTION, MemberConfig
 from training import memory
 from training.ensemble import Ensemble, group_size
 from training.export import ExportContext, export_member, save_transcoder_set
+from training.parallel import GradientSync, Layout
 from training.schedules import RECIPES, Schedule, short_run_note
 from training.sweep import build_members, member_name, parse_axis, shorthand_axis
 from training.wiring import Wiring, plan_wirings
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
-_RUNTIME_FIELDS = ("output_dir", "device", "overwrite", "checkpoint_every", "prefetch")
-CHECKPOINT = "checkpoint.pt"
+_RUNTIME_FIELDS = ("output_dir", "device", "overwrite", "checkpoint_every", "prefetch", "storage_options", "cache_dir",
+                   "data_parallel")
 SHORTHAND_DEFAULTS = (-4.0, -2.0, 8)
 REFERENCE_THRESHOLD = 1e-3  # JumpReLU θ₀ and ε on activations of unit mean squared norm (Rajamanoharan et al. 2024)  # --l1_min, --l1_max, --n_models when the shorthand applies by default
 RunDirError = rundir.RunDirError
@@ -153,6 +158,12 @@ class SweepConfig:
     """Seed of the members' initialisation and of the data order."""
     overwrite: bool = False
     """Replace an output directory that holds another run (the old one is moved aside)."""
+    storage_options: dict = field(default_factory=dict, hash=False)
+    """For a store at a URL: options of its fsspec filesystem (credentials come from the environment)."""
+    cache_dir: str | None = None
+    """For a store at a URL: keep a local copy of every chunk read here (read-through cache)."""
+    data_parallel: int = 1
+    """Under torchrun: ranks that split each batch of the same members (see training/parallel.py)."""
 
     def __post_init__(self):
         if None not in (self.l1_min, self.l1_max) and self.l1_min > self.l1_max:
@@ -327,10 +338,14 @@ def exclude_token_ids(store: ActivationStore, names: tuple[str, ...]) -> tuple[i
     return tuple(sorted(set(ids)))
 
 
-def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
+def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None) -> list[dict]:
     """Train and export every member; return one row per member. `tracker`, if given, gets the
-    training curves (see training.tracking.WandbTracker)."""
-    store = ActivationStore.open(cfg.cache)
+    training curves (see training.tracking.WandbTracker). `layout`: under torchrun, which
+    members and rows this rank steps (training/parallel.py); every rank returns every row."""
+    layout = layout or Layout(Processes(), cfg.data_parallel)
+    cfg = replace(cfg, device=layout.processes.device_for(cfg.device))
+    lead = layout.processes.rank == 0
+    store = ActivationStore.open(location(cfg.cache, cfg.storage_options, cfg.cache_dir))
     wirings = plan_wirings(store, source=cfg.source, sources=cfg.sources, targets=cfg.targets, transcoder=cfg.transcoder,
                            clt=cfg.clt, layers=cfg.layers, arch=cfg.arch, kind=cfg.kind)
     sources = list(dict.fromkeys(s for w in wirings for s in w.sources))
@@ -347,29 +362,74 @@ def train_sweep(cfg: SweepConfig, tracker=None) -> list[dict]:
         raise ValueError(f"--k_anneal_steps {cfg.k_anneal_steps} is longer than the run ({resolved.total_steps} steps): "
                          f"members would be exported at a k they never trained at; use at most {resolved.total_steps}")
     members, axes = sweep_members(cfg, d_in, len(first.inputs), resolved, wirings, d_out)
-    need = memory.estimate(members, cfg.batch_size, group_size(members, cfg.batch_size, torch.device(cfg.device)),
+    mine = layout.members(len(members))
+    own = [members[i] for i in mine]
+    rows_per_step = len(layout.rows(cfg.batch_size))
+    need = memory.estimate(own, rows_per_step, group_size(own, rows_per_step, torch.device(cfg.device)),
                            stream.width, cfg.prefetch)
-    memory.check_fits(need, torch.device(cfg.device), len(members))
-    ensemble = Ensemble(members, cfg.device, dead_tokens=resolved.dead_window, columns=stream.columns,
+    memory.check_fits(need, torch.device(cfg.device), len(own))
+    ensemble = Ensemble(own, cfg.device, dead_tokens=resolved.dead_window, columns=stream.columns,
                         threshold_start_step=min(cfg.threshold_start_step, resolved.total_steps // 2))
+    if layout.data_parallel > 1:
+        ensemble.sync_gradients(GradientSync(layout))
     # everything is validated: only now may the output directory be touched
     out = Path(cfg.output_dir)
     identity = {**cfg.identity(), "resolved": json_normal(asdict(resolved))}
-    if rundir.claim(out, identity, cfg.overwrite, _default_identity()):
-        print(f"{out} already holds this finished sweep; see {out / 'sweep.csv'}")
+    if _claim(layout, out, identity, cfg.overwrite):
+        if lead:
+            print(f"{out} already holds this finished sweep; see {out / 'sweep.csv'}")
         return json.loads((out / rundir.SUMMARY_FILE).read_text())["members"]
-    _print_plan(cfg, resolved, members, stream)
-    print(f"memory: {need.describe()}")
+    if lead:
+        _print_plan(cfg, resolved, members, stream)
+    if layout.processes.distributed:
+        labels = {(w.inputs, w.targets): w.label for w in wirings}
+        names = [member_name(i, members[i], axes, labels[members[i].inputs, members[i].targets]) for i in mine]
+        print(layout.describe(names, len(members)), flush=True)
+    print(f"{layout.processes.name + ' ' if layout.processes.distributed else ''}memory: {need.describe()}")
     if cfg.b_dec_init == "mean":
         ensemble.dictionary.init_b_dec_(stream.sample_mean())
     state = _TrainState(0, 0)
-    if (out / CHECKPOINT).exists():
-        state = _load_checkpoint(out / CHECKPOINT, ensemble, cfg.device)
-        print(f"resuming {out} at step {state.step}")
-    _train(cfg, ensemble, stream, state, resolved, out, tracker)
-    rows = _export(cfg, ensemble, axes, stream, store, state, resolved, out, wirings)
-    (out / CHECKPOINT).unlink(missing_ok=True)  # the exported members are the result now
+    resume = _resume_path(layout, out)
+    if resume is not None:
+        state = _load_checkpoint(resume, ensemble, cfg.device)
+        if lead:
+            print(f"resuming {out} at step {state.step}")
+    started = time.perf_counter()
+    _train(cfg, ensemble, stream, state, resolved, out, layout, tracker)
+    seconds = time.perf_counter() - started
+    rows = _export(cfg, ensemble, members, mine, axes, stream, store, state, resolved, out, wirings, layout, seconds)
+    layout.processes.barrier("waiting for every rank's export")
+    layout.remove_checkpoints(out)  # the exported members are the result now
     return rows
+
+
+def _claim(layout: Layout, out: Path, identity: dict, overwrite: bool) -> bool:
+    """Rank 0 claims the output directory (training/rundir.py) and tells the others the verdict."""
+    verdict = None
+    if layout.processes.rank == 0:
+        try:
+            verdict = ("claimed", rundir.claim(out, identity, overwrite, _default_identity()))
+        except RunDirError as err:
+            verdict = ("refused", str(err))
+    kind, value = layout.processes.all_gather(verdict, "claiming the output directory")[0]
+    if kind == "refused":
+        raise RunDirError(value)
+    return value
+
+
+def _resume_path(layout: Layout, out: Path) -> Path | None:
+    """The checkpoint this rank resumes from; every rank must see the same step."""
+    path = layout.resume_path(out)
+    step = _CHECKPOINT_STEP.search(path.name) if path is not None else None
+    seen = layout.processes.all_gather(None if path is None else (step.group(1) if step else "single"),
+                                       "agreeing on the checkpoint to resume from")
+    if len(set(seen)) > 1:
+        raise RunDirError(f"the ranks see different checkpoints in {out} ({seen}): every node must share the output "
+                          "directory (a network filesystem), as torchrun jobs do")
+    return path
+
+
+_CHECKPOINT_STEP = re.compile(r"step-(\d+)\.pt$")
 
 
 def _check_widths(store: ActivationStore, wirings: list[Wiring]) -> None:
@@ -399,7 +459,7 @@ def _print_plan(cfg: SweepConfig, resolved: Resolved, members: list[MemberConfig
     print(f"{len(members)} × {cfg.arch} on {stream.source}: {resolved.total_steps} steps of {cfg.batch_size} rows, "
           f"lr {lr} (warm-up {resolved.lr_warmup_steps} steps, decay from {resolved.lr_decay_start}), "
           f"sparsity warm-up {resolved.sparsity_warmup_steps} steps, clip {resolved.grad_clip}, "
-          f"dead after {resolved.dead_window:,} tokens")
+          f"dead after {resolved.dead_window:,} tokens", flush=True)
     note = short_run_note(cfg.arch, resolved.schedule(cfg), cfg.batch_size, stream.n_train)
     if note:
         print(note)
@@ -445,16 +505,24 @@ class _StepBoundaryInterrupts:
 
 
 def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state: _TrainState, resolved: Resolved,
-           out: Path, tracker=None):
+           out: Path, layout: Layout, tracker=None):
     total, schedule = resolved.total_steps, resolved.schedule(cfg)
     per_epoch = stream.batches_per_epoch
-    bar = tqdm(total=total, initial=state.step, unit="step", desc=f"training {len(ensemble)} dictionaries")
-    with _StepBoundaryInterrupts() as interrupts, bar:
+    distributed = layout.processes.distributed
+    bar = tqdm(total=total, initial=state.step, unit="step", desc=f"training {len(ensemble)} dictionaries",
+               disable=distributed and layout.processes.rank > 0)
+    # under torchrun a Ctrl-C reaches every rank at its own step: torchrun ends them, and the
+    # last checkpoint every rank completed stands
+    with (_StepBoundaryInterrupts() if not distributed else _NoInterrupts()) as interrupts, bar:
         while state.step < total:
             epoch, start = divmod(state.step, per_epoch)
             for x_BC in stream.train_batches(epoch, start):
                 schedule.apply_(ensemble, state.step)
-                result = ensemble.step(x_BC)
+                if layout.data_parallel > 1:
+                    rows = layout.rows(len(x_BC))
+                    result = ensemble.step(x_BC[rows.start:rows.stop], batch_rows=len(x_BC))
+                else:
+                    result = ensemble.step(x_BC)
                 state.step += 1
                 if _resample_due(cfg, state.step, total):
                     ensemble.resample_dead_(stream.pool(cfg.resample_pool, state.step), resolved.dead_window, state.step)
@@ -465,12 +533,30 @@ def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state
                     if tracker is not None:
                         tracker.log(_curves(result), state.step)
                 if state.step % cfg.checkpoint_every == 0 or interrupts.requested:
-                    _save_checkpoint(out / CHECKPOINT, ensemble, state)
+                    _checkpoint(layout, out, ensemble, state)
                 if interrupts.requested:
                     raise KeyboardInterrupt
                 if state.step >= total:
                     break
-    _save_checkpoint(out / CHECKPOINT, ensemble, state)
+    _checkpoint(layout, out, ensemble, state)
+
+
+class _NoInterrupts:
+    requested = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _checkpoint(layout: Layout, out: Path, ensemble: Ensemble, state: _TrainState) -> None:
+    """Every member group writes this step; once all have, their older checkpoints go."""
+    if layout.writes:
+        _save_checkpoint(layout.checkpoint_path(out, state.step), ensemble, state)
+    layout.processes.barrier(f"checkpointing step {state.step}")
+    layout.prune_checkpoints(out, state.step)
 
 
 def _resample_due(cfg: SweepConfig, step: int, total: int) -> bool:
@@ -500,12 +586,14 @@ def _load_checkpoint(path: Path, ensemble: Ensemble, device) -> _TrainState:
 
 
 @torch.no_grad()
-def _export(cfg: SweepConfig, ensemble: Ensemble, axes: list[str], stream: ActivationStream, store: ActivationStore,
-            state: _TrainState, resolved: Resolved, out: Path, wirings: list[Wiring]) -> list[dict]:
-    """Every member in its format (training/export.py) + the training summary."""
+def _export(cfg: SweepConfig, ensemble: Ensemble, members: list[MemberConfig], mine: range, axes: list[str],
+            stream: ActivationStream, store: ActivationStore, state: _TrainState, resolved: Resolved, out: Path,
+            wirings: list[Wiring], layout: Layout, seconds: float) -> list[dict]:
+    """This rank's members in their formats (training/export.py); rank 0 writes the training
+    summary with every rank's rows. `seconds`: how long this invocation's training loop ran."""
     dictionary = ensemble.dictionary
     dead_train_E = dictionary.dead_latents(resolved.dead_window).sum(-1) / dictionary.width_mask.sum(-1)
-    needs_rows = any(m.is_transcoder and m.spec.activation == "topk" for m in ensemble.members)
+    needs_rows = any(m.is_transcoder and m.spec.activation == "topk" for m in members)
     ctx = ExportContext(
         info={**store.info, "context_length": store.attrs["context_length"]},
         sources={s.name: {"model": s.model, "hook": s.hook, "d": s.d, "layer": s.layer} for s in store.sources},
@@ -515,41 +603,52 @@ def _export(cfg: SweepConfig, ensemble: Ensemble, axes: list[str], stream: Activ
     )
     rows = []
     labels = {(w.inputs, w.targets): w.label for w in wirings}
-    for e, member in enumerate(ensemble.members):
-        name = member_name(e, member, axes, labels[member.inputs, member.targets])
+    distributed = layout.processes.distributed
+    for e, index in enumerate(mine) if layout.writes else ():
+        member = members[index]
+        name = member_name(index, member, axes, labels[member.inputs, member.targets])
         record = export_member(out / "members" / name, dictionary, e, ctx)
         rows.append({"name": name, "dir": f"members/{name}", **record, "source": stream.source,
-                     "dead_fraction_train": dead_train_E[e].item(), "train_tokens": state.tokens_seen})
-    sets = _export_transcoder_sets(ensemble, axes, store, ctx, out) if cfg.transcoder else []
-    first = store.source(stream.sources[0])
-    summary = {
-        "config": asdict(cfg),
-        "resolved": asdict(resolved),
-        "store": {"path": store.path, "path_as_given": cfg.cache, "source": stream.source,
-                  "hook": first.hook, "norm_scale": stream.scale, "sources": stream.sources, "norm_scales": stream.scales,
-                  "train_rows": stream.n_train, "eval_rows": stream.n_eval,
-                  "eval_sequence_start": stream.eval_sequence_start},
-        "loss_convention": LOSS_CONVENTION,
-        "swept": axes,
-        "members": rows,
-        **({"transcoder_sets": sets} if sets else {}),
-    }
-    write_summary(out, summary)
+                     "dead_fraction_train": dead_train_E[e].item(), "train_tokens": state.tokens_seen,
+                     **({"rank": layout.processes.rank} if distributed else {})})
+    sets = _export_transcoder_sets(dictionary, members, mine, axes, store, ctx, out, layout) if cfg.transcoder else []
+    rows = [row for part in layout.processes.all_gather(rows, "gathering the exported members") for row in part]
+    if layout.processes.rank == 0:
+        first = store.source(stream.sources[0])
+        summary = {
+            "config": asdict(cfg),
+            "resolved": asdict(resolved),
+            "store": {"path": store.path, "path_as_given": cfg.cache, "source": stream.source,
+                      "hook": first.hook, "norm_scale": stream.scale, "sources": stream.sources,
+                      "norm_scales": stream.scales, "train_rows": stream.n_train, "eval_rows": stream.n_eval,
+                      "eval_sequence_start": stream.eval_sequence_start},
+            "layout": {"world_size": layout.processes.world, "data_parallel": layout.data_parallel,
+                       "member_groups": layout.groups},
+            "train_seconds": seconds,
+            "loss_convention": LOSS_CONVENTION,
+            "swept": axes,
+            "members": rows,
+            **({"transcoder_sets": sets} if sets else {}),
+        }
+        write_summary(out, summary)
     return rows
 
 
-def _export_transcoder_sets(ensemble: Ensemble, axes: list[str], store: ActivationStore, ctx: ExportContext,
-                            out: Path) -> list[dict]:
+def _export_transcoder_sets(dictionary, members: list[MemberConfig], mine: range, axes: list[str],
+                            store: ActivationStore, ctx: ExportContext, out: Path, layout: Layout) -> list[dict]:
     """Per sweep setting, its per-layer transcoders together as a circuit-tracer transcoder set
-    (transcoder_sets/<setting>/); members come layer-major, each layer with the whole grid."""
-    members = ensemble.members
+    (transcoder_sets/<setting>/); members come layer-major, each layer with the whole grid. Each
+    rank writes the layers it trained; rank 0 describes the set."""
     layers = sorted({store.source(m.inputs[0]).layer for m in members})
     per_layer = len(members) // len(layers)
     sets = []
     for j in range(per_layer):
         group = {layer: i * per_layer + j for i, layer in enumerate(layers)}
+        owned = {layer: index - mine.start for layer, index in group.items() if index in mine} if layout.writes else {}
         name = member_name(j, members[j], axes)
         record = {k: v for k, v in members[j].record().items() if k not in ("inputs", "targets")}
-        info = save_transcoder_set(out / "transcoder_sets" / name, ensemble.dictionary, group, ctx, record)
-        sets.append({"name": name, "dir": f"transcoder_sets/{name}", **info})
+        if owned or layout.processes.rank == 0:
+            info = save_transcoder_set(out / "transcoder_sets" / name, dictionary, owned, ctx, record, first=members[j],
+                                       layers=layers, describe=layout.processes.rank == 0)
+            sets.append({"name": name, "dir": f"transcoder_sets/{name}", **info})
     return sets
