@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import run_or_exit
+from cache.cli_options import run_or_exit, storage_options_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -19,11 +19,16 @@ from cache.cli_options import run_or_exit
 @click.option("--batch_size", type=int, default=8, help="Sequences per model forward pass.")
 @click.option("--row_batch_size", type=int, default=2048, help="Held-out rows per batch for reconstruction metrics.")
 @click.option("--device", default="cpu", help="Device for the model and the dictionaries.")
+@storage_options_option("The run's store")
+@click.option("--cache_dir", default=None, help="A store at a URL: keep a local copy of every chunk read in this directory.")
 def main(**options) -> None:
     """Evaluate every member of a sweep and write report.md."""
     from evaluation.report import format_table
     from evaluation.runner import EvalConfig, evaluate_run
 
+    from cache.location import parse_storage_options
+
+    options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
     rows = run_or_exit(lambda: evaluate_run(EvalConfig(**options)))
     click.echo(format_table(rows))
     click.echo(f"\nreport: {options['run_dir']}/report.md")

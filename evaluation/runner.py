@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from cache.devices import check_device
-from cache.store import ActivationStore, StoreError
+from cache.location import location
+from cache.store import ActivationStore, StoreError, exists
 from cache.stream import ActivationStream, StreamConfig
 from evaluation.metrics import MetricAccumulator
 from evaluation.model_diff import write_diff_analysis
@@ -56,6 +57,10 @@ class EvalConfig:
     """Held-out rows per batch for reconstruction metrics."""
     device: str = "cpu"
     """Device for the model and the dictionaries."""
+    storage_options: dict = field(default_factory=dict, hash=False)
+    """A store at a URL: options of its fsspec filesystem."""
+    cache_dir: str | None = None
+    """A store at a URL: local read-through copy of the chunks read."""
 
     def __post_init__(self):
         if self.n_sequences < 0 or self.batch_size < 1 or self.row_batch_size < 1:
@@ -104,7 +109,7 @@ def evaluate_run(cfg: EvalConfig) -> list[dict]:
         raise FileNotFoundError(f"{out} holds no finished sweep (no sweep.json): run train_sweep.py first")
     summary = json.loads((out / "sweep.json").read_text())
     rows = summary["members"]
-    store = open_run_store(summary, out)
+    store = open_run_store(summary, out, cfg.storage_options, cfg.cache_dir)
     members = [_load(out / r["dir"], r, summary, cfg.device) for r in rows]
     phases = _Phases()
     density, mean_raw = phases.run("reconstruction metrics on held-out rows", _reconstruction_metrics,
@@ -126,19 +131,24 @@ def evaluate_run(cfg: EvalConfig) -> list[dict]:
     return rows
 
 
-def open_run_store(summary: dict, run_dir: Path) -> ActivationStore:
-    """The run's store: its recorded absolute path, else the path as given on the command line
-    (relative to where training ran, tried from here and from the run directory); says which."""
+def open_run_store(summary: dict, run_dir: Path, storage_options: dict | None = None,
+                   cache_dir: str | None = None) -> ActivationStore:
+    """The run's store: its recorded location (absolute path or URL), else the path as given on
+    the command line (relative to where training ran, tried from here and from the run
+    directory); says which."""
     recorded = summary["store"]
     candidates = [recorded["path"]]
     given = recorded.get("path_as_given")
-    if given:
+    if given and location(given).remote:
+        candidates.append(given)
+    elif given:
         candidates += [given, str(run_dir.parent / given), str(run_dir / given)]
     for path in dict.fromkeys(candidates):
-        if (Path(path) / "zarr.json").exists():
-            if path != recorded["path"]:
-                print(f"evaluation: store not at {recorded['path']}; using {Path(path).resolve()}")
-            return ActivationStore.open(path)
+        where = location(path, storage_options, cache_dir)
+        if exists(where):
+            if where.url != recorded["path"]:
+                print(f"evaluation: store not at {recorded['path']}; using {where.url}")
+            return ActivationStore.open(where)
     raise StoreError(f"the run's store is not at {recorded['path']}"
                      + (f" nor at {given} (relative to here or to {run_dir})" if given else "")
                      + ": move it back, or rerun training with --cache pointing at it")
