@@ -20,7 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cache.distributed import Processes, share
 from cache.store import ActivationStore
+from training.parallel import Layout
 from tests.conftest import gen_args
 from tests.test_cache import assert_identical_stores
 
@@ -28,6 +30,39 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "blocks.1.hook_resid_post"
 SWEEP = ["--source", SOURCE, "--l1_min", "-3", "--l1_max", "-2", "--n_models", "3", "--ratio", "2", "--batch_size", "64",
          "--eval_tokens", "400", "--no_eval", "--checkpoint_every", "10"]
+
+
+def test_members_split_into_contiguous_near_equal_shares():
+    assert [list(share(10, 4, p)) for p in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    layouts = [Layout(Processes(rank, 8), data_parallel=2) for rank in range(8)]
+    assert [(lay.group, lay.data_slice, lay.writes) for lay in layouts[2:4]] == [(1, 0, True), (1, 1, False)]
+    assert [list(lay.members(10)) for lay in layouts[::2]] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert [list(layouts[0].rows(n)) for n in (10, 1)] == [[0, 1, 2, 3, 4], [0]]  # a 1-row batch: every rank, whole
+    assert list(layouts[1].rows(10)) == [5, 6, 7, 8, 9]
+    with pytest.raises(ValueError, match="8 processes make 4 member groups for 3 members"):
+        layouts[0].members(3)
+    with pytest.raises(ValueError, match="does not divide"):
+        Layout(Processes(0, 6), data_parallel=4)
+
+
+def test_a_resume_takes_the_newest_step_every_group_wrote_and_refuses_another_layout(tmp_path):
+    def touch(group: int, groups: int, step: int) -> None:
+        (tmp_path / f"checkpoint.group-{group}-of-{groups}.step-{step:09d}.pt").touch()
+
+    two = Layout(Processes(1, 2))
+    assert two.resume_path(tmp_path) is None
+    for group, step in ((0, 20), (0, 40), (1, 20)):  # group 1 died before writing step 40
+        touch(group, 2, step)
+    assert two.resume_path(tmp_path).name == "checkpoint.group-1-of-2.step-000000020.pt"
+    touch(1, 2, 40)
+    two.prune_checkpoints(tmp_path, 40)  # rank 1 prunes its own group's only
+    assert sorted(p.name[17:] for p in tmp_path.iterdir()) == ["0-of-2.step-000000020.pt", "0-of-2.step-000000040.pt",
+                                                               "1-of-2.step-000000040.pt"]
+    assert two.resume_path(tmp_path).name.endswith("step-000000040.pt")
+    with pytest.raises(ValueError, match=r"split into \[2\] member group\(s\), and this one has 1"):
+        Layout(Processes()).resume_path(tmp_path)
+    with pytest.raises(ValueError, match="rerun with the layout that wrote them"):
+        Layout(Processes(0, 4)).resume_path(tmp_path)
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -9,7 +9,9 @@ the architecture's knobs and every member's configuration. Defaults come from th
 architecture's recipe (training/schedules.py) and are resolved into sweep_config.json.
 Checkpoints (ensemble, optimiser, stream position, dead-latent counters) are written every
 `checkpoint_every` steps, and on Ctrl-C at the next step boundary (a second Ctrl-C stops at once;
-the last checkpoint stands); rerunning the same command resumes from the last one. After
+the last checkpoint stands); rerunning the same command resumes from the last one. Under
+torchrun each rank trains its share of the members (or a slice of each batch), and each member
+group checkpoints its own (training/parallel.py). After
 training every member is exported with the normalisation folded in (training/export.py), and
 sweep.json records the run; `evaluation.runner.evaluate_run` measures the members.
 """
