@@ -128,19 +128,23 @@ def test_two_ranks_train_disjoint_members_bit_for_bit_as_one_process(small_store
     assert not list(out.glob("checkpoint*")), "checkpoints outlive the finished run"
 
 
-def test_two_ranks_split_each_batch_and_match_one_process_up_to_summation_order(small_store, reference, tmp_path):
-    """--data_parallel 2: both ranks step all members on half of each batch and all-reduce the
-    gradients. Tolerance: every weight within 1e-5 of its tensor's largest magnitude (float32
-    sums in another order, through ~40 Adam steps; measured ~2e-6)."""
+def test_a_grid_of_member_groups_and_batch_slices_matches_one_process_up_to_summation_order(small_store, reference,
+                                                                                             tmp_path):
+    """4 ranks, --data_parallel 2: two member groups (2 + 1 members), each of two ranks stepping
+    half of every batch and all-reducing the gradients within the group. Tolerance: every weight
+    within 1e-5 of its tensor's largest magnitude (float32 sums in another order, through ~40 Adam
+    steps; measured 2e-7 … 2e-6)."""
     out = tmp_path / "run"
     result = _run(_torchrun("train_sweep.py", ["--cache", str(small_store), "--output_dir", str(out), *SWEEP,
-                                                "--data_parallel", "2"]))
-    assert "batch slice 2/2" in result.stdout
+                                                "--data_parallel", "2"], nproc=4))
+    assert "rank 3/4: members 02_l1_0.01 (1 of 3; member group 2/2, batch slice 2/2)" in result.stdout
     wa, wb = _weights(reference), _weights(out)
     for name in wa:
         for key, a in wa[name].items():
             assert (a - wb[name][key]).abs().max() <= 1e-5 * a.abs().max(), (name, key)
-    assert json.loads((out / "sweep.json").read_text())["layout"]["data_parallel"] == 2
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["layout"] == {"world_size": 4, "data_parallel": 2, "member_groups": 2}
+    assert [m["rank"] for m in summary["members"]] == [0, 0, 2]  # the first rank of each group writes
 
 
 def test_data_parallel_refuses_a_batch_wide_top_k(small_store, tmp_path):
