@@ -91,8 +91,18 @@ def main(verify: bool, dist_timeout: float, **options) -> None:
     store = run_or_exit(lambda: generate(cfg, processes))
     leave(processes)
     if processes.rank == 0:
-        sources = ", ".join(f"{s.name} (d={s.d}, scale {store.norm_scale(s.name):.3g})" for s in store.sources)
-        click.echo(f"store {store.path}: {store.n_rows:,} rows of {sources}")
+        click.echo(f"store {store.path}: {store.n_rows:,} rows of {_describe_sources(store)}")
+
+
+def _describe_sources(store) -> str:
+    """Each source with its width and scale; many (every layer's hooks) as a count per hook kind."""
+    if len(store.sources) <= 6:
+        return ", ".join(f"{s.name} (d={s.d}, scale {store.norm_scale(s.name):.3g})" for s in store.sources)
+    kinds: dict[tuple[str, int], int] = {}
+    for s in store.sources:
+        kind = s.name.split(".", 2)[2] if s.layer is not None and s.name.startswith("blocks.") else s.name
+        kinds[kind, s.d] = kinds.get((kind, s.d), 0) + 1
+    return f"{len(store.sources)} sources: " + ", ".join(f"{kind} ×{n} (d={d})" for (kind, d), n in kinds.items())
 
 
 def _verify(out: str, storage_options: dict) -> None:
