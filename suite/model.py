@@ -37,6 +37,44 @@ from training.dictionary import Dictionary
 from training.members import MemberConfig
 
 
+class ConnectionWeights(torch.autograd.Function):
+    """V[i, c] = E[:, i] · W[idx[i, c]]: the virtual weight of each connection, computed for the
+    connected pairs only (F·C·d multiply-adds, not the F·U·d of every pair) in chunks of latents.
+    Backward recomputes the gathered rows chunk by chunk, so only E, W and the indices are kept
+    between the passes (a [F, U] product or [F, C, d] gather per transcoder would not fit a
+    many-layer suite's step in memory)."""
+
+    CHUNK_VALUES = 2**22  # gathered values per chunk (16 MB in fp32)
+
+    @staticmethod
+    def forward(ctx, E_dF: torch.Tensor, W_Ud: torch.Tensor, idx_FC: torch.Tensor) -> torch.Tensor:
+        V_FC = torch.empty(idx_FC.shape, dtype=E_dF.dtype, device=E_dF.device)
+        for part in ConnectionWeights._chunks(idx_FC, E_dF.shape[0]):
+            V_FC[part] = torch.einsum("fcd,df->fc", W_Ud[idx_FC[part]], E_dF[:, part])
+        ctx.save_for_backward(E_dF, W_Ud, idx_FC)
+        return V_FC
+
+    @staticmethod
+    def backward(ctx, grad_FC: torch.Tensor):
+        E_dF, W_Ud, idx_FC = ctx.saved_tensors
+        grad_E = torch.zeros_like(E_dF) if ctx.needs_input_grad[0] else None
+        grad_W = torch.zeros_like(W_Ud) if ctx.needs_input_grad[1] else None
+        for part in ConnectionWeights._chunks(idx_FC, E_dF.shape[0]):
+            g_fC = grad_FC[part]
+            if grad_E is not None:
+                grad_E[:, part] = torch.einsum("fc,fcd->df", g_fC, W_Ud[idx_FC[part]])
+            if grad_W is not None:
+                rows_fCd = g_fC.unsqueeze(-1) * E_dF[:, part].T.unsqueeze(1)
+                grad_W.index_add_(0, idx_FC[part].flatten(), rows_fCd.flatten(0, 1))
+        return grad_E, grad_W, None
+
+    @staticmethod
+    def _chunks(idx_FC: torch.Tensor, d: int) -> list[slice]:
+        F, C = idx_FC.shape
+        step = max(1, ConnectionWeights.CHUNK_VALUES // max(1, C * d))
+        return [slice(s, min(s + step, F)) for s in range(0, F, step)]
+
+
 @dataclass(frozen=True)
 class SuiteLayout:
     """The store's sources the suite reads, per layer, and the model facts its algebra needs."""
@@ -143,16 +181,8 @@ class Suite(torch.nn.Module):
     def virtual_weights(self, m: int, index_FC: torch.Tensor) -> torch.Tensor:
         """V_ji for each latent i of transcoder m and each of its connections j (indices into the
         upstream latent space), from the current weights.  → [F, C]"""
-        E = self.encoder(m)
-        V = torch.zeros(index_FC.shape, dtype=E.dtype, device=E.device)
-        for module, offset in self.upstream_offsets(m):
-            W, _ = self.decoder(module)
-            here = (index_FC >= offset) & (index_FC < offset + self.d_sae)
-            if not here.any():
-                continue
-            V_FU = E.T @ W.T  # [F_m, F_u]: every pair of this module's latents with m's
-            V = V + torch.where(here, V_FU.gather(1, (index_FC - offset).clamp(0, self.d_sae - 1)), 0.0)
-        return V
+        W_Ud = torch.cat([self.decoder(module)[0] for module in self.layout.upstream(m)])  # upstream decoder rows
+        return ConnectionWeights.apply(self.encoder(m), W_Ud, index_FC)
 
     def constant(self, m: int, embed_Bd: torch.Tensor) -> torch.Tensor:
         """Ẽᵀ(e + Σ_u b_u) of every row and latent of transcoder m (before ÷ σ).  → [B, F]"""
@@ -172,7 +202,8 @@ class Suite(torch.nn.Module):
             V_FC = self.virtual_weights(m, index_FC) if V_FC is None else V_FC
             B, K = active_BK.shape
             idx_BKC = index_FC[active_BK]  # [B, K, C]
-            f_BKC = U.gather(1, idx_BKC.view(B, -1)).view(idx_BKC.shape)
+            # indexing, not gather: its backward keeps only the indices, not U
+            f_BKC = U[torch.arange(B, device=U.device).view(B, 1, 1), idx_BKC]
             connected = (f_BKC * V_FC[active_BK]).sum(-1)
         return (const + connected) / sigma_B.unsqueeze(1) + self.mlp.b_enc[m][active_BK]
 

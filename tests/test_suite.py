@@ -15,7 +15,7 @@ import generate_activations
 import train_suite
 from suite import connections
 from suite.finetune import FinetuneSettings, finetune, losses
-from suite.model import Suite, SuiteLayout, active_latents
+from suite.model import ConnectionWeights, Suite, SuiteLayout, active_latents
 from tests.conftest import corpus, fail_at_call, gen_args
 from tests.test_end_to_end import assert_one_line_error
 
@@ -201,3 +201,16 @@ def test_the_suite_command_runs_its_stages_and_reports_and_a_rerun_skips_them(su
 def test_a_store_without_attention_outputs_cannot_carry_a_suite(small_store, tmp_path):
     result = CliRunner().invoke(train_suite.main, ["--cache", str(small_store), "--output_dir", str(tmp_path / "s")])
     assert_one_line_error(result, "has no attn_out at layer 0", "--hook attn_out mlp_in_normalized mlp_out")
+
+
+def test_virtual_weights_of_the_connected_pairs_equal_the_dense_product_with_exact_gradients(monkeypatch):
+    """V[i, c] = E[:, i] · W[idx[i, c]] computed chunk by chunk (chunks of a few latents here) equals
+    the [F, U] product's entries, and its backward passes gradcheck in float64."""
+    monkeypatch.setattr(ConnectionWeights, "CHUNK_VALUES", 60)
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(8, 30, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(70, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    idx = torch.randint(0, 70, (30, 5), generator=g)
+    assert torch.allclose(ConnectionWeights.apply(E, W, idx), (E.T @ W.T).gather(1, idx))
+    assert torch.autograd.gradcheck(lambda e, w: ConnectionWeights.apply(e, w, idx), (E, W))
+
