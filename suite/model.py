@@ -137,10 +137,6 @@ class Suite(torch.nn.Module):
         start, _ = self.columns[self.layout.scale[m]]
         return x_BC[:, start] * self.sigma_scale[m]
 
-    def upstream_offsets(self, m: int) -> list[tuple[tuple[str, int], int]]:
-        """Each upstream module of m and where its latents start in the upstream latent space."""
-        return [(module, i * self.d_sae) for i, module in enumerate(self.layout.upstream(m))]
-
     # ---------------------------------------------------------------- one module on raw activations
     def encode(self, kind: str, layer: int, x_raw_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A module's TopK latents on raw activations of its input (what its ensemble computes on

@@ -162,6 +162,15 @@ def text_jsonl(tmp_path_factory) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (for torchrun rendezvous and moto's server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def gen_args(out: Path, dataset: Path, **extra) -> list[str]:
     """CLI arguments for a small store of the tiny model."""
     args = {

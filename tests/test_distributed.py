@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 from cache.distributed import Processes, share
 from cache.store import ActivationStore
 from training.parallel import Layout
-from tests.conftest import gen_args
+from tests.conftest import free_port, gen_args
 from tests.test_cache import assert_identical_stores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,12 +66,6 @@ def test_a_resume_takes_the_newest_step_every_group_wrote_and_refuses_another_la
 
 def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(script: str, args: list[str], nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
@@ -208,7 +201,7 @@ def test_kill_9_of_one_rank_ends_the_job_and_the_rerun_resumes_to_the_same_weigh
 def test_two_single_process_nodes_on_loopback_train_as_two_ranks(small_store, reference, tmp_path):
     """torchrun --nnodes 2 with a c10d rendezvous on 127.0.0.1: two "nodes" of one process each."""
     out = tmp_path / "run"
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     args = ["--cache", str(small_store), "--output_dir", str(out), *SWEEP]
     nodes = [subprocess.Popen(_torchrun("train_sweep.py", args, nproc=1, nnodes=2, node_rank=r, endpoint=endpoint),
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)

@@ -23,24 +23,18 @@ import generate_activations
 import train_sweep
 from cache.location import location
 from cache.store import ActivationStore, StoreError
-from tests.conftest import gen_args
+from tests.conftest import free_port, gen_args
 from tests.test_cache import assert_identical_stores, store_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "blocks.1.hook_resid_post"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_env():
     """A moto S3 server on 127.0.0.1 with an empty bucket `acts`; the AWS_* environment that
     points s3fs at it (set for this module's tests and inherited by their subprocesses)."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

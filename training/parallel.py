@@ -111,6 +111,17 @@ class Layout:
         common = set.intersection(*steps)
         return self.checkpoint_path(out, max(common)) if common else None
 
+    def agreed_resume_path(self, out: Path) -> Path | None:
+        """`resume_path`, checked to be the same step on every rank (a node that does not see the
+        shared output directory would otherwise start afresh beside resuming peers)."""
+        path = self.resume_path(out)
+        seen = self.processes.all_gather(None if path is None else path.name.split("step-")[-1],
+                                         "agreeing on the checkpoint to resume from")
+        if len(set(seen)) > 1:
+            raise ValueError(f"the ranks see different checkpoints in {out} ({seen}): every node must share the output "
+                             "directory (a network filesystem), as torchrun jobs do")
+        return path
+
     def prune_checkpoints(self, out: Path, keep_step: int) -> None:
         """Delete this group's checkpoints older than `keep_step` (called once every rank wrote it)."""
         if self.groups == 1 or not self.writes:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -391,7 +390,7 @@ def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None) ->
     if cfg.b_dec_init == "mean":
         ensemble.dictionary.init_b_dec_(stream.sample_mean())
     state = _TrainState(0, 0)
-    resume = _resume_path(layout, out)
+    resume = layout.agreed_resume_path(out)
     if resume is not None:
         state = _load_checkpoint(resume, ensemble, cfg.device)
         if lead:
@@ -417,21 +416,6 @@ def _claim(layout: Layout, out: Path, identity: dict, overwrite: bool) -> bool:
     if kind == "refused":
         raise RunDirError(value)
     return value
-
-
-def _resume_path(layout: Layout, out: Path) -> Path | None:
-    """The checkpoint this rank resumes from; every rank must see the same step."""
-    path = layout.resume_path(out)
-    step = _CHECKPOINT_STEP.search(path.name) if path is not None else None
-    seen = layout.processes.all_gather(None if path is None else (step.group(1) if step else "single"),
-                                       "agreeing on the checkpoint to resume from")
-    if len(set(seen)) > 1:
-        raise RunDirError(f"the ranks see different checkpoints in {out} ({seen}): every node must share the output "
-                          "directory (a network filesystem), as torchrun jobs do")
-    return path
-
-
-_CHECKPOINT_STEP = re.compile(r"step-(\d+)\.pt$")
 
 
 def _check_widths(store: ActivationStore, wirings: list[Wiring]) -> None:
@@ -485,12 +469,13 @@ class _StepBoundaryInterrupts:
     raises at once, leaving the last checkpoint as it was. Only the main thread can handle
     signals; elsewhere Ctrl-C behaves as usual."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self.requested = False
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -515,7 +500,7 @@ def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state
                disable=distributed and layout.processes.rank > 0)
     # under torchrun a Ctrl-C reaches every rank at its own step: torchrun ends them, and the
     # last checkpoint every rank completed stands
-    with (_StepBoundaryInterrupts() if not distributed else _NoInterrupts()) as interrupts, bar:
+    with _StepBoundaryInterrupts(enabled=not distributed) as interrupts, bar:
         while state.step < total:
             epoch, start = divmod(state.step, per_epoch)
             for x_BC in stream.train_batches(epoch, start):
@@ -541,16 +526,6 @@ def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state
                 if state.step >= total:
                     break
     _checkpoint(layout, out, ensemble, state)
-
-
-class _NoInterrupts:
-    requested = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _checkpoint(layout: Layout, out: Path, ensemble: Ensemble, state: _TrainState) -> None:
