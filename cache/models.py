@@ -58,24 +58,38 @@ def load_model(name: str | None, path: str | None, *, device: str, dtype: str = 
     """Load a HookedTransformer from a TransformerLens name, a local HF directory, or a GGUF file."""
     from transformer_lens import HookedTransformer
 
+    from cache.lean_load import lean, release_memory
+
     if name is None and path is None:
         raise ModelError("give --model (a TransformerLens name) or --model_path (a local directory or .gguf file)")
     with _quiet():
-        if path is None:
-            return _from_name(HookedTransformer, name, device, dtype)
-        hf_model, tokenizer = _load_hf(Path(path).expanduser(), name, dtype)
         if name is not None:
             _check_tl_name(name)
-            return HookedTransformer.from_pretrained(
-                name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
-            )
-        return _from_local_dir(HookedTransformer, Path(path).expanduser(), hf_model, tokenizer, device, dtype)
+        if path is None:
+            hf_model, tokenizer = _hf_by_name(name, dtype), None  # TransformerLens picks the tokenizer
+        else:
+            hf_model, tokenizer = _load_hf(Path(path).expanduser(), name, dtype)
+        release_memory()  # a GGUF's dequantisation buffers
+        try:
+            if name is not None:
+                return lean(HookedTransformer, hf_model).from_pretrained(
+                    name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+                )
+            return _from_local_dir(lean(HookedTransformer, hf_model), Path(path).expanduser(), hf_model, tokenizer,
+                                   device, dtype)
+        finally:
+            del hf_model
+            release_memory()
 
 
-def _from_name(cls, name: str, device: str, dtype: str):
-    _check_tl_name(name)
+def _hf_by_name(name: str, dtype: str):
+    """The Hugging Face model behind a TransformerLens name, from the HF cache (or the hub)."""
+    import torch
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+    from transformers import AutoModelForCausalLM
+
     try:
-        return cls.from_pretrained(name, device=device, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(get_official_model_name(name), dtype=getattr(torch, dtype))
     except OSError as err:
         raise ModelError(
             f"cannot load weights for {name!r}: not in the Hugging Face cache and the hub is unreachable "

@@ -41,6 +41,45 @@ def test_model_loads_by_name_from_the_hf_cache_and_from_a_local_directory(tiny_m
     torch.testing.assert_close(by_name(tokens), by_path(tokens))
 
 
+def _every_hook(model, tokens) -> dict:
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    return {"logits": logits, **dict(cache.items())}
+
+
+def test_the_lean_load_gives_transformer_lens_own_model_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch):
+    """cache/lean_load.py changes where weights live while loading, never what they are: every
+    hook and the logits equal HookedTransformer.from_pretrained's, for GPT-NeoX and for a GPT-2
+    with tied embeddings (whose untying the no-copy processing must not corrupt)."""
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    gpt2_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=400, n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4,
+                               tie_word_embeddings=True)).save_pretrained(gpt2_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(gpt2_dir)
+    import cache.lean_load
+    from cache.models import _from_local_dir
+
+    monkeypatch.setattr(cache.lean_load, "META_MIN_ELEMENTS", 2000)  # the tiny models' weights go to meta too
+
+    def plain(name, directory):  # the same two paths with TransformerLens's own class
+        hf, tokenizer = AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+        if name is None:
+            return _from_local_dir(HookedTransformer, directory, hf, tokenizer, "cpu", "float32")
+        return HookedTransformer.from_pretrained(name, hf_model=hf, tokenizer=tokenizer, device="cpu")
+
+    for name, directory in ((TINY_NAME, tiny_model_dir), (None, gpt2_dir)):
+        ours, theirs = load_model(name, str(directory), device="cpu"), plain(name, directory)
+        assert not any(p.is_meta for p in ours.parameters())
+        tokens = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(1))
+        a, b = _every_hook(ours, tokens), _every_hook(theirs, tokens)
+        assert a.keys() == b.keys()
+        for key in b:
+            assert torch.equal(a[key], b[key]), (name, key)
+
+
 def test_hooks_resolve_from_layers_and_names_and_stop_after_the_deepest_layer():
     model = load_model(TINY_NAME, None, device="cpu")
     hooks = resolve_hooks(model, (0, 2), "mlp_out", ("blocks.1.hook_resid_post",))
