@@ -54,6 +54,9 @@ def _density(path: Path, log10_density: dict[str, torch.Tensor]) -> Path:
     floor = -10.0  # dead latents (density 0) are drawn at the left edge
     for name, values in log10_density.items():
         ax.hist(values.clamp_min(floor).cpu().numpy(), bins=50, histtype="step", label=name)
+    ax.axvline(floor + 0.25, color="grey", lw=0.8, ls=":")
+    ax.text(floor + 0.3, 0.97, "← dead: never fired\n   on held-out rows", transform=ax.get_xaxis_transform(),
+            fontsize=7, va="top", color="grey")
     ax.set(xlabel="log10 firing density (held-out)", ylabel="latents")
     ax.legend(fontsize=7)
     fig.tight_layout()

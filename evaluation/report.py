@@ -18,7 +18,8 @@ TABLE = (
     ("d_sae", "d_sae", "{}"),
     ("l0", "L0", "{:.1f}"),
     ("fvu", "FVU", "{:.3f}"),
-    ("ce_recovered", "CE rec.", "{:.3f}"),
+    ("ce_recovered", "CE rec. (zero abl.)", "{:.3f}"),
+    ("ce_recovered_mean_ablation", "CE rec. (mean abl.)", "{:.3f}"),
     ("kl", "KL", "{:.4f}"),
     ("dead_fraction", "dead", "{:.1%}"),
 )
@@ -44,14 +45,25 @@ def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     return [c for c in TABLE if shown(c[0])]
 
 
+RECOVERY_KEYS = ("ce_recovered", "ce_recovered_mean_ablation")
+BELOW_BASELINE = ("! below 0: with this member spliced in, the model's loss is higher than with the hook "
+                  "ablated (zeroed, or set to its mean): as a replacement of the activations it is worse than "
+                  "no information at all.")
+
+
 def format_table(rows: list[dict]) -> str:
-    """The members as an aligned text table."""
+    """The members as an aligned text table (and the footnote on '!' when a recovery is below 0)."""
     columns = _columns(rows)
     cells = [[h for _, h, _ in columns]] + [[_cell(r, k, fmt) for k, _, fmt in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return "\n".join(
+    table = "\n".join(
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells
     )
+    return table + ("\n" + BELOW_BASELINE if any(_below_baseline(r) for r in rows) else "")
+
+
+def _below_baseline(row: dict) -> bool:
+    return any(isinstance(row.get(k), float) and row[k] < 0 for k in RECOVERY_KEYS)
 
 
 def write_report(out: Path, summary: dict, plots: list[Path]) -> Path:
@@ -73,6 +85,12 @@ def write_report(out: Path, summary: dict, plots: list[Path]) -> Path:
                   f"mean ablation {ev['mean_ablation_ce']:.4f}.", ""]
     lines += ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(_cell(r, k, fmt) for k, _, fmt in columns) + " |" for r in rows]
+    if any("ce_recovered" in r for r in rows):
+        lines += ["", "CE recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean), against zeroing the hook "
+                      "(zero abl.) and against setting it to its mean over held-out rows (mean abl., the harder "
+                      "baseline); 1 is the clean model."]
+    if any(_below_baseline(r) for r in rows):
+        lines += ["", BELOW_BASELINE]
     if any("per_source" in r for r in rows):
         lines += ["", *_per_source_table(rows)]
     if any("diff" in r for r in rows):
@@ -93,7 +111,7 @@ def write_report(out: Path, summary: dict, plots: list[Path]) -> Path:
 def _per_source_table(rows: list[dict]) -> list[str]:
     """Crosscoders: FVU and CE recovered of every member on every source, and the diff counts."""
     sources = list(rows[0]["per_source"])
-    header = ["member", *(f"FVU {s}" for s in sources), *(f"CE rec. {s}" for s in sources)]
+    header = ["member", *(f"FVU {s}" for s in sources), *(f"CE rec. (zero abl.) {s}" for s in sources)]
     diff_keys = [k for k in rows[0].get("diff", {}) if k.startswith("n_")]
     header += diff_keys
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -110,4 +128,5 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return fmt.format(value)
+    flag = "!" if key in RECOVERY_KEYS and value < 0 else ""
+    return fmt.format(value) + flag

@@ -10,11 +10,24 @@ outputs at once). For each splice r:
     recovered   (CE_ablation − CE_spliced) / (CE_ablation − CE_clean)   (zero or mean ablation)
 
 Positions before `first_pos` (BOS when the cache excluded it) and tokens in `exclude_tokens`
-keep their clean activation, as the dictionary never saw them. Sums are per token, so results do not depend on batch size.
+keep their clean activation, as the dictionary never saw them. Sums are per token (float64), so
+results do not depend on batch sizes.
+
+What it costs: per batch of sequences, one clean pass records the residual stream entering each
+layer where a splice starts (its earliest hooked block), and every splice runs only the blocks
+from there on. Splices that start at the same layer are stacked along the batch, up to
+`stack_sequences` sequences per pass, so the later blocks run once for many members. No pass
+computes logits: each stops at the final residual stream, and the final norm, unembedding,
+log-softmax, CE and KL run on `chunk` positions at a time, so at most a few [chunk, V] blocks
+are alive (V = 262,144 for Gemma-3: the whole [b, T, V] is a gigabyte at b = 8).
+
+Dimension key: b sequences of a batch, M splices stacked, T positions, D d_model, V vocabulary.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Callable
 
 import torch
@@ -23,6 +36,8 @@ from tqdm.auto import tqdm
 # (raw activations [rows, d] at this hook in this pass, the activations recorded so far in this
 # pass {hook: [rows, d]}, the batch's sequences as a slice of `sequences`) → [rows, d]
 Replace = Callable[[torch.Tensor, dict, slice], torch.Tensor]
+CHUNK_ELEMENTS = 2**24  # positions × vocabulary per log-softmax block (64 MB in float32)
+STACK_SEQUENCES = 64  # sequences of stacked splices per pass through the later blocks
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,11 @@ class Splice:
     replace: tuple[tuple[str, Replace], ...]
     record: tuple[str, ...] = ()
 
+    def start_layer(self) -> int | None:
+        """The first block any of its hooks is in (None: a hook before the blocks, e.g. hook_embed)."""
+        layers = [_block_of(h) for h in (*self.record, *(h for h, _ in self.replace))]
+        return None if any(layer is None for layer in layers) else min(layers)
+
 
 def single(hook: str, fn: Callable[[torch.Tensor, slice], torch.Tensor]) -> Splice:
     """One hook's activation replaced by fn(activation, batch)."""
@@ -39,26 +59,45 @@ def single(hook: str, fn: Callable[[torch.Tensor, slice], torch.Tensor]) -> Spli
 
 
 def spliced_losses(model, sequences: torch.Tensor, splices: dict[str, Splice], *, first_pos: int = 0,
-                   exclude_tokens: tuple[int, ...] = (), batch_size: int = 8,
+                   exclude_tokens: tuple[int, ...] = (), batch_size: int = 8, stack_sequences: int = STACK_SEQUENCES,
                    desc: str | None = None) -> dict[str, dict[str, float]]:
     """{"clean": {"ce"}, name: {"ce", "kl"} for each splice}.  sequences [N, T] token ids"""
     sums = {name: torch.zeros(2, dtype=torch.float64) for name in ["clean", *splices]}
     n_tokens = 0
     device = model.cfg.device
-    batches = range(0, len(sequences), batch_size)
-    with torch.inference_mode():
-        for start in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None):
-            tokens = sequences[start : start + batch_size].to(device)
-            clean_logp = model(tokens).log_softmax(-1)[:, :-1]  # [b, T-1, V]
-            targets = tokens[:, 1:]
-            sums["clean"][0] += _ce_sum(clean_logp, targets)
+    by_start = sorted(splices, key=lambda n: _order(splices[n].start_layer()))
+    groups = [(start, list(names)) for start, names in groupby(by_start, key=lambda n: splices[n].start_layer())]
+    starts = sorted({s for s, _ in groups if s is not None})
+    n_batches = -(-len(sequences) // batch_size)
+    with torch.inference_mode(), tqdm(total=n_batches * len(splices), desc=desc, unit="splice", leave=False,
+                                      disable=desc is None) as bar:
+        for first in range(0, len(sequences), batch_size):
+            tokens = sequences[first: first + batch_size].to(device)
+            batch = slice(first, first + len(tokens))
+            clean_rows = (torch.isin(tokens[:, first_pos:], torch.tensor(exclude_tokens, device=device)).reshape(-1, 1)
+                          if exclude_tokens else None)
+            embedded = _embed(model, tokens)
+            entering: dict[int, torch.Tensor] = {}
+            clean_BTD = _run(model, embedded, 0, _recorders(starts, entering))
+            targets = tokens[:, 1:].reshape(-1)
             n_tokens += targets.numel()
-            batch = slice(start, start + len(tokens))
-            clean_rows = torch.isin(tokens[:, first_pos:], torch.tensor(exclude_tokens, device=device)).reshape(-1, 1)
-            for name, splice in splices.items():
-                hooks = _hooks(splice, first_pos, batch, clean_rows if exclude_tokens else None)
-                logp = model.run_with_hooks(tokens, fwd_hooks=hooks).log_softmax(-1)[:, :-1]
-                sums[name] += torch.stack([_ce_sum(logp, targets), _kl_sum(clean_logp, logp)])
+            clean_counted = False
+            for start, names in groups or [(0, [])]:
+                per_stack = max(1, stack_sequences // len(tokens))
+                for i in range(0, max(len(names), 1), per_stack):
+                    stack = names[i: i + per_stack]
+                    spliced = []
+                    if stack:
+                        hooks = _stacked_hooks([splices[n] for n in stack], len(tokens), first_pos, batch, clean_rows)
+                        spliced = (_run(model, tokens, None, hooks, len(stack)) if start is None else
+                                   _run(model, (entering[start], *embedded[1:]), start, hooks, len(stack))).split(len(tokens))
+                    clean_ce, per_splice = _chunked_losses(model, clean_BTD, spliced, targets)
+                    if not clean_counted:
+                        sums["clean"][0] += clean_ce
+                        clean_counted = True
+                    for name, values in zip(stack, per_splice):
+                        sums[name] += values
+                    bar.update(len(stack))
     out = {"clean": {"ce": sums["clean"][0].item() / n_tokens}}
     for name in splices:
         out[name] = {"ce": sums[name][0].item() / n_tokens, "kl": sums[name][1].item() / n_tokens}
@@ -71,32 +110,112 @@ def recovered(ce_spliced: float, ce_clean: float, ce_ablated: float) -> float:
     return (ce_ablated - ce_spliced) / gap if gap != 0 else float("nan")
 
 
-def _hooks(splice: Splice, first_pos: int, batch: slice, clean_rows: torch.Tensor | None) -> list:
-    recorded: dict[str, torch.Tensor] = {}
+# ---------------------------------------------------------------- partial passes
+def _block_of(hook: str) -> int | None:
+    match = re.match(r"blocks\.(\d+)\.", hook)
+    return int(match.group(1)) if match else None
 
-    def record(act: torch.Tensor, hook) -> None:  # act [b, T, d]
-        kept = act[:, first_pos:]
-        recorded[hook.name] = kept.reshape(-1, kept.shape[-1]).float()
 
-    def replacing(fn: Replace):
-        def hook_fn(act: torch.Tensor, hook) -> torch.Tensor:
+def _order(start: int | None) -> int:
+    return -1 if start is None else start
+
+
+def _embed(model, tokens: torch.Tensor) -> tuple:
+    """(residual entering block 0, shortformer positional embedding, attention mask), exactly as
+    the model's own forward computes them from tokens."""
+    residual, _, shortformer, mask = model.input_to_embed(tokens)
+    return residual, shortformer, mask
+
+
+def _run(model, source, start: int | None, fwd_hooks: list, stack: int = 1) -> torch.Tensor:
+    """Blocks `start` … L−1 (start None: the whole model from tokens, for hooks before the blocks)
+    on `stack` copies of the batch side by side, with `fwd_hooks`.  `source`: the embedded batch
+    (residual entering block `start`, shortformer embedding, attention mask), or tokens
+    → the final residual stream [stack·b, T, D], before the final norm"""
+    def repeat(t):
+        return t if t is None or stack == 1 else t.repeat(stack, *([1] * (t.dim() - 1)))
+
+    if start is None:
+        return model.run_with_hooks(repeat(source), stop_at_layer=model.cfg.n_layers, fwd_hooks=fwd_hooks)
+    residual, shortformer, mask = source
+    return model.run_with_hooks(repeat(residual), start_at_layer=start, stop_at_layer=model.cfg.n_layers,
+                                shortformer_pos_embed=repeat(shortformer), attention_mask=repeat(mask), fwd_hooks=fwd_hooks)
+
+
+def _recorders(layers: list[int], entering: dict[int, torch.Tensor]) -> list:
+    """Hooks that keep the clean residual stream entering each of `layers` in `entering`."""
+    def keep(layer: int):
+        def fn(act: torch.Tensor, hook) -> None:
+            entering[layer] = act.clone()
+        return fn
+
+    return [(f"blocks.{layer}.hook_resid_pre", keep(layer)) for layer in layers]
+
+
+def _stacked_hooks(stack: list[Splice], b: int, first_pos: int, batch: slice, clean_rows: torch.Tensor | None) -> list:
+    """One hook per hooked point for a stack of splices: slot j (rows j·b … (j+1)·b of the pass)
+    records and replaces what splice j does there, from what slot j recorded earlier in the pass."""
+    recorded = [dict() for _ in stack]
+    names = list(dict.fromkeys(h for s in stack for h in (*s.record, *(h for h, _ in s.replace))))
+
+    def at(name: str):
+        records = [j for j, s in enumerate(stack) if name in s.record]
+        replaces = [(j, fn) for j, s in enumerate(stack) for h, fn in s.replace if h == name]
+
+        def hook_fn(act: torch.Tensor, hook):  # act [M·b, T, d]
             kept = act[:, first_pos:]
-            x = kept.reshape(-1, kept.shape[-1]).float()
-            rows = fn(x, recorded, batch)
-            if clean_rows is not None:
-                rows = torch.where(clean_rows, x, rows)
+            for j in records:
+                recorded[j][name] = kept[j * b:(j + 1) * b].reshape(-1, kept.shape[-1]).float()
+            if not replaces:
+                return None
             act = act.clone()
-            act[:, first_pos:] = rows.reshape(kept.shape).to(act.dtype)
+            for j, fn in replaces:
+                x = kept[j * b:(j + 1) * b].reshape(-1, kept.shape[-1]).float()
+                rows = fn(x, recorded[j], batch)
+                if clean_rows is not None:
+                    rows = torch.where(clean_rows, x, rows)
+                act[j * b:(j + 1) * b, first_pos:] = rows.reshape(b, -1, kept.shape[-1]).to(act.dtype)
             return act
 
         return hook_fn
 
-    return [(h, record) for h in splice.record] + [(h, replacing(fn)) for h, fn in splice.replace]
+    return [(name, at(name)) for name in names]
 
 
-def _ce_sum(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -logp.gather(-1, targets.unsqueeze(-1)).double().sum()
+# ---------------------------------------------------------------- losses, a chunk of positions at a time
+def _log_probs(model, residual_ND: torch.Tensor) -> torch.Tensor:
+    """The model's next-token log-probabilities from final residual rows, as its forward computes
+    its logits (final norm, unembedding, logit soft-cap).  → [N, V] float32"""
+    residual_1ND = residual_ND.unsqueeze(0)  # the model's modules take [batch, pos, d]
+    if model.cfg.normalization_type is not None:
+        residual_1ND = model.ln_final(residual_1ND)
+    logits = model.unembed(residual_1ND).squeeze(0)
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if cap is not None and cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits.float().log_softmax(-1)
 
 
-def _kl_sum(clean_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    return (clean_logp.exp() * (clean_logp - logp)).sum(-1).double().sum()  # per-token sums, then float64
+def _chunked_losses(model, clean_BTD: torch.Tensor, spliced: list[torch.Tensor] | tuple, targets: torch.Tensor
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(clean [CE sum], each spliced pass's [CE sum, KL(clean ‖ spliced) sum]) over the predicted
+    positions, `CHUNK_ELEMENTS // V` positions at a time."""
+    D = clean_BTD.shape[-1]
+    clean_ND = clean_BTD[:, :-1].reshape(-1, D)
+    spliced_ND = [s[:, :-1].reshape(-1, D) for s in spliced]
+    chunk = max(1, CHUNK_ELEMENTS // model.cfg.d_vocab)
+    clean_sum = torch.zeros((), dtype=torch.float64)
+    sums = [torch.zeros(2, dtype=torch.float64) for _ in spliced]
+    for a in range(0, len(clean_ND), chunk):
+        target_N1 = targets[a: a + chunk].unsqueeze(-1)
+        clean_logp = _log_probs(model, clean_ND[a: a + chunk])  # [n, V]
+        clean_sum -= clean_logp.gather(-1, target_N1).double().sum().cpu()
+        if not spliced:
+            continue
+        clean_p = clean_logp.exp()
+        negentropy_N = (clean_p * clean_logp).sum(-1)  # Σ p log p, shared by every splice's KL
+        for rows, total in zip(spliced_ND, sums):
+            logp = _log_probs(model, rows[a: a + chunk])
+            kl_N = negentropy_N - (clean_p * logp).sum(-1)
+            total += torch.stack([-logp.gather(-1, target_N1).double().sum(), kl_N.double().sum()]).cpu()
+    return clean_sum, sums

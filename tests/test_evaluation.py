@@ -76,11 +76,19 @@ def test_spliced_ce_and_kl_equal_a_hand_computation_in_the_right_direction():
     assert losses["clean"]["ce"] == pytest.approx(ce(clean_logits).item(), rel=1e-5)
     assert losses["shift"]["ce"] == pytest.approx(ce(spliced_logits).item(), rel=1e-5)
     assert losses["shift"]["kl"] == pytest.approx(kl_clean_spliced, rel=1e-4)
-    # the direction, on distributions where it matters: KL([.9, .1] ‖ [.5, .5]) = 0.368, the reverse 0.511
-    from evaluation.splice import _kl_sum
+    # the direction, on distributions where it matters: KL([.9, .1] ‖ [.5, .5]) = 0.368, the reverse 0.511,
+    # through the chunked loss with a model whose unembedding is the identity (logits = residual)
+    from types import SimpleNamespace
 
-    p, q = torch.tensor([[[0.9, 0.1]]]).log(), torch.tensor([[[0.5, 0.5]]]).log()
-    assert _kl_sum(p, q).item() == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), rel=1e-6)
+    from evaluation.splice import _chunked_losses
+
+    identity = SimpleNamespace(cfg=SimpleNamespace(d_vocab=2, normalization_type=None, output_logits_soft_cap=None),
+                               unembed=lambda r: r)
+    clean, spliced = torch.tensor([0.9, 0.1]).log().view(1, 1, 2), torch.tensor([0.5, 0.5]).log().view(1, 1, 2)
+    pad = torch.zeros(1, 1, 2)  # the last position predicts nothing
+    _, (per_splice,) = _chunked_losses(identity, torch.cat([clean, pad], 1), [torch.cat([spliced, pad], 1)],
+                                       torch.tensor([0]))
+    assert per_splice[1].item() == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), rel=1e-6)
 
 
 def test_spliced_losses_leave_excluded_positions_untouched():
