@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import run_or_exit, storage_options_option
+from cache.cli_options import run_or_exit, storage_options_option, took
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -23,15 +23,22 @@ from cache.cli_options import run_or_exit, storage_options_option
 @click.option("--cache_dir", default=None, help="A store at a URL: keep a local copy of every chunk read in this directory.")
 def main(**options) -> None:
     """Evaluate every member of a sweep and write report.md."""
-    from evaluation.report import format_table
-    from evaluation.runner import EvalConfig, evaluate_run
+    import time
+    from pathlib import Path
+
+    start = time.perf_counter()
+    if not (Path(options["run_dir"]) / "sweep.json").is_file():  # answered before torch is imported
+        click.echo(f"error: {options['run_dir']} holds no finished sweep (no sweep.json): run train_sweep.py first", err=True)
+        raise SystemExit(1)
 
     from cache.location import parse_storage_options
+    from evaluation.report import format_table
+    from evaluation.runner import EvalConfig, evaluate_run
 
     options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
     rows = run_or_exit(lambda: evaluate_run(EvalConfig(**options)))
     click.echo(format_table(rows))
-    click.echo(f"\nreport: {options['run_dir']}/report.md")
+    click.echo(f"\ndone {took(start)}: open {options['run_dir']}/report.md")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import COUNT, SpaceSeparated, dist_timeout_option, run_or_exit, storage_options_option
+from cache.cli_options import (
+    COUNT, SpaceSeparated, dist_timeout_option, refuse_if_locked, require_store, run_or_exit,
+    storage_options_option, took)
 from cache.models import DEMO_LAYER, DEMO_MODEL_NAME, HOOK_KINDS
 from cache.text import STDLIB_DOCSTRINGS
 
@@ -58,6 +60,7 @@ from cache.text import STDLIB_DOCSTRINGS
 @click.option("--dtype", default="float16", help="Storage dtype of activations: float16, bfloat16 or float32.")
 @click.option("--seed", type=int, default=0, help="Seed of the row shuffle.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store written with another configuration.")
+@click.option("--break_lock", is_flag=True, help="Take over the store's lock (--out.lock) even when another host holds it.")
 @storage_options_option("--out")
 @dist_timeout_option()
 @click.option("--verify", is_flag=True, help="Check every chunk of the store at --out (presence, size, checksum, finite values) and exit.")
@@ -68,12 +71,17 @@ def main(verify: bool, dist_timeout: float, **options) -> None:
     standard library's docstrings into caches/demo (about 30 minutes on a 2-core CPU; the
     README's demo command caches 50k).
     """
+    import time
+
     from cache.location import parse_storage_options
 
+    start = time.perf_counter()
     options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
     if verify:
+        require_store(options["out"], options["storage_options"])  # before torch is imported
         run_or_exit(lambda: _verify(options["out"], options["storage_options"]))
         return
+    refuse_if_locked(options["out"])  # before torch is imported
     from cache.distributed import join, leave
     from cache.generate import GenerateConfig, generate
     from cache.models import default_gguf_path
@@ -91,7 +99,8 @@ def main(verify: bool, dist_timeout: float, **options) -> None:
     store = run_or_exit(lambda: generate(cfg, processes))
     leave(processes)
     if processes.rank == 0:
-        click.echo(f"store {store.path}: {store.n_rows:,} rows of {_describe_sources(store)}")
+        click.echo(f"store {store.path}: {store.n_rows:,} rows of {_describe_sources(store)}, {took(start)}\n"
+                   f"next: python train_sweep.py --cache {options['out']}")
 
 
 def _describe_sources(store) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import COUNT, SpaceSeparated, run_or_exit
+from cache.cli_options import COUNT, SpaceSeparated, refuse_if_locked, require_store, run_or_exit, took
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -37,14 +37,21 @@ from cache.cli_options import COUNT, SpaceSeparated, run_or_exit
 @click.option("--device", default="cpu", help="Device (cpu, cuda, cuda:1, mps).")
 @click.option("--seed", type=int, default=0, help="Seed of initialisation and data order.")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another suite (moved aside).")
+@click.option("--break_lock", is_flag=True, help="Take over the output's lock (OUTPUT_DIR.lock) even when another host holds it.")
 def main(**options) -> None:
     """Train a sparsely connected suite: per-layer attention SAEs and MLP transcoders, connections, fine-tuning."""
+    import time
+
+    start = time.perf_counter()
+    require_store(options["cache"])  # before torch is imported
+    refuse_if_locked(options["output_dir"])
     from suite.runner import SuiteConfig, run_suite
 
     options["sweep"] = tuple(options["sweep"] or ())
     cfg = run_or_exit(lambda: SuiteConfig(**options))
     summary = run_or_exit(lambda: run_suite(cfg))
-    click.echo(f"suite in {cfg.output_dir}: report.md, suite.json ({len(summary['settings'])} fine-tuned settings)")
+    click.echo(f"done {took(start)}: suite in {cfg.output_dir} ({len(summary['settings'])} fine-tuned settings); "
+               f"open {cfg.output_dir}/report.md")
 
 
 if __name__ == "__main__":

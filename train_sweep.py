@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import COUNT, SpaceSeparated, dist_timeout_option, run_or_exit, storage_options_option
+from cache.cli_options import (
+    COUNT, SpaceSeparated, dist_timeout_option, refuse_if_locked, require_store, run_or_exit,
+    storage_options_option, took)
 from training.members import ARCHS
 
 
@@ -50,7 +52,6 @@ from training.members import ARCHS
 @click.option("--threshold_init", type=float, default=None, help="Initial JumpReLU threshold [default: 1e-3·√d].")
 @click.option("--grad_clip", type=float, default=None, help="Clip each member's gradient norm (0: off) [default: the recipe's].")
 @click.option("--k_anneal_steps", type=int, default=0, help="TopK family: anneal k from d_in down to --k over this many steps.")
-@click.option("--threshold_start_step", type=int, default=1000, help="BatchTopK: step from which the inference threshold is averaged.")
 @click.option("--p_end", type=float, default=0.2, help="panneal: final exponent of the Lp penalty unless swept.")
 @click.option("--decoder_init_norm", type=float, default=0.1,
               help="relu_april, crosscoder: initial norm of each source's decoder vector (e.g. 0.08 for 2 sources).")
@@ -81,6 +82,7 @@ from training.members import ARCHS
 @click.option("--device", default="cpu", help="Training device (cpu, cuda, cuda:1, mps).")
 @click.option("--seed", type=int, default=0, help="Seed of initialisation and data order.")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds another run (the old one is moved aside).")
+@click.option("--break_lock", is_flag=True, help="Take over the output's lock (OUTPUT_DIR.lock) even when another host holds it.")
 @click.option("--eval/--no_eval", "run_eval", default=True, help="Evaluate the members when training ends.")
 @click.option("--eval_sequences", type=int, default=64, help="Held-out sequences for spliced CE/KL (0 skips it).")
 @click.option("--eval_batch_size", type=int, default=8, help="Sequences per model forward pass in evaluation.")
@@ -98,13 +100,21 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_projec
     Without options it trains 8 ReLU SAEs (λ 1e-4 … 1e-2) on caches/demo, the store that
     generate_activations.py writes by default, into runs/demo.
     """
+    import time
+
+    from cache.location import parse_storage_options
+
+    start = time.perf_counter()
+    options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
+    require_store(options["cache"], options["storage_options"], options["cache_dir"])  # before torch is imported
+    refuse_if_locked(options["output_dir"])
+
     from dataclasses import asdict
     from pathlib import Path
 
     from cache.distributed import join, leave
-    from cache.location import parse_storage_options
     from evaluation.report import format_table
-    from evaluation.runner import EvalConfig, evaluate_run
+    from evaluation.runner import EvalConfig, evaluate_run, memory_needed
     from training.parallel import Layout
     from training.tracking import WandbTracker
     from training.trainer import SweepConfig, train_sweep
@@ -113,7 +123,6 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_projec
         options[key] = tuple(options[key])
     if options["arch"] == "clt":
         options.update(arch="jumprelu_tanh", clt=True)
-    options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
     cfg = run_or_exit(lambda: SweepConfig(**options))
     out = options["output_dir"]
     eval_cfg = run_or_exit(lambda: EvalConfig(run_dir=out, n_sequences=eval_sequences, batch_size=eval_batch_size,
@@ -124,7 +133,8 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_projec
     lead = processes.rank == 0  # under torchrun, rank 0 evaluates, logs and reports
     tracker = (run_or_exit(lambda: WandbTracker(wandb_project, Path(out).name, asdict(cfg)))
                if wandb_project and lead else None)
-    rows = run_or_exit(lambda: train_sweep(cfg, tracker, layout))
+    needs = (lambda info, parameters, context: memory_needed(info, eval_cfg, parameters, context)) if run_eval else None
+    rows = run_or_exit(lambda: train_sweep(cfg, tracker, layout, evaluation_bytes=needs))
     leave(processes)
     if not lead:
         return
@@ -134,7 +144,8 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_projec
         tracker.log_members(rows)
         tracker.finish()
     click.echo("\n" + format_table(rows))
-    click.echo(f"\nmembers, sweep.csv and report.md in {out}" if run_eval else f"\nmembers in {out}; evaluate with evaluate.py --run_dir {out}")
+    click.echo(f"\ndone {took(start)}: " + (f"members, sweep.csv and report.md in {out} (open {out}/report.md)" if run_eval
+                                           else f"members in {out}; evaluate with python evaluate.py --run_dir {out}"))
 
 
 if __name__ == "__main__":

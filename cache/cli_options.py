@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Callable, TypeVar
 
 import click
 
+from cache.disk import DiskFullError
 from cache.distributed import PeerError
 
 T = TypeVar("T")
 # Errors that mean "the input is wrong": shown as one line, never as a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, DiskFullError)
 
 
 class SpaceSeparated(click.Option):
@@ -56,6 +58,31 @@ def run_or_exit(step: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to resume", err=True)
         sys.exit(130)
+
+
+def took(start: float) -> str:
+    """Wall time since `start` (time.perf_counter()), as 'in 3 min 12 s'."""
+    seconds = time.perf_counter() - start
+    return f"in {seconds:.1f} s" if seconds < 60 else f"in {int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+def require_store(path: str, storage_options: dict | None = None, cache_dir: str | None = None):
+    """The Location of an existing store, or exit with one line: checked before torch, zarr or a
+    model is imported, so a wrong --cache answers at once."""
+    from cache.location import location
+
+    where = run_or_exit(lambda: location(path, storage_options, cache_dir))
+    if not run_or_exit(where.holds_store):
+        click.echo(f"error: no activation store at {where.url}: create one with generate_activations.py --out {path}", err=True)
+        sys.exit(1)
+    return where
+
+
+def refuse_if_locked(path: str) -> None:
+    """Exit with one line, before torch is imported, when another process is writing `path`."""
+    from cache.lock import OutputLock
+
+    run_or_exit(lambda: OutputLock(path, "").refuse_if_held())
 
 
 class Count(click.ParamType):

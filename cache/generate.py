@@ -32,6 +32,7 @@ than two models.
 from __future__ import annotations
 
 import math
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from itertools import chain, groupby, islice
 from pathlib import Path
@@ -45,14 +46,16 @@ from cache.models import (HOOK_KINDS, ModelError, check_same_tokenizer, hook_kin
                           parse_layers, resolve_hooks, stop_layer)
 from cache.background import prefetched
 from cache.devices import check_device
+from cache.disk import check_free, writing
 from cache.distributed import Processes
 from cache.location import Location, location
+from cache.lock import OutputLock
 from cache.store import (STORAGE_DTYPES, STORAGE_MAX, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError,
-                         exists, json_normal, to_storage)
+                         json_normal, to_storage)
 from cache.text import STDLIB_DOCSTRINGS, TextCount, TextSourceError, iter_documents, token_sequences
 
 # Fields of GenerateConfig that do not change the stored bytes: they may differ on resume.
-_RUNTIME_FIELDS = ("out", "device", "batch_size", "overwrite", "require_equal_widths", "storage_options")
+_RUNTIME_FIELDS = ("out", "device", "batch_size", "overwrite", "require_equal_widths", "storage_options", "break_lock")
 # Fields that only mean something for a paired run: left out of an unpaired store's identity,
 # so stores written before pairing existed still resume.
 _PAIRED_FIELDS = ("paired_model", "paired_model_path", "labels")
@@ -118,6 +121,8 @@ class GenerateConfig:
     """Replace an existing store written with another configuration."""
     storage_options: dict = field(default_factory=dict)
     """Options of the remote filesystem of `out` (credentials and endpoint otherwise come from the environment)."""
+    break_lock: bool = False
+    """Take over the lock on `out` even when another host holds it (cache/lock.py)."""
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
@@ -201,6 +206,10 @@ class Layout:
     def n_seqs(self) -> int:
         return self.seqs_per_chunk * self.n_chunks
 
+    def block_sequences(self, block: int) -> int:
+        """Sequences in `block` (the last block may be partial)."""
+        return max(0, min(self.seqs_per_block, self.n_seqs - block * self.seqs_per_block))
+
 
 def plan_layout(cfg: GenerateConfig, bytes_per_row: int, first_pos: int) -> Layout:
     rows_per_seq = cfg.context_length - first_pos
@@ -216,6 +225,12 @@ def generate(cfg: GenerateConfig, processes: Processes = Processes()) -> Activat
     it is refused before its first block is written, so the suggested retry just works. Under
     torchrun every rank calls this with the same `cfg`; the ranks share the blocks."""
     cfg = replace(cfg, device=processes.device_for(cfg.device))
+    lock = OutputLock(cfg.where, "generate_activations.py", cfg.break_lock) if processes.rank == 0 else nullcontext()
+    with lock:  # one writer per store; under torchrun, rank 0 holds it for the job
+        return _generate_locked(cfg, processes)
+
+
+def _generate_locked(cfg: GenerateConfig, processes: Processes) -> ActivationStore:
     existing = _existing_store(cfg)
     if existing is not None and existing.complete:
         print(f"{cfg.out} is complete ({existing.n_rows:,} rows); nothing to do")
@@ -292,19 +307,12 @@ def _generate(cfg: GenerateConfig, existing: ActivationStore | None, processes: 
         raise TextSourceError(
             f"dataset {cfg.dataset!r} gave {count.documents:,} documents of {count.tokens:,} tokens in all, "
             f"short of one sequence of --context_length {cfg.context_length}: use a shorter --context_length or more text")
+    if processes.rank == 0:
+        written = existing.rows_written if existing is not None else 0
+        check_free(cfg.out, (layout.n_chunks * layout.chunk_rows - written) * (bytes_per_row + 12), "the store's remaining rows")
     if processes.rank == 0 and existing is None:
-        existing = ActivationStore.create(
-            cfg.where,
-            identity=cfg.identity(),
-            sources=sources,
-            n_rows=layout.n_chunks * layout.chunk_rows,
-            n_sequences=layout.n_seqs,
-            context_length=cfg.context_length,
-            chunk_rows=layout.chunk_rows,
-            block_rows=layout.seqs_per_block * layout.rows_per_seq,
-            storage_dtype=cfg.dtype,
-            info=_store_info(cfg, members, prepend_bos, bos_id),
-        )
+        with writing(cfg.out, "creating the store"):
+            existing = _create(cfg, layout, sources, members, prepend_bos, bos_id)
     processes.barrier("creating the store")
     store = existing if processes.rank == 0 else ActivationStore.open(cfg.where, writable=True, allow_incomplete=True)
     if resumed and processes.rank == 0:
@@ -315,9 +323,25 @@ def _generate(cfg: GenerateConfig, existing: ActivationStore | None, processes: 
     if processes.rank == 0:
         if store.rows_written < store.n_rows:
             print(f"warning: dataset ran out after {store.rows_written:,} of {store.n_rows:,} rows")
-        store.finish()
+        with writing(cfg.out, "completing the store (its manifest)"):
+            store.finish()
     processes.barrier("completing the store")
     return ActivationStore.open(cfg.where) if processes.rank else store
+
+
+def _create(cfg: GenerateConfig, layout: Layout, sources: list, members: list, prepend_bos: bool, bos_id) -> ActivationStore:
+    return ActivationStore.create(
+        cfg.where,
+        identity=cfg.identity(),
+        sources=sources,
+        n_rows=layout.n_chunks * layout.chunk_rows,
+        n_sequences=layout.n_seqs,
+        context_length=cfg.context_length,
+        chunk_rows=layout.chunk_rows,
+        block_rows=layout.seqs_per_block * layout.rows_per_seq,
+        storage_dtype=cfg.dtype,
+        info=_store_info(cfg, members, prepend_bos, bos_id),
+    )
 
 
 def _existing_store(cfg: GenerateConfig) -> ActivationStore | None:
@@ -325,7 +349,7 @@ def _existing_store(cfg: GenerateConfig) -> ActivationStore | None:
     where = cfg.where
     if cfg.overwrite:
         return None  # ActivationStore.create replaces it
-    if not exists(where):
+    if not where.holds_store():
         fs, root = where.filesystem()
         if fs.exists(root) and fs.ls(root):
             raise StoreError(f"{cfg.out} exists and is not an activation store: choose another --out or pass --overwrite")
@@ -402,17 +426,26 @@ def _write_blocks(cfg, members: list[Member], layout: Layout, store: ActivationS
     if processes.distributed:
         print(f"{processes.name}: blocks {_describe(mine)} of {store.n_blocks}")
     # Text is read and tokenised in a background thread, a few forward batches ahead.
-    batches = prefetched(_block_batches(sequences, layout, cfg.batch_size, set(mine)), depth=4)
-    planned_rows = store.block_rows * len(mine)
+    planned_rows = sum(layout.block_sequences(b) for b in mine) * layout.rows_per_seq
     desc = f"caching ({processes.name})" if processes.distributed else "caching"
-    with tqdm(total=planned_rows, unit="tok", unit_scale=True, desc=desc, disable=processes.rank > 0) as bar:
+    with tqdm(total=planned_rows, unit="tok", unit_scale=True, desc=desc, disable=processes.rank > 0) as bar, \
+            closing(prefetched(_block_batches(sequences, layout, cfg.batch_size, set(mine)), depth=4)) as batches:
         for block, group in groupby(batches, key=lambda item: item[0]):
-            rows = _block_rows(cfg, members, layout, (batch for _, batch in group), block)
-            store.write_block(block, rows)
-            bar.update(len(rows.tokens))
+            forwarded = _counted((batch for _, batch in group), lambda b: bar.update(len(b) * layout.rows_per_seq))
+            rows = _block_rows(cfg, members, layout, forwarded, block)
+            with writing(cfg.out, f"writing block {block} of the store"):
+                store.write_block(block, rows)
             mine.remove(block)
     for block in mine:  # the text ran out before them
-        store.write_block(block, None)
+        with writing(cfg.out, f"recording block {block} of the store"):
+            store.write_block(block, None)
+
+
+def _counted(batches: Iterator[torch.Tensor], after) -> Iterator[torch.Tensor]:
+    """The batches, calling `after(batch)` once each has been consumed (forwarded)."""
+    for batch in batches:
+        yield batch
+        after(batch)
 
 
 def _describe(blocks: list[int]) -> str:
@@ -431,7 +464,7 @@ def _block_batches(sequences: Iterator[np.ndarray], layout: Layout, batch_size: 
     for block in range(math.ceil(layout.n_seqs / layout.seqs_per_block)):
         if not blocks:
             return
-        size = min(layout.seqs_per_block, layout.n_seqs - block * layout.seqs_per_block)
+        size = layout.block_sequences(block)
         if block not in blocks:
             if len(list(islice(sequences, size))) < size:
                 return
@@ -520,4 +553,5 @@ def _model_info(member: Member) -> dict:
         "n_layers": model.cfg.n_layers,
         "d_model": model.cfg.d_model,
         "d_vocab": model.cfg.d_vocab,
+        "n_parameters": sum(p.numel() for p in model.parameters()),  # what evaluation's memory estimate needs
     }

@@ -47,6 +47,12 @@ class Location:
             fs = fsspec.filesystem("filecache", fs=fs, cache_storage=self.cache_dir, same_names=False)
         return fs, root.rstrip("/")
 
+    def holds_store(self) -> bool:
+        """Whether a zarr group (an activation store, perhaps unfinished) is here. Needs neither
+        zarr nor torch, so a CLI can answer a wrong path at once."""
+        fs, root = self.filesystem()
+        return fs.exists(f"{root}/zarr.json")
+
     def open_group(self, mode: str):
         import zarr
 

@@ -165,7 +165,7 @@ class ActivationStore:
     def open(cls, path: str | Path | Location, *, writable: bool = False, allow_incomplete: bool = False) -> "ActivationStore":
         """Open an existing store; refuse an incomplete one unless `allow_incomplete`."""
         where = path if isinstance(path, Location) else location(path)
-        if not exists(where):
+        if not where.holds_store():
             raise StoreError(f"no activation store at {where.url}: create one with generate_activations.py --out {where.url}")
         path = where.url
         group = where.open_group("r+" if writable else "r")
@@ -459,12 +459,6 @@ class ActivationStore:
         """Token sequences [start, stop).  # [stop-start, ctx]"""
         self._checked_range("sequences", start, stop, self.group["sequences"].chunks[0])
         return self.group["sequences"][start:stop]
-
-
-def exists(where: Location) -> bool:
-    """Whether a zarr group (an activation store, perhaps unfinished) is at `where`."""
-    fs, root = where.filesystem()
-    return fs.exists(f"{root}/zarr.json")
 
 
 def json_normal(obj: dict[str, Any]) -> dict[str, Any]:

@@ -13,13 +13,15 @@ Per epoch:
   * `shuffle_chunks` chunks at a time are loaded, concatenated and permuted together;
   * consecutive batches of `batch_size` rows are cut from that stream, carrying leftovers across
     groups, so every training row is seen exactly once per epoch (the last batch may be short).
-A background thread reads and shuffles ahead (`prefetch` batches queued); the main thread moves
+A background thread reads and shuffles ahead (`prefetch` batches queued; it is stopped and joined
+when its consumer stops, so none outlives a CLI); the main thread moves
 each batch to the device and casts it to float32 once, dividing by the normalisation factors.
 The stream is deterministic given (seed, epoch), so `start_batch` resumes mid-epoch.
 """
 from __future__ import annotations
 
 import math
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -163,14 +165,16 @@ class ActivationStream:
 
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """The epoch's batches from `start_batch` on.  → [B, C] float32 on device"""
-        for (batch,) in prefetched(self._pinned(self._cpu_batches(epoch, start_batch)), self.cfg.prefetch):
-            yield self._to_device(batch)
+        with closing(prefetched(self._pinned(self._cpu_batches(epoch, start_batch)), self.cfg.prefetch)) as batches:
+            for (batch,) in batches:
+                yield self._to_device(batch)
 
     def train_batches_with_ids(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """As `train_batches`, with each row's token id and position.  → ([B, C] float32, [B, 2] int64) on device"""
         batches = self._pinned(self._cpu_batches(epoch, start_batch, with_ids=True))
-        for batch, ids in prefetched(batches, self.cfg.prefetch):
-            yield self._to_device(batch), ids.to(self.device, non_blocking=True)
+        with closing(prefetched(batches, self.cfg.prefetch)) as queued:
+            for batch, ids in queued:
+                yield self._to_device(batch), ids.to(self.device, non_blocking=True)
 
     def _pinned(self, batches: Iterator[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
         """For a CUDA device, the batches in page-locked memory, pinned in the prefetch thread, so
@@ -180,23 +184,36 @@ class ActivationStream:
         return (tuple(t.pin_memory() for t in batch) for batch in batches)
 
     def eval_batches(self) -> Iterator[torch.Tensor]:
-        """The held-out rows in store order, in batches of at most batch_size.  → [B, C] float32 on device"""
-        size = self.cfg.batch_size
-        for start in range(self.tail_start, self.store.n_rows, size):
-            rows, keep = self._rows(start, min(start + size, self.store.n_rows), held_out=True)
-            rows = rows if keep is None else rows[keep]
-            if len(rows):
-                yield self._to_device(rows)
+        """The held-out rows in store order, in batches of batch_size (the last may be short):
+        ceil(n_eval / batch_size) of them.  → [B, C] float32 on device"""
+        for rows, _ in self._held_out(with_ids=False):
+            yield self._to_device(rows)
 
     def eval_batches_with_ids(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """As `eval_batches`, with each row's token id and position.  → ([B, C] float32, [B, 2] int64) on device"""
+        for rows, ids in self._held_out(with_ids=True):
+            yield self._to_device(rows), ids.to(self.device)
+
+    def _held_out(self, with_ids: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Held-out rows (and ids) read a batch's worth of store rows at a time from the tail, cut
+        into whole batches with leftovers carried over."""
         size = self.cfg.batch_size
+        pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        n_pending = 0
         for start in range(self.tail_start, self.store.n_rows, size):
             stop = min(start + size, self.store.n_rows)
             rows, keep = self._rows(start, stop, held_out=True)
             rows = rows if keep is None else rows[keep]
-            if len(rows):
-                yield self._to_device(rows), self.read_token_ids(start, stop, held_out=True).to(self.device)
+            if not len(rows):
+                continue
+            pending.append((rows, self.read_token_ids(start, stop, held_out=True) if with_ids else None))
+            n_pending += len(rows)
+            while n_pending >= size:
+                rows, ids = _merge(pending)
+                yield rows[:size], None if ids is None else ids[:size]
+                pending, n_pending = [(rows[size:], None if ids is None else ids[size:])], n_pending - size
+        if n_pending:
+            yield _merge(pending)
 
     def sample_mean(self, n_rows: int = 32_768) -> torch.Tensor:
         """Mean of the first `n_rows` training rows, normalised (rows are pre-shuffled on disk, so
@@ -259,6 +276,13 @@ class ActivationStream:
                 pending, n_pending = [tuple(m[size:] for m in merged)], n_pending - size
         if n_pending:
             yield tuple(torch.cat(p) for p in zip(*pending))
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    rows = torch.cat([r for r, _ in parts]) if len(parts) > 1 else parts[0][0]
+    if parts[0][1] is None:
+        return rows, None
+    return rows, torch.cat([i for _, i in parts]) if len(parts) > 1 else parts[0][1]
 
 
 def _generator(*seeds: int) -> torch.Generator:

@@ -29,8 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from cache.devices import check_device
+from cache.disk import writing
 from cache.location import location
-from cache.store import ActivationStore, StoreError, exists
+from cache.store import ActivationStore, StoreError
 from cache.stream import ActivationStream, StreamConfig
 from evaluation.metrics import MetricAccumulator
 from evaluation.model_diff import write_diff_analysis
@@ -103,7 +104,13 @@ class _Phases:
 
 
 def evaluate_run(cfg: EvalConfig) -> list[dict]:
-    """Measure every member of the sweep in cfg.run_dir; return the updated member rows."""
+    """Measure every member of the sweep in cfg.run_dir; return the updated member rows. A full
+    disk while writing the results is one line (cache/disk.py): rerunning evaluates again."""
+    with writing(cfg.run_dir, "writing the evaluation's results"):
+        return _evaluate_run(cfg)
+
+
+def _evaluate_run(cfg: EvalConfig) -> list[dict]:
     out = Path(cfg.run_dir)
     if not (out / "sweep.json").exists():
         raise FileNotFoundError(f"{out} holds no finished sweep (no sweep.json): run train_sweep.py first")
@@ -131,6 +138,30 @@ def evaluate_run(cfg: EvalConfig) -> list[dict]:
     return rows
 
 
+MODEL_LOAD_FACTOR = 2.0  # peak RSS of loading a model ÷ its float32 weights (1.9 measured on the demo model)
+ACTIVATION_FLOATS = 32  # floats per position per stacked sequence alive in a spliced pass (block intermediates)
+
+
+def memory_needed(info: dict, cfg: EvalConfig, member_parameters: int, context_length: int) -> int | None:
+    """Bytes the evaluation of a sweep needs at its peak, beyond the process itself: loading the
+    store's models (their float32 weights × MODEL_LOAD_FACTOR), or, once loaded, the weights and one
+    spliced pass (up to `STACK_SEQUENCES` sequences through the later blocks, and the log-softmax
+    blocks of evaluation/splice.py), plus the members' weights. None when the store does not record
+    its models' sizes (stores written before it did)."""
+    from evaluation.splice import CHUNK_ELEMENTS, STACK_SEQUENCES
+
+    members = 4 * member_parameters
+    if cfg.n_sequences == 0:
+        return members
+    sizes = [m.get("n_parameters") for m in info.get("models", [])]
+    if not sizes or None in sizes:
+        return None
+    weights = 4 * sum(sizes)
+    stacked = max(min(cfg.batch_size, cfg.n_sequences), STACK_SEQUENCES)  # sequences in one spliced pass, at most
+    passes = 4 * stacked * context_length * info["d_model"] * ACTIVATION_FLOATS + 4 * 6 * CHUNK_ELEMENTS
+    return members + max(int(MODEL_LOAD_FACTOR * weights), weights + passes)
+
+
 def open_run_store(summary: dict, run_dir: Path, storage_options: dict | None = None,
                    cache_dir: str | None = None) -> ActivationStore:
     """The run's store: its recorded location (absolute path or URL), else the path as given on
@@ -145,7 +176,7 @@ def open_run_store(summary: dict, run_dir: Path, storage_options: dict | None = 
         candidates += [given, str(run_dir.parent / given), str(run_dir / given)]
     for path in dict.fromkeys(candidates):
         where = location(path, storage_options, cache_dir)
-        if exists(where):
+        if where.holds_store():
             if where.url != recorded["path"]:
                 print(f"evaluation: store not at {recorded['path']}; using {where.url}")
             return ActivationStore.open(where)
@@ -260,60 +291,75 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[_Member],
     stacked = [m for m in members if m.kind == "crosscoder"]
     clean = _clean_activations(models, store, sorted({s for m in stacked for s in m.inputs}), sequences,
                                 cfg.batch_size) if stacked else {}
-    baselines, results = {}, {m.name: {} for m in members}
+    clts = [(r, m) for r, m in zip(rows, members) if m.kind == "clt"]
+    # every splice of a model in one call: one clean pass per batch serves all targets and members
+    by_model: dict[str, dict[tuple[str, str], Splice]] = {}
     for target in targets:
         hook = store.source(target).hook
-        splices = {"zero": single(hook, lambda x, _: torch.zeros_like(x)),
-                   "mean": single(hook, lambda x, _, t=target: mean_raw[t].expand_as(x))}
-        writers = [m for m in members if target in m.targets]
-        for m in writers:
-            splices[m.name] = _splice(m, target, store, clean, first_pos)
-        losses = spliced_losses(models[entries[target]["label"]], sequences, splices, first_pos=first_pos,
-                                exclude_tokens=exclude, batch_size=cfg.batch_size, desc=f"CE/KL at {target}")
-        ce_clean, zero, mean = losses["clean"]["ce"], losses["zero"]["ce"], losses["mean"]["ce"]
-        baselines[target] = {"clean_ce": ce_clean, "zero_ablation_ce": zero, "mean_ablation_ce": mean,
-                             "zero_ablation_kl": losses["zero"]["kl"], "mean_ablation_kl": losses["mean"]["kl"]}
-        for m in writers:
-            spliced = losses[m.name]
-            results[m.name][target] = {"ce_spliced": spliced["ce"], "kl": spliced["kl"],
-                                       "ce_recovered": recovered(spliced["ce"], ce_clean, zero),
-                                       "ce_recovered_mean_ablation": recovered(spliced["ce"], ce_clean, mean)}
+        splices = by_model.setdefault(entries[target]["label"], {})
+        splices[target, "zero"] = single(hook, lambda x, _: torch.zeros_like(x))
+        splices[target, "mean"] = single(hook, lambda x, _, t=target: mean_raw[t].expand_as(x))
+        for m in members:
+            if target in m.targets:
+                splices[target, m.name] = _splice(m, target, store, clean, first_pos)
+    if clts:  # the replacement model: every MLP output replaced at once, against ablating all of them
+        splices = by_model[entries[clts[0][1].targets[0]]["label"]]
+        splices.update(_replacement_splices(clts, store, mean_raw))
+    losses, clean_ce = {}, {}
+    for label, splices in by_model.items():
+        result = spliced_losses(models[label], sequences, splices, first_pos=first_pos, exclude_tokens=exclude,
+                                batch_size=cfg.batch_size, desc=f"CE/KL, {len(splices)} splices"
+                                + (f" of {label}" if len(by_model) > 1 else ""))
+        clean_ce[label] = result.pop("clean")["ce"]
+        losses.update(result)
+    baselines, results = {}, {m.name: {} for m in members}
+    for target in targets:
+        baselines[target] = _baselines(clean_ce[entries[target]["label"]], losses, target)
+        for m in members:
+            if target in m.targets:
+                results[m.name][target] = _against(losses[target, m.name], baselines[target])
     for r, m in zip(rows, members):
         per = results[m.name]
         r.update({k: sum(p[k] for p in per.values()) / len(per) for k in next(iter(per.values()))})
         if len(m.targets) > 1:
             for target, values in per.items():
                 r["per_source"][target].update(values)
-    clts = [(r, m) for r, m in zip(rows, members) if m.kind == "clt"]
-    replaced = _replacement_metrics(cfg, store, models, entries, clts, mean_raw, sequences, first_pos, exclude) if clts else {}
+    replaced = {}
+    if clts:
+        replaced = {**_baselines(clean_ce[entries[clts[0][1].targets[0]]["label"]], losses, "replacement"),
+                    "replaced": [store.source(t).hook for t in clts[0][1].targets]}
+        for r, m in clts:
+            r["ce_recovered_one_layer_at_a_time"] = r.get("ce_recovered")
+            r.update(_against(losses["replacement", m.name], replaced))
     out = {"n_sequences": len(sequences), **({"replacement_model": replaced} if replaced else {})}
     if len(targets) == 1:
         return {**out, **baselines[targets[0]]}
     return {**out, "per_source": baselines}
 
 
-def _replacement_metrics(cfg: EvalConfig, store, models: dict, entries: dict, clts: list, mean_raw: dict,
-                         sequences: torch.Tensor, first_pos: int, exclude: tuple[int, ...]) -> dict:
-    """CE/KL with every MLP output replaced at once by each CLT (the replacement model) into its
-    row's top level (its one-layer-at-a-time figures stay per source); return the baselines of
-    ablating every MLP output at once."""
+def _baselines(clean: float, losses: dict, scope: str) -> dict:
+    zero, mean = losses[scope, "zero"], losses[scope, "mean"]
+    return {"clean_ce": clean, "zero_ablation_ce": zero["ce"], "mean_ablation_ce": mean["ce"],
+            "zero_ablation_kl": zero["kl"], "mean_ablation_kl": mean["kl"]}
+
+
+def _against(spliced: dict, baseline: dict) -> dict:
+    """A splice's CE/KL and its recovery against both ablation baselines."""
+    clean = baseline["clean_ce"]
+    return {"ce_spliced": spliced["ce"], "kl": spliced["kl"],
+            "ce_recovered": recovered(spliced["ce"], clean, baseline["zero_ablation_ce"]),
+            "ce_recovered_mean_ablation": recovered(spliced["ce"], clean, baseline["mean_ablation_ce"])}
+
+
+def _replacement_splices(clts: list, store, mean_raw: dict) -> dict[tuple[str, str], Splice]:
+    """Every MLP output replaced at once: by each CLT (the replacement model), by zeros, by its mean."""
     targets = clts[0][1].targets
     hooks = [store.source(t).hook for t in targets]
-    splices = {"zero": Splice(tuple((h, lambda x, rec, b: torch.zeros_like(x)) for h in hooks)),
-               "mean": Splice(tuple((h, lambda x, rec, b, t=t: mean_raw[t].expand_as(x)) for h, t in zip(hooks, targets)))}
-    splices.update({m.name: replacement_model(m, store) for _, m in clts})
-    model = models[entries[targets[0]]["label"]]
-    losses = spliced_losses(model, sequences, splices, first_pos=first_pos, exclude_tokens=exclude,
-                            batch_size=cfg.batch_size, desc="CE/KL of the replacement model")
-    clean, zero, mean = losses["clean"]["ce"], losses["zero"]["ce"], losses["mean"]["ce"]
-    for r, m in clts:
-        r["ce_recovered_one_layer_at_a_time"] = r.get("ce_recovered")
-        spliced = losses[m.name]
-        r.update({"ce_spliced": spliced["ce"], "kl": spliced["kl"], "ce_recovered": recovered(spliced["ce"], clean, zero),
-                  "ce_recovered_mean_ablation": recovered(spliced["ce"], clean, mean)})
-    return {"clean_ce": clean, "zero_ablation_ce": zero, "mean_ablation_ce": mean,
-            "zero_ablation_kl": losses["zero"]["kl"], "mean_ablation_kl": losses["mean"]["kl"],
-            "replaced": [store.source(t).hook for t in targets]}
+    splices = {("replacement", "zero"): Splice(tuple((h, lambda x, rec, b: torch.zeros_like(x)) for h in hooks)),
+               ("replacement", "mean"): Splice(tuple((h, lambda x, rec, b, t=t: mean_raw[t].expand_as(x))
+                                                     for h, t in zip(hooks, targets)))}
+    splices.update({("replacement", m.name): replacement_model(m, store) for _, m in clts})
+    return splices
 
 
 def _splice(member: _Member, target: str, store, clean: dict[str, torch.Tensor], first_pos: int) -> Splice:

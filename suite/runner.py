@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from cache.devices import check_device
+from cache.disk import writing
+from cache.lock import OutputLock
 from cache.store import ActivationStore, StoreError, json_normal
 from cache.stream import ActivationStream, StreamConfig
 from formats.saelens import load_saelens
@@ -75,6 +77,8 @@ class SuiteConfig:
     seed: int = 0
     overwrite: bool = False
     """Replace an output directory that holds another suite (the old one is moved aside)."""
+    break_lock: bool = False
+    """Take over the output directory's lock even when another host holds it (cache/lock.py)."""
 
     def __post_init__(self):
         for name in ("k", "connections", "train_epochs", "connection_tokens", "finetune_tokens", "batch_size"):
@@ -101,11 +105,17 @@ class SuiteConfig:
         return [FinetuneSettings(c, C, lr, steps) for c, C, lr in itertools.product(axes["c"], axes["connections"], axes["lr"])]
 
     def identity(self) -> dict:
-        return json_normal({k: v for k, v in asdict(self).items() if k not in ("output_dir", "device", "overwrite")})
+        return json_normal({k: v for k, v in asdict(self).items() if k not in ("output_dir", "device", "overwrite", "break_lock")})
 
 
 def run_suite(cfg: SuiteConfig) -> dict:
-    """All stages; returns the evaluation summary (suite.json)."""
+    """All stages; returns the evaluation summary (suite.json). A full disk is one line naming
+    the output directory (cache/disk.py); rerunning resumes at the stage it stopped in."""
+    with OutputLock(cfg.output_dir, "train_suite.py", cfg.break_lock), writing(cfg.output_dir, "running the suite's stages"):
+        return _run_suite(cfg)
+
+
+def _run_suite(cfg: SuiteConfig) -> dict:
     store = ActivationStore.open(cfg.cache)
     layout = suite_layout(store)
     out = Path(cfg.output_dir)

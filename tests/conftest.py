@@ -217,10 +217,13 @@ TEST_STORE_INFO = {"model_name": "m", "context_length": 8, "prepend_bos": True, 
 def export_for_test(ensemble, e: int, directory: Path, scale: float | list[float] = 1.0, calibration_rows=None) -> dict:
     """Export member e of `ensemble` through the real writer (training/export.py), with every
     source it reads or writes at normalisation factor `scale` (one per source in order, or one
-    for all), as if from a store of model "m" whose sources are its hooks."""
+    for all), as if from a store of model "m" whose sources are its hooks. `calibration_rows`
+    (normalised): what TopK transcoders and BatchTopK thresholds are calibrated on."""
     from training.export import ExportContext, export_member
 
     member = ensemble.members[e]
+    if member.spec.activation == "batchtopk" and calibration_rows is not None:
+        ensemble.dictionary.calibrate_thresholds_(calibration_rows)  # as the trainer does before exporting
     names = list(dict.fromkeys([*member.input_names(), *member.target_names()]))
     scales = scale if isinstance(scale, (list, tuple)) else [scale] * len(names)
     ctx = ExportContext(info=TEST_STORE_INFO, sources={n: {"model": "m", "hook": f"blocks.0.hook_{n}", "d": 0} for n in names},

@@ -62,7 +62,7 @@ def _context(scales: dict[str, float], rows=None) -> ExportContext:
 
 def _train(members: list[MemberConfig], steps: int = 40) -> tuple[Ensemble, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    ensemble = Ensemble(members, columns=_columns(), threshold_start_step=5, dead_tokens=10_000)
+    ensemble = Ensemble(members, columns=_columns(), dead_tokens=10_000)
     for _ in range(steps):
         ensemble.step(torch.randn(64, 2 * L * D, generator=g))
     return ensemble, torch.randn(32, 2 * L * D, generator=g)

@@ -81,8 +81,8 @@ def test_a_crosscoder_member_equals_it_trained_alone(arch):
     knob = "l1_coeff" if arch == "crosscoder" else "k"
     configs = [MemberConfig(d_in=D, d_sae=32, arch=arch, n_sources=S, lr=3e-3, seed=e, **{knob: v},
                             grad_clip=0.05 if e == 0 else None) for e, v in enumerate([1e-3, 3e-2] if knob == "l1_coeff" else [2, 6])]
-    together = Ensemble(configs, member_chunk=1, threshold_start_step=2)
-    alone = [Ensemble([c], threshold_start_step=2) for c in configs]
+    together = Ensemble(configs, member_chunk=1)
+    alone = [Ensemble([c]) for c in configs]
     for _ in range(6):
         x = sparse_rows(g, directions, 32)
         together.step(x)
@@ -100,7 +100,7 @@ def test_folded_export_gives_raw_space_reconstructions_with_one_scale_per_source
     directions, _ = planted_pairs()
     g = torch.Generator().manual_seed(3)
     ensemble = Ensemble([MemberConfig(d_in=D, d_sae=32, arch=arch, n_sources=S, k=4, lr=3e-3, l1_coeff=1e-2,
-                                      threshold_init=0.05)], threshold_start_step=2)
+                                      threshold_init=0.05)])
     for _ in range(5):
         ensemble.step(sparse_rows(g, directions, 64))
     scales = torch.tensor([2.0, 0.25])
@@ -166,8 +166,7 @@ def test_an_acausal_crosscoder_over_a_stack_of_hooks_of_one_model(small_store, t
     out = tmp_path / "stack"
     sources = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
     result = CliRunner().invoke(train_sweep.main, _sweep(small_store, out, "--sources", *sources, "--arch", "batchtopk",
-                                                         "--sweep", "k=2,4", "--eval_sequences", "2",
-                                                         "--threshold_start_step", "3"))
+                                                         "--sweep", "k=2,4", "--eval_sequences", "2"))
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "sweep.json").read_text())["members"]
     config, weights = load_crosscoder(out / rows[0]["dir"])

@@ -4,6 +4,7 @@ message (naming the file or flag) and that nothing is exported or marked complet
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -194,3 +195,35 @@ def test_layers_out_of_range_are_refused_before_the_model_loads(tmp_path, text_d
     args[args.index("--model") + 1] = "pythia-70m"
     result = CliRunner().invoke(generate_activations.main, args + ["--model_path", str(tiny_model_dir)])
     assert_one_line_error(result, "layer 9 is out of range", "3 layers")
+
+
+_IMPORTS_AFTER = """
+import runpy, sys
+sys.argv = {argv!r}
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+except SystemExit as done:
+    print("EXIT", done.code if isinstance(done.code, int) else 1)
+print("HEAVY", sorted(m for m in ("torch", "zarr", "transformer_lens") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("script, args", [
+    ("train_sweep.py", ["--cache", "no/such/store"]),
+    ("train_sweep.py", ["--no_such_flag"]),
+    ("evaluate.py", ["--run_dir", "no/such/run"]),
+    ("generate_activations.py", ["--verify", "--out", "no/such/store"]),
+    ("train_suite.py", ["--cache", "no/such/store", "--output_dir", "no/such/run"]),
+], ids=["missing-store", "unknown-flag", "missing-run", "verify-missing", "suite-missing-store"])
+def test_wrong_input_that_needs_no_model_is_answered_before_torch_is_imported(script, args, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = _IMPORTS_AFTER.format(argv=[script, *args], script=str(root / script))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert "EXIT 0" not in done.stdout and "EXIT" in done.stdout, done.stdout + done.stderr
+    assert "HEAVY []" in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr and ("error" in done.stderr.lower()), done.stderr

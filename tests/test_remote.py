@@ -138,3 +138,14 @@ def test_s3_without_its_client_names_the_extra_to_install(text_dir, tmp_path, mo
         monkeypatch.delitem(registry, protocol, raising=False)
     result = CliRunner().invoke(generate_activations.main, gen_args("s3://acts/x", text_dir))
     assert result.exit_code == 1 and "pip install 'sae-sweep[s3]'" in result.output
+
+
+def test_object_store_locks_use_a_conditional_put(s3_env):
+    """On S3 (moto's server), the second of two writers is refused by the If-None-Match: * put."""
+    from cache.lock import LockError, OutputLock
+
+    with OutputLock("s3://acts/locks/run", "first"):
+        with pytest.raises(LockError, match="being written by pid"):
+            OutputLock("s3://acts/locks/run", "second").acquire()
+    with OutputLock("s3://acts/locks/run", "again"):  # released
+        pass

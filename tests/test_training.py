@@ -197,5 +197,10 @@ def test_held_out_rows_are_whole_sequences_even_inside_a_shuffled_block(tmp_path
     assert sorted(trained) == sorted(set(range(n_rows)) - held_out)
     assert sorted(torch.cat(list(stream.eval_batches()))[:, 0].long().tolist()) == sorted(held_out)
     assert stream.n_eval == 92 and stream.n_train == 908
+    # held-out rows come in whole batches (what the evaluation's progress bar counts on): 37, 37, 18
+    assert [len(b) for b in stream.eval_batches()] == [37, 37, 18]
+    batches_with_ids = list(stream.eval_batches_with_ids())
+    assert [len(ids) for _, ids in batches_with_ids] == [37, 37, 18]
+    assert all(torch.equal(x[:, 0].long(), ids[:, 0]) for x, ids in batches_with_ids)  # rows and ids stay aligned
     resumed = torch.cat(list(stream.train_batches(0, start_batch=5)))[:, 0].long().tolist()
     assert resumed == trained[5 * 37 :]

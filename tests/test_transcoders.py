@@ -56,7 +56,7 @@ def transcoder(arch: str, **kw) -> MemberConfig:
 @pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
 def test_a_transcoder_recovers_a_planted_sparse_mlp(arch):
     batch, A, B, _ = planted_mlp()
-    ensemble = Ensemble([transcoder(arch)], threshold_start_step=200, dead_tokens=2000)
+    ensemble = Ensemble([transcoder(arch)], dead_tokens=2000)
     for _ in range(2000):
         ensemble.step(batch(256))
     d = ensemble.dictionary
@@ -107,8 +107,8 @@ def test_a_transcoder_or_clt_member_equals_it_trained_alone(kind):
         configs = [_clt(arch, seed=e, grad_clip=0.05 if e == 0 else None, **({"k": k} if "topk" in arch else {}))
                    for e, k in enumerate((2, 4))]
     columns = _columns(3)
-    together = Ensemble(configs, member_chunk=1, columns=columns, threshold_start_step=2, dead_tokens=64)
-    alone = [Ensemble([c], columns=columns, threshold_start_step=2, dead_tokens=64) for c in configs]
+    together = Ensemble(configs, member_chunk=1, columns=columns, dead_tokens=64)
+    alone = [Ensemble([c], columns=columns, dead_tokens=64) for c in configs]
     schedule = Schedule(total_steps=6, lr_warmup_steps=2, sparsity_warmup_steps=3)
     for step in range(6):
         x = torch.randn(32, 48, generator=g)

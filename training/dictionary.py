@@ -17,8 +17,9 @@ PENALTIES, EXTRA_LOSSES and INFERENCE_RULES below, one function each):
     relu        penalty mean_b Σ_i f_i, unit-norm decoder rows (Bricken et al. 2023)
     relu_april  penalty mean_b Σ_i f_i ‖W_dec,i‖, free decoder norms (Anthropic, April 2024)
     topk        f = the k largest of ReLU(pre) per row; AuxK on dead latents (Gao et al. 2024)
-    batchtopk   the k·B largest of ReLU(pre) over the batch; inference threshold θ = EMA of the
-                smallest kept value, exported as JumpReLU (Bussmann et al. 2024)
+    batchtopk   the k·B largest of ReLU(pre) over the batch; exported as JumpReLU with one
+                inference threshold θ, calibrated on training rows at the end so that it keeps
+                k latents a row on average (Bussmann et al. 2024 average θ over training)
     jumprelu    f = z·H(z − θ), θ > 0 learned through a straight-through estimator with a
                 rectangle kernel of bandwidth ε; penalty L0 (Rajamanoharan et al. 2024)
     jumprelu_tanh  JumpReLU with penalty mean_b Σ_i tanh(c·f_i·‖W_dec,i‖) and a pre-activation
@@ -85,7 +86,6 @@ class Stats(NamedTuple):
     """What one step observed, applied by `Dictionary.observe_` after the optimiser step."""
 
     fired: torch.Tensor  # [E, G·F] bool: latents that fired on the batch
-    smallest_kept: torch.Tensor  # [U] smallest positive activation (BatchTopK's threshold sample; +inf if none)
     penalty: torch.Tensor  # [E] the penalty before coefficients (p-annealing's queue)
     coeff_rescale: torch.Tensor  # [E] p-annealing's λ rescale in force this step
 
@@ -238,11 +238,10 @@ class Dictionary(nn.Module):
     """E sparse dictionaries of one architecture as stacked parameters, as wide as the widest."""
 
     def __init__(self, members: list[MemberConfig], columns: dict[str, tuple[int, int]] | None = None,
-                 aux_dead_tokens: int = 10_000_000, threshold_start_step: int = 1000):
+                 aux_dead_tokens: int = 10_000_000):
         """`columns`: source name → (first column, width) in the batches this dictionary is fed
         (default: the first member's inputs, then its other targets, side by side);
-        `aux_dead_tokens`: tokens without firing after which AuxK counts a latent dead;
-        `threshold_start_step`: step from which BatchTopK's inference threshold is averaged."""
+        `aux_dead_tokens`: tokens without firing after which AuxK counts a latent dead."""
         super().__init__()
         _check_same(members, "d_in", "d_out", "n_sources", "n_targets", "arch", "aux_k", "group_fractions",
                     "cross_layer", "skip", "is_transcoder")
@@ -258,7 +257,6 @@ class Dictionary(nn.Module):
                              "train each width in its own run")
         self.aux_k = first.aux_k or max(1, self.O // 2)
         self.aux_dead_tokens = aux_dead_tokens
-        self.threshold_start_step = threshold_start_step
         self._wire(columns or default_columns(first))
         self.W_enc = nn.Parameter(torch.zeros(E, G * self.I, F))  # group g's encoder: rows g·I … (g+1)·I
         self.b_enc = nn.Parameter(torch.zeros(E, G * F))  # b_gate for gated
@@ -289,7 +287,7 @@ class Dictionary(nn.Module):
         self.register_buffer("width_mask", mask_EF.repeat(1, G))  # [E, G·F] latents each member has
         self.masked_widths = bool((widths_E < F).any())  # skip the mask's work when every member is full width
         self.register_buffer("tokens_since_fired", torch.zeros(E, G * F, dtype=torch.long))  # AuxK's dead latents
-        self.register_buffer("threshold", torch.zeros(E, G))  # batchtopk inference threshold (EMA), per group
+        self.register_buffer("threshold", torch.zeros(E, G))  # batchtopk inference threshold per group (calibrate_thresholds_)
         self.register_buffer("steps", torch.zeros(E, dtype=torch.long))
         with torch.no_grad():
             for e, member in enumerate(members):
@@ -457,8 +455,7 @@ class Dictionary(nn.Module):
         total_E = recon_E + coeff_E * self.sparsity_scale * rescale_E * sparsity_E
         for name in self.spec.extra_losses:
             total_E = total_E + EXTRA_LOSSES[name](self, x_BC, y_EBO, x_hat_EBO, pre_UBF)
-        stats = Stats(codes.fired(F).view(len(total_E), -1), self._smallest_kept(codes), sparsity_E.detach(),
-                      rescale_E.detach())
+        stats = Stats(codes.fired(F).view(len(total_E), -1), sparsity_E.detach(), rescale_E.detach())
         return LossOutput(total_E, mse_E, sparsity_E, self.per_member(codes.l0()), codes, x_hat_EBO, stats)
 
     def _skip(self, x_BC: torch.Tensor | None) -> torch.Tensor | float:
@@ -496,6 +493,12 @@ class Dictionary(nn.Module):
                 for e in range(len(vals_EBK))]
         return torch.stack(rows) + self.b_dec.unsqueeze(1)
 
+    @property
+    def summed_loss_scale(self) -> int:
+        """The loss summed over the values a member writes ÷ ours, which averages them: O for
+        an SAE or crosscoder (mean over S·d), d_out for a CLT (already summed over its layers)."""
+        return self.d_out if self.G > 1 else self.O
+
     def decoder_norms(self, per_target: bool = False) -> torch.Tensor:
         """Norm of each latent's decoder over everything it writes; with `per_target`, the norms
         of its vector for each target summed (a crosscoder's Σ_s ‖W_dec[i, s]‖).  → [U, F]"""
@@ -519,12 +522,27 @@ class Dictionary(nn.Module):
             ratio_E = torch.where(usable_E, recent_E / new_E.clamp_min(1e-30), torch.ones_like(new_E))
             return self.coeff_rescale * ratio_E
 
-    def _smallest_kept(self, codes: Codes) -> torch.Tensor:
-        """BatchTopK's threshold sample: the smallest activation kept in each unit's batch.  → [U]"""
-        if self.spec.activation != "batchtopk":
-            return torch.full((len(self.per_unit(self.steps)),), math.inf, device=self.steps.device)
-        f_UBF = codes.dense.detach()
-        return torch.where(f_UBF > 0, f_UBF, torch.inf).amin(dim=(1, 2))
+    @torch.no_grad()
+    def calibrated_thresholds(self, rows_NC: torch.Tensor, units: list[int] | None = None,
+                              row_batch: int = 1024) -> torch.Tensor:
+        """For each unit, the JumpReLU threshold that keeps k latents a row on average on `rows`:
+        the (k·N)-th largest ReLU pre-activation over the member's own width (what the TopK
+        family is exported with). Rows are encoded `row_batch` at a time, keeping a running top
+        k·N, so memory stays O(k·N + row_batch·F) per unit.  → [len(units)] (default: every unit)"""
+        units = list(range(len(self.per_unit(self.k)))) if units is None else units
+        k_U, width_U = self.per_unit(self.k), self.per_unit(self.width_mask.sum(-1) // self.G)
+        W_UIF, bias_U1F = self._W_enc_units(), self._encoder_bias()
+        out = []
+        for u in units:
+            quota = int(k_U[u]) * len(rows_NC)
+            kept = rows_NC.new_empty(0)
+            for x_BC in rows_NC.split(row_batch):
+                x_BI = self.inputs(x_BC)
+                pre_BF = torch.relu(torch.addmm(bias_U1F[u, 0], x_BI[u if len(x_BI) > 1 else 0], W_UIF[u]))
+                candidates = torch.cat([kept, pre_BF[:, : int(width_U[u])].flatten()])
+                kept = candidates.topk(min(quota, len(candidates))).values
+            out.append(kept[-1].clamp_min(1e-12) if len(kept) else rows_NC.new_tensor(1e-12))
+        return torch.stack(out)
 
     def dead_latents(self, window: int) -> torch.Tensor:
         """Latents of each member's own width that have not fired for `window` tokens.  → [E, G·F] bool"""
@@ -545,9 +563,8 @@ class Dictionary(nn.Module):
     # ---------------------------------------------------------------- state changes after a step
     @torch.no_grad()
     def observe_(self, stats: Stats, batch_size: int) -> None:
-        """Apply what a step observed: dead-latent counters (AuxK, resampling), the recent
-        penalties and λ rescale (p-annealing) and the BatchTopK inference threshold (EMA of the
-        smallest kept activation, from `threshold_start_step` on)."""
+        """Apply what a step observed: dead-latent counters (AuxK, resampling) and the recent
+        penalties and λ rescale (p-annealing)."""
         self.tokens_since_fired.add_(batch_size).masked_fill_(stats.fired, 0)
         if self.spec.penalty == "lp":
             slot_E1 = (self.steps % PENALTY_QUEUE).unsqueeze(1)
@@ -555,14 +572,15 @@ class Dictionary(nn.Module):
             self.coeff_rescale.copy_(stats.coeff_rescale)
             self.p_previous.copy_(self.p_active)
         self.steps.add_(1)
-        if self.spec.activation == "batchtopk":
-            threshold_U = self.threshold.view(-1)
-            smallest_U = torch.where(torch.isfinite(stats.smallest_kept), stats.smallest_kept, threshold_U)
-            steps_U = self.per_unit(self.steps)
-            first = steps_U == self.threshold_start_step
-            ema = 0.999 * threshold_U + 0.001 * smallest_U
-            started = steps_U >= self.threshold_start_step
-            threshold_U.copy_(torch.where(first, smallest_U, torch.where(started, ema, threshold_U)))
+
+    @torch.no_grad()
+    def calibrate_thresholds_(self, rows_NC: torch.Tensor) -> None:
+        """Set the BatchTopK (and Matryoshka) inference threshold of every unit so that it keeps
+        k latents a row on average on `rows` (training rows, at the end of training). The
+        references' running mean of each batch's smallest kept activation lags the encoder,
+        whose activations grow while it trains: exported, it kept 16–22 latents a row at k 32
+        (bench/RESULTS.md "Quality")."""
+        self.threshold.copy_(self.calibrated_thresholds(rows_NC).view_as(self.threshold))
 
     @torch.no_grad()
     def before_step_(self) -> None:

@@ -96,12 +96,12 @@ class Ensemble:
     """
 
     def __init__(self, members: list[MemberConfig], device: str | torch.device = "cpu", member_chunk: int | None = None,
-                 dead_tokens: int = 10_000_000, threshold_start_step: int = 1000,
+                 dead_tokens: int = 10_000_000,
                  columns: dict[str, tuple[int, int]] | None = None):
         """`columns`: where each source sits in the batches (see training.dictionary.Dictionary)."""
         self.members = list(members)
         self.device = torch.device(device)
-        self.dictionary = Dictionary(self.members, columns, dead_tokens, threshold_start_step).to(self.device)
+        self.dictionary = Dictionary(self.members, columns, dead_tokens).to(self.device)
         self.member_chunk = member_chunk
         lr_E = torch.tensor([m.lr for m in self.members], device=self.device)
         named = list(self.dictionary.named_parameters())
@@ -158,11 +158,15 @@ class Ensemble:
 
     @torch.no_grad()
     def _clip_per_member_(self, params: list[nn.Parameter]) -> None:
-        """Scale member e's gradient so its norm over all its parameters is at most grad_clip_e
-        (never a norm over the whole ensemble, which would couple the members)."""
+        """Scale member e's gradient so that the norm over all its parameters of the gradient of
+        its loss *summed* over the values it writes is at most grad_clip_e (never a norm over the
+        whole ensemble, which would couple the members). The references clip the gradient of a
+        reconstruction summed over d (dictionary_learning, SAELens: clip 1); ours averages over
+        d, so its gradient is theirs / d, and a clip of 1 on it would almost never act (measured
+        in bench/RESULTS.md "Quality")."""
         if torch.isinf(self.grad_clip_E).all():
             return
-        norm_E = torch.sqrt(sum(p.grad.pow(2).flatten(1).sum(-1) for p in params))
+        norm_E = torch.sqrt(sum(p.grad.pow(2).flatten(1).sum(-1) for p in params)) * self.dictionary.summed_loss_scale
         factor_E = (self.grad_clip_E / (norm_E + 1e-6)).clamp(max=1.0)
         for p in params:
             p.grad.mul_(factor_E.view(-1, *([1] * (p.dim() - 1))))

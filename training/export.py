@@ -79,14 +79,8 @@ def calibrate_threshold(d: Dictionary, e: int, rows_NC: torch.Tensor | None) -> 
     if rows_NC is None or not len(rows_NC):
         raise ValueError("calibrating a TopK export needs store rows")
     f = d.members[e].d_sae
-    pre_UNF = torch.relu(d.pre_activation(rows_NC.to(d.W_enc.device)))
-    k = int(d.k[e])
-    thresholds = []
-    for g in range(d.G):
-        values = pre_UNF[e * d.G + g, :, :f].flatten()
-        kth = values.topk(min(k * len(rows_NC), len(values))).values[-1]
-        thresholds.append(kth.clamp_min(1e-12).expand(f))
-    return torch.cat(thresholds).clone()
+    per_group = d.calibrated_thresholds(rows_NC.to(d.W_enc.device), units=[e * d.G + g for g in range(d.G)])
+    return per_group.repeat_interleave(f).clone()
 
 
 def circuit_tracer_layer(d: Dictionary, e: int, ctx: ExportContext) -> dict[str, torch.Tensor]:

@@ -109,7 +109,8 @@ class MemberConfig:
     lr: float = 1e-3
     """Adam learning rate."""
     grad_clip: float | None = None
-    """Clip this member's gradient norm (over all its parameters) to this value."""
+    """Clip this member's gradient norm (over all its parameters) to this value, as the references
+    clip it: the gradient of the loss with the reconstruction summed over d (ours averages it)."""
     seed: int = 0
     """Seed of this member's initialisation."""
 

@@ -9,6 +9,9 @@ should fail in a second with the numbers, not after an hour).
                                                    writes; measured 6.6 GB for a d 512 × 6-layer CLT with
                                                    8,192 features per layer at B 4,096: bench/RESULTS.md)
     batches in flight                              4 bytes × B × C × (1 + prefetch) on the host
+    the evaluation after training                  the model, its spliced passes and the members' weights
+                                                   (evaluation/runner.py `memory_needed`), once training's
+                                                   tensors are freed
 
 A cross-layer transcoder over L layers of width d with F latents per layer has L·d·F encoder and
 d·F·L(L+1)/2 decoder weights: about (L+1)/2 times an SAE per layer. Estimates are rough (within
@@ -25,20 +28,35 @@ import torch
 GiB = 2**30
 
 
+PROCESS_BYTES = int(0.45 * GiB)  # Python with torch, zarr and the evaluation's libraries imported (measured: bench/RESULTS.md)
+
+
 @dataclass(frozen=True)
 class Estimate:
     parameters: int  # weights of every member
     state_bytes: int  # parameters + gradients + Adam moments
     activation_bytes: int  # one member group's forward/backward
     batch_bytes: int  # batches in flight (host memory)
+    evaluation_bytes: int | None = None  # the evaluation that follows training (None: none, or unknown)
 
     @property
     def device_bytes(self) -> int:
         return self.state_bytes + self.activation_bytes
 
-    def describe(self) -> str:
-        return (f"{self.parameters / 1e6:,.1f}M parameters: {self.state_bytes / GiB:.2f} GiB with gradients and Adam, "
+    def peak_bytes(self, device: torch.device) -> int:
+        """The larger of training's and evaluation's needs on `device` (on a CPU: the whole process's)."""
+        training = self.device_bytes + (self.batch_bytes + PROCESS_BYTES if device.type == "cpu" else 0)
+        evaluation = (self.evaluation_bytes or 0) + (PROCESS_BYTES if device.type == "cpu" else 0)
+        return max(training, evaluation)
+
+    def describe(self, device: torch.device | None = None) -> str:
+        text = (f"{self.parameters / 1e6:,.1f}M parameters: {self.state_bytes / GiB:.2f} GiB with gradients and Adam, "
                 f"{self.activation_bytes / GiB:.2f} GiB for a step's activations")
+        if self.evaluation_bytes is not None:
+            text += f"; evaluation {self.evaluation_bytes / GiB:.2f} GiB (the model and its spliced passes)"
+        if device is not None:
+            text += f"; peak ≈ {self.peak_bytes(device) / GiB:.1f} GiB" + (" for the process" if device.type == "cpu" else "")
+        return text
 
 
 def parameter_count(members: list) -> int:
@@ -81,9 +99,13 @@ def available_bytes(device: torch.device) -> int | None:
 def check_fits(need: Estimate, device: torch.device, n_members: int) -> None:
     """Refuse, with the numbers and the ways out, a sweep that clearly will not fit."""
     free = available_bytes(device)
-    total = need.device_bytes + (need.batch_bytes if device.type == "cpu" else 0)
+    total = need.peak_bytes(device) - (PROCESS_BYTES if device.type == "cpu" else 0)  # the process already runs
     if free is None or total <= 0.9 * free:
         return
+    if need.evaluation_bytes and need.evaluation_bytes > need.device_bytes:
+        raise ValueError(f"the evaluation after training needs about {total / GiB:.1f} GiB on {device} ({need.describe()}) "
+                         f"and {free / GiB:.1f} GiB are free: evaluate fewer --eval_sequences or a smaller "
+                         "--eval_batch_size, or train with --no_eval and evaluate elsewhere")
     per_member = need.state_bytes / max(n_members, 1)
     fit = max(0, math.floor((0.9 * free - need.activation_bytes) / per_member))
     raise ValueError(

@@ -24,15 +24,19 @@ import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack, closing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from cache.devices import check_device
+from cache.disk import check_free, writing
 from cache.distributed import Processes
 from cache.location import location
+from cache.lock import LockError, OutputLock
 from cache.store import ActivationStore, StoreError, json_normal
 from cache.stream import ActivationStream, StreamConfig
 from evaluation.report import write_summary
@@ -48,9 +52,10 @@ from training.wiring import Wiring, plan_wirings
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
 _RUNTIME_FIELDS = ("output_dir", "device", "overwrite", "checkpoint_every", "prefetch", "storage_options", "cache_dir",
-                   "data_parallel")
-SHORTHAND_DEFAULTS = (-4.0, -2.0, 8)
-REFERENCE_THRESHOLD = 1e-3  # JumpReLU θ₀ and ε on activations of unit mean squared norm (Rajamanoharan et al. 2024)  # --l1_min, --l1_max, --n_models when the shorthand applies by default
+                   "data_parallel", "break_lock")
+SHORTHAND_DEFAULTS = (-4.0, -2.0, 8)  # --l1_min, --l1_max, --n_models when the shorthand applies by default
+CALIBRATION_ROWS = 8192  # training rows the exported thresholds of the TopK family are calibrated on
+REFERENCE_THRESHOLD = 1e-3  # JumpReLU θ₀ and ε on activations of unit mean squared norm (Rajamanoharan et al. 2024)
 RunDirError = rundir.RunDirError
 
 
@@ -103,8 +108,6 @@ class SweepConfig:
     Default: the recipe's."""
     k_anneal_steps: int = 0
     """TopK family: k decreases linearly from d_in (at most d_sae) to its value over this many steps."""
-    threshold_start_step: int = 1000
-    """BatchTopK: step from which the inference threshold is averaged (at most half the run)."""
     p_end: float = 0.2
     """panneal: final exponent of the Lp penalty, unless swept."""
     decoder_init_norm: float = 0.1
@@ -165,6 +168,8 @@ class SweepConfig:
     """For a store at a URL: keep a local copy of every chunk read here (read-through cache)."""
     data_parallel: int = 1
     """Under torchrun: ranks that split each batch of the same members (see training/parallel.py)."""
+    break_lock: bool = False
+    """Take over the output directory's lock even when another host holds it (cache/lock.py)."""
 
     def __post_init__(self):
         if None not in (self.l1_min, self.l1_max) and self.l1_min > self.l1_max:
@@ -339,13 +344,9 @@ def exclude_token_ids(store: ActivationStore, names: tuple[str, ...]) -> tuple[i
     return tuple(sorted(set(ids)))
 
 
-def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None) -> list[dict]:
-    """Train and export every member; return one row per member. `tracker`, if given, gets the
-    training curves (see training.tracking.WandbTracker). `layout`: under torchrun, which
-    members and rows this rank steps (training/parallel.py); every rank returns every row."""
-    layout = layout or Layout(Processes(), cfg.data_parallel)
-    cfg = replace(cfg, device=layout.processes.device_for(cfg.device))
-    lead = layout.processes.rank == 0
+def open_training_stream(cfg: SweepConfig) -> tuple[ActivationStore, list[Wiring], ActivationStream, tuple[int, ...]]:
+    """The store, the members' wirings, the stream of batches the sweep trains on and the token
+    ids it leaves out (benches feed other trainers the same batches through this)."""
     store = ActivationStore.open(location(cfg.cache, cfg.storage_options, cfg.cache_dir))
     wirings = plan_wirings(store, source=cfg.source, sources=cfg.sources, targets=cfg.targets, transcoder=cfg.transcoder,
                            clt=cfg.clt, layers=cfg.layers, arch=cfg.arch, kind=cfg.kind)
@@ -353,6 +354,34 @@ def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None) ->
     exclude_ids = exclude_token_ids(store, cfg.exclude_tokens)
     stream = ActivationStream(store, sources, StreamConfig(cfg.batch_size, cfg.eval_tokens, cfg.shuffle_chunks,
                                                            cfg.prefetch, cfg.seed, exclude_tokens=exclude_ids), cfg.device)
+    return store, wirings, stream, exclude_ids
+
+
+def training_batches(stream: ActivationStream, start_step: int, total_steps: int) -> Iterator[torch.Tensor]:
+    """The batches of steps start_step … total_steps − 1, epoch after epoch.  → [B, C] on the device"""
+    step, per_epoch = start_step, stream.batches_per_epoch
+    while step < total_steps:
+        epoch, start = divmod(step, per_epoch)
+        with closing(stream.train_batches(epoch, start)) as batches:  # stops its prefetch thread, however we leave
+            for x_BC in batches:
+                yield x_BC
+                step += 1
+                if step >= total_steps:
+                    return
+
+
+def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None,
+                evaluation_bytes: Callable[[dict, int, int], int | None] | None = None) -> list[dict]:
+    """Train and export every member; return one row per member. `tracker`, if given, gets the
+    training curves (see training.tracking.WandbTracker). `layout`: under torchrun, which
+    members and rows this rank steps (training/parallel.py); every rank returns every row.
+    `evaluation_bytes(store info, the members' parameters, context length)`: what the evaluation
+    that follows will need (evaluation.runner.memory_needed), checked with training's needs
+    before anything is written."""
+    layout = layout or Layout(Processes(), cfg.data_parallel)
+    cfg = replace(cfg, device=layout.processes.device_for(cfg.device))
+    lead = layout.processes.rank == 0
+    store, wirings, stream, exclude_ids = open_training_stream(cfg)
     _check_widths(store, wirings)
     _check_stream(cfg, stream)
     first = wirings[0]
@@ -368,49 +397,61 @@ def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None) ->
     rows_per_step = len(layout.rows(cfg.batch_size))
     need = memory.estimate(own, rows_per_step, group_size(own, rows_per_step, torch.device(cfg.device)),
                            stream.width, cfg.prefetch)
+    if evaluation_bytes is not None and lead:  # rank 0 evaluates
+        need = replace(need, evaluation_bytes=evaluation_bytes(store.info, memory.parameter_count(members),
+                                                               store.attrs["context_length"]))
     memory.check_fits(need, torch.device(cfg.device), len(own))
-    ensemble = Ensemble(own, cfg.device, dead_tokens=resolved.dead_window, columns=stream.columns,
-                        threshold_start_step=min(cfg.threshold_start_step, resolved.total_steps // 2))
+    ensemble = Ensemble(own, cfg.device, dead_tokens=resolved.dead_window, columns=stream.columns)
     if layout.data_parallel > 1:
         ensemble.sync_gradients(GradientSync(layout))
     # everything is validated: only now may the output directory be touched
     out = Path(cfg.output_dir)
     identity = {**cfg.identity(), "resolved": json_normal(asdict(resolved))}
-    if _claim(layout, out, identity, cfg.overwrite):
+    lock = OutputLock(out, "train_sweep.py", cfg.break_lock) if lead else None  # rank 0 holds it for the job
+    with ExitStack() as held:
+        if lock is not None:
+            held.callback(lock.release)
+        if _claim(layout, out, identity, cfg.overwrite, lock):
+            if lead:
+                print(f"{out} already holds this finished sweep; see {out / 'sweep.csv'}")
+            return json.loads((out / rundir.SUMMARY_FILE).read_text())["members"]
         if lead:
-            print(f"{out} already holds this finished sweep; see {out / 'sweep.csv'}")
-        return json.loads((out / rundir.SUMMARY_FILE).read_text())["members"]
-    if lead:
-        _print_plan(cfg, resolved, members, stream)
-    if layout.processes.distributed:
-        labels = {(w.inputs, w.targets): w.label for w in wirings}
-        names = [member_name(i, members[i], axes, labels[members[i].inputs, members[i].targets]) for i in mine]
-        print(layout.describe(names, len(members)), flush=True)
-    print(f"{layout.processes.name + ' ' if layout.processes.distributed else ''}memory: {need.describe()}")
-    if cfg.b_dec_init == "mean":
-        ensemble.dictionary.init_b_dec_(stream.sample_mean())
-    state = _TrainState(0, 0)
-    resume = layout.agreed_resume_path(out)
-    if resume is not None:
-        state = _load_checkpoint(resume, ensemble, cfg.device)
-        if lead:
-            print(f"resuming {out} at step {state.step}")
-    started = time.perf_counter()
-    _train(cfg, ensemble, stream, state, resolved, out, layout, tracker)
-    seconds = time.perf_counter() - started
-    rows = _export(cfg, ensemble, members, mine, axes, stream, store, state, resolved, out, wirings, layout, seconds)
-    layout.processes.barrier("waiting for every rank's export")
-    layout.remove_checkpoints(out)  # the exported members are the result now
-    return rows
+            _print_plan(cfg, resolved, members, stream)
+        if layout.processes.distributed:
+            labels = {(w.inputs, w.targets): w.label for w in wirings}
+            names = [member_name(i, members[i], axes, labels[members[i].inputs, members[i].targets]) for i in mine]
+            print(layout.describe(names, len(members)), flush=True)
+        print(f"{layout.processes.name + ' ' if layout.processes.distributed else ''}memory: "
+              f"{need.describe(torch.device(cfg.device))}")
+        if cfg.b_dec_init == "mean":
+            ensemble.dictionary.init_b_dec_(stream.sample_mean())
+        state = _TrainState(0, 0)
+        resume = layout.agreed_resume_path(out)
+        if resume is not None:
+            state = _load_checkpoint(resume, ensemble, cfg.device)
+            if lead:
+                print(f"resuming {out} at step {state.step}")
+        if layout.writes:  # a checkpoint (two while one replaces the other) and the exported weights
+            check_free(out, 2 * checkpoint_bytes(ensemble) + 4 * memory.parameter_count(ensemble.members),
+                       "training and exporting")
+        started = time.perf_counter()
+        _train(cfg, ensemble, stream, state, resolved, out, layout, tracker)
+        seconds = time.perf_counter() - started
+        rows = _export(cfg, ensemble, members, mine, axes, stream, store, state, resolved, out, wirings, layout, seconds)
+        layout.processes.barrier("waiting for every rank's export")
+        layout.remove_checkpoints(out)  # the exported members are the result now
+        return rows
 
 
-def _claim(layout: Layout, out: Path, identity: dict, overwrite: bool) -> bool:
-    """Rank 0 claims the output directory (training/rundir.py) and tells the others the verdict."""
+def _claim(layout: Layout, out: Path, identity: dict, overwrite: bool, lock: OutputLock | None) -> bool:
+    """Rank 0 takes the output's lock, claims the directory (training/rundir.py) and tells the
+    others the verdict."""
     verdict = None
     if layout.processes.rank == 0:
         try:
+            lock.acquire()
             verdict = ("claimed", rundir.claim(out, identity, overwrite, _default_identity()))
-        except RunDirError as err:
+        except (RunDirError, LockError) as err:
             verdict = ("refused", str(err))
     kind, value = layout.processes.all_gather(verdict, "claiming the output directory")[0]
     if kind == "refused":
@@ -494,37 +535,33 @@ class _StepBoundaryInterrupts:
 def _train(cfg: SweepConfig, ensemble: Ensemble, stream: ActivationStream, state: _TrainState, resolved: Resolved,
            out: Path, layout: Layout, tracker=None):
     total, schedule = resolved.total_steps, resolved.schedule(cfg)
-    per_epoch = stream.batches_per_epoch
     distributed = layout.processes.distributed
     bar = tqdm(total=total, initial=state.step, unit="step", desc=f"training {len(ensemble)} dictionaries",
                disable=distributed and layout.processes.rank > 0)
     # under torchrun a Ctrl-C reaches every rank at its own step: torchrun ends them, and the
     # last checkpoint every rank completed stands
-    with _StepBoundaryInterrupts(enabled=not distributed) as interrupts, bar:
-        while state.step < total:
-            epoch, start = divmod(state.step, per_epoch)
-            for x_BC in stream.train_batches(epoch, start):
-                schedule.apply_(ensemble, state.step)
-                if layout.data_parallel > 1:
-                    rows = layout.rows(len(x_BC))
-                    result = ensemble.step(x_BC[rows.start:rows.stop], batch_rows=len(x_BC))
-                else:
-                    result = ensemble.step(x_BC)
-                state.step += 1
-                if _resample_due(cfg, state.step, total):
-                    ensemble.resample_dead_(stream.pool(cfg.resample_pool, state.step), resolved.dead_window, state.step)
-                state.tokens_seen += len(x_BC)
-                bar.update()
-                if state.step % 10 == 0 or state.step == total:
-                    bar.set_postfix_str(_progress(result))
-                    if tracker is not None:
-                        tracker.log(_curves(result), state.step)
-                if state.step % cfg.checkpoint_every == 0 or interrupts.requested:
-                    _checkpoint(layout, out, ensemble, state)
-                if interrupts.requested:
-                    raise KeyboardInterrupt
-                if state.step >= total:
-                    break
+    with _StepBoundaryInterrupts(enabled=not distributed) as interrupts, bar, \
+            closing(training_batches(stream, state.step, total)) as batches:
+        for x_BC in batches:
+            schedule.apply_(ensemble, state.step)
+            if layout.data_parallel > 1:
+                rows = layout.rows(len(x_BC))
+                result = ensemble.step(x_BC[rows.start:rows.stop], batch_rows=len(x_BC))
+            else:
+                result = ensemble.step(x_BC)
+            state.step += 1
+            if _resample_due(cfg, state.step, total):
+                ensemble.resample_dead_(stream.pool(cfg.resample_pool, state.step), resolved.dead_window, state.step)
+            state.tokens_seen += len(x_BC)
+            bar.update()
+            if state.step % 10 == 0 or state.step == total:
+                bar.set_postfix_str(_progress(result))
+                if tracker is not None:
+                    tracker.log(_curves(result), state.step)
+            if state.step % cfg.checkpoint_every == 0 or interrupts.requested:
+                _checkpoint(layout, out, ensemble, state)
+            if interrupts.requested:
+                raise KeyboardInterrupt
     _checkpoint(layout, out, ensemble, state)
 
 
@@ -551,9 +588,23 @@ def _curves(result) -> dict[str, float]:
 
 
 def _save_checkpoint(path: Path, ensemble: Ensemble, state: _TrainState) -> None:
+    """Written to a temporary file and renamed: a crash or a full disk mid-write leaves the
+    previous checkpoint as it was, and no temporary file."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"ensemble": ensemble.state_dict(), "state": asdict(state)}, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint
+    try:
+        with writing(path.parent, f"writing the checkpoint of step {state.step}"), open(tmp, "wb") as f:
+            # through a Python file, so a failed write keeps its OSError (errno) as the error's context
+            torch.save({"ensemble": ensemble.state_dict(), "state": asdict(state)}, f)
+        os.replace(tmp, path)  # atomic
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_bytes(ensemble: Ensemble) -> int:
+    """Size of one checkpoint: the dictionary's parameters and buffers and Adam's two moments."""
+    d = ensemble.dictionary
+    tensors = [*d.parameters(), *d.buffers(), *ensemble.optimizer.exp_avg, *ensemble.optimizer.exp_avg_sq]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _load_checkpoint(path: Path, ensemble: Ensemble, device) -> _TrainState:
@@ -571,12 +622,14 @@ def _export(cfg: SweepConfig, ensemble: Ensemble, members: list[MemberConfig], m
     dictionary = ensemble.dictionary
     dead_train_E = dictionary.dead_latents(resolved.dead_window).sum(-1) / dictionary.width_mask.sum(-1)
     needs_rows = any(m.is_transcoder and m.spec.activation == "topk" for m in members)
+    if dictionary.spec.activation == "batchtopk":
+        dictionary.calibrate_thresholds_(stream.sample(CALIBRATION_ROWS))
     ctx = ExportContext(
         info={**store.info, "context_length": store.attrs["context_length"]},
         sources={s.name: {"model": s.model, "hook": s.hook, "d": s.d, "layer": s.layer} for s in store.sources},
         scales=dict(zip(stream.sources, stream.scales)),
         exclude_tokens=resolved.exclude_token_ids,
-        calibration_rows=stream.sample(8192) if needs_rows else None,
+        calibration_rows=stream.sample(CALIBRATION_ROWS) if needs_rows else None,
     )
     rows = []
     labels = {(w.inputs, w.targets): w.label for w in wirings}
@@ -584,7 +637,8 @@ def _export(cfg: SweepConfig, ensemble: Ensemble, members: list[MemberConfig], m
     for e, index in enumerate(mine) if layout.writes else ():
         member = members[index]
         name = member_name(index, member, axes, labels[member.inputs, member.targets])
-        record = export_member(out / "members" / name, dictionary, e, ctx)
+        with writing(out / "members", f"exporting member {name}"):
+            record = export_member(out / "members" / name, dictionary, e, ctx)
         rows.append({"name": name, "dir": f"members/{name}", **record, "source": stream.source,
                      "dead_fraction_train": dead_train_E[e].item(), "train_tokens": state.tokens_seen,
                      **({"rank": layout.processes.rank} if distributed else {})})
@@ -607,7 +661,8 @@ def _export(cfg: SweepConfig, ensemble: Ensemble, members: list[MemberConfig], m
             "members": rows,
             **({"transcoder_sets": sets} if sets else {}),
         }
-        write_summary(out, summary)
+        with writing(out, "writing sweep.json"):
+            write_summary(out, summary)
     return rows
 
 
