@@ -1,6 +1,7 @@
 """Evaluation CLI: measure the members of a trained sweep and write its report.
 
     python evaluate.py --run_dir runs/l1-sweep --n_sequences 128
+    python evaluate.py --compare runs/relu runs/topk --out runs/compared
 
 Held-out reconstruction metrics (L0, MSE, FVU, explained variance, cosine, L2 ratio, dead and
 dense fractions, per-latent density), the spliced CE/KL with zero- and mean-ablation baselines,
@@ -10,23 +11,32 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import run_or_exit, storage_options_option, took
+from cache.cli_options import SpaceSeparated, run_or_exit, storage_options_option, took
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--run_dir", required=True, help="Output directory of train_sweep.py.")
+@click.option("--run_dir", default=None, help="Output directory of train_sweep.py.")
+@click.option("--compare", "compare", cls=SpaceSeparated, type=str, default=(),
+              help="Instead: several finished run directories, drawn in one set of plots and one table (--out).")
+@click.option("--out", default=None, help="With --compare: where compare.md, compare.csv and the plots go.")
+@click.option("--force", is_flag=True, help="With --compare: compare runs of different models or hooks anyway.")
 @click.option("--n_sequences", type=int, default=64, help="Held-out sequences for spliced CE/KL (0 skips it).")
 @click.option("--batch_size", type=int, default=8, help="Sequences per model forward pass.")
 @click.option("--row_batch_size", type=int, default=2048, help="Held-out rows per batch for reconstruction metrics.")
 @click.option("--device", default="cpu", help="Device for the model and the dictionaries.")
 @storage_options_option("The run's store")
 @click.option("--cache_dir", default=None, help="A store at a URL: keep a local copy of every chunk read in this directory.")
-def main(**options) -> None:
-    """Evaluate every member of a sweep and write report.md."""
+def main(compare: tuple[str, ...], out: str | None, force: bool, **options) -> None:
+    """Evaluate every member of a sweep and write report.md; or compare several sweeps."""
     import time
     from pathlib import Path
 
     start = time.perf_counter()
+    if compare:
+        _compare(compare, out, force, start)
+        return
+    if options["run_dir"] is None:
+        raise click.UsageError("give --run_dir (a sweep to evaluate) or --compare RUN RUN … --out DIR")
     if not (Path(options["run_dir"]) / "sweep.json").is_file():  # answered before torch is imported
         click.echo(f"error: {options['run_dir']} holds no finished sweep (no sweep.json): run train_sweep.py first", err=True)
         raise SystemExit(1)
@@ -39,6 +49,15 @@ def main(**options) -> None:
     rows = run_or_exit(lambda: evaluate_run(EvalConfig(**options)))
     click.echo(format_table(rows))
     click.echo(f"\ndone {took(start)}: open {options['run_dir']}/report.md")
+
+
+def _compare(run_dirs: tuple[str, ...], out: str | None, force: bool, start: float) -> None:
+    if out is None:
+        raise click.UsageError("--compare needs --out DIR for its table and plots")
+    from evaluation.compare import compare_runs
+
+    rows = run_or_exit(lambda: compare_runs(list(run_dirs), out, force))
+    click.echo(f"{len(rows)} members of {len(run_dirs)} runs compared; done {took(start)}: open {out}/compare.md")
 
 
 if __name__ == "__main__":

@@ -181,14 +181,18 @@ def report(arch: str, results: list[dict], comparison: list[dict]) -> str:
               "default per architecture.")
 @click.option("--eval_tokens", type=int, default=20_000, show_default=True, help="Held-out rows (whole sequences).")
 @click.option("--lr", type=float, default=None, help="Learning rate for every trainer [default: our recipe's].")
+@click.option("--ours", "overrides", multiple=True, help="NAME=VALUE: a field of our SweepConfig for ours only (an "
+              "ablation), e.g. --ours dead_window=10000000; the references keep the schedule ours resolved to.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dl_rows", type=click.Choice(["both", "ours", "own"]), default="both", show_default=True,
               help="Rows dictionary_learning trains on: the same rows as everyone (ours, mean norm √d), scaled to "
                    "unit mean squared norm as its own pipeline scales them (own: its thresholds and its JumpReLU "
                    "penalty assume that scale), or both, as two references.")
 @click.option("--out", "out_json", default=None, help="Write every result as JSON here.")
-def main(archs, references, steps, batch_size, ratio, ks, coeffs, eval_tokens, lr, seed, dl_rows, out_json, cache):
-    from training.trainer import SweepConfig, open_training_stream, training_batches
+def main(archs, references, steps, batch_size, ratio, ks, coeffs, eval_tokens, lr, overrides, seed, dl_rows, out_json,
+         cache):
+    from training.config import SweepConfig
+    from training.trainer import open_training_stream, training_batches
 
     wanted = [r for r in references.split(",") if r]
     problems = available()
@@ -201,8 +205,9 @@ def main(archs, references, steps, batch_size, ratio, ks, coeffs, eval_tokens, l
         with tempfile.TemporaryDirectory() as tmp:
             knob = KNOB.get(arch)
             axis = f"{knob}={coeffs or DEFAULT_COEFFS[arch]}" if knob else f"k={ks}"
-            cfg = SweepConfig(cache=cache, output_dir=str(Path(tmp) / arch), arch=arch, sweep=(axis,), ratio=ratio,
-                              batch_size=batch_size, n_tokens=steps * batch_size, eval_tokens=eval_tokens, lr=lr, seed=seed)
+            cfg = SweepConfig.from_flat(cache=cache, output_dir=str(Path(tmp) / arch), arch=arch, sweep=(axis,),
+                                        ratio=ratio, batch_size=batch_size, n_tokens=steps * batch_size,
+                                        eval_tokens=eval_tokens, lr=lr, seed=seed, **_overrides(overrides))
             store, _, stream, _ = open_training_stream(cfg)
             rows_ND = held_out_rows(stream, eval_tokens)
             ours, resolved, _ = run_ours(cfg, rows_ND)
@@ -227,6 +232,20 @@ def main(archs, references, steps, batch_size, ratio, ks, coeffs, eval_tokens, l
                                 "store": store.path, "held_out_rows": len(rows_ND)}
     if out_json:
         Path(out_json).write_text(json.dumps(everything, indent=2))
+
+
+def _overrides(pairs: tuple[str, ...]) -> dict:
+    """--ours NAME=VALUE pairs; values are Python literals where they parse as one."""
+    import ast
+
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            out[name.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name.strip()] = value
+    return out
 
 
 def trainers(wanted: list[str], dl_rows: str, rows_ND: torch.Tensor) -> list[tuple[str, str, float]]:

@@ -32,13 +32,14 @@ import click
 @click.option("--clt_layers", default="", help="e.g. all, or 0,1,2: train cross-layer transcoders over these layers.")
 def main(cache, arch, lrs, sweep, ratio, batch_size, n_epochs, n_models, eval_tokens, clt_layers):
     from evaluation.runner import EvalConfig, evaluate_run
-    from training.trainer import SweepConfig, train_sweep
+    from training.config import SweepConfig
+    from training.trainer import train_sweep
 
     lines = []
     for lr in lrs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run"
-            cfg = SweepConfig(cache=cache, output_dir=str(out), arch=arch, sweep=tuple(sweep), ratio=ratio,
+            cfg = SweepConfig.from_flat(cache=cache, output_dir=str(out), arch=arch, sweep=tuple(sweep), ratio=ratio,
                               batch_size=batch_size, n_epochs=n_epochs, eval_tokens=eval_tokens,
                               lr=None if lr == "recipe" else float(lr),
                               n_models=None if sweep else n_models,

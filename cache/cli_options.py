@@ -114,3 +114,76 @@ def dist_timeout_option():
                         help="Under torchrun: seconds a rank waits for the others before giving up with an error "
                              "naming the step.")
 
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (its help text), read from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def flat_fields(cls) -> list[tuple[object, object, str]]:
+    """(dataclass field, its resolved type, its help) for every field of `cls`, the fields of
+    nested dataclass fields in their place."""
+    import dataclasses
+    import typing
+
+    hints, docs, out = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out += flat_fields(kind)
+        else:
+            out.append((f, kind, docs.get(f.name, "")))
+    return out
+
+
+def dataclass_options(cls, aliases: dict[str, tuple[str, ...]] | None = None, whole_words: tuple[str, ...] = (),
+                      extra_choices: dict[str, tuple[str, ...]] | None = None):
+    """click options for every (flattened) field of dataclass `cls`: its name, its default, its
+    docstring as help, a type from its annotation (numbers, strings, flags, choices of a
+    Literal, several values for a tuple). `aliases`: more option names of a field;
+    `whole_words`: tuple fields whose values are not split at commas; `extra_choices`: values a
+    choice accepts beyond its Literal (mapped by the CLI). A dict field takes JSON."""
+    import dataclasses
+    import typing
+
+    aliases, extra_choices = aliases or {}, extra_choices or {}
+
+    def option(f, kind, help_text):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        names = [f"--{f.name}", *aliases.get(f.name, ())]
+        args = typing.get_args(kind)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), kind) if optional else kind
+        if typing.get_origin(base) is tuple:
+            inner = typing.get_args(base)[0]
+            choices = typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else None
+            value_type = click.Choice([*choices, *extra_choices.get(f.name, ())]) if choices else str
+            return click.option(*names, f.name, cls=SpaceSeparated, split_commas=f.name not in whole_words,
+                                type=value_type, default=default, show_default=bool(default), help=help_text)
+        if base is bool:
+            return click.option(*names, f.name, is_flag=True, default=default, help=help_text)
+        if base is dict:
+            return click.option(*names, f.name, type=str, default=None, help=help_text)
+        if typing.get_origin(base) is typing.Literal:
+            return click.option(*names, f.name, type=click.Choice(typing.get_args(base)), default=default, help=help_text)
+        value_type = COUNT if base is int else base
+        return click.option(*names, f.name, type=value_type, default=default, show_default=default is not None,
+                            help=help_text)
+
+    def decorate(function):
+        for f, kind, help_text in reversed(flat_fields(cls)):
+            function = option(f, kind, help_text)(function)
+        return function
+
+    return decorate

@@ -1,8 +1,7 @@
-"""A sweep's written summary: sweep.json, sweep.csv, report.md (table + plots), terminal table."""
+"""A sweep's report: report.md (table + plots) and the terminal table (sweep.json and sweep.csv are
+written by training/rundir.py)."""
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 
@@ -23,17 +22,6 @@ TABLE = (
     ("kl", "KL", "{:.4f}"),
     ("dead_fraction", "dead", "{:.1%}"),
 )
-
-
-def write_summary(out: Path, summary: dict) -> None:
-    """sweep.json (everything) and sweep.csv (one row per member)."""
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
-    rows = summary["members"]
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:

@@ -36,9 +36,10 @@ from cache.stream import ActivationStream, StreamConfig
 from evaluation.metrics import MetricAccumulator
 from evaluation.model_diff import write_diff_analysis
 from evaluation.plots import plot_sweep
-from evaluation.report import write_report, write_summary
+from evaluation.report import write_report
 from evaluation.splice import Splice, recovered, single, spliced_losses
 from formats import circuit_tracer
+from training.rundir import write_summary
 from formats.crosscoder import crosscoder_forward, is_crosscoder_dir, load_crosscoder
 from formats.saelens import load_saelens, saelens_forward, save_density
 

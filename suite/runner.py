@@ -33,7 +33,8 @@ from suite.finetune import FinetuneSettings, finetune
 from suite.model import Suite, SuiteLayout
 from training import rundir
 from training.export import ExportContext, export_member, save_transcoder_set
-from training.trainer import SweepConfig, train_sweep
+from training.config import SweepConfig
+from training.trainer import train_sweep
 
 
 CONFIG, SUMMARY = "suite_config.json", "suite.json"
@@ -168,9 +169,9 @@ def suite_layout(store: ActivationStore) -> SuiteLayout:
 def _train(cfg: SuiteConfig, out: Path, part: str) -> list[dict]:
     """One train_sweep run (all layers' modules of one kind in one ensemble), or its finished rows."""
     kind = {"kind": "attn_out"} if part == "attn" else {"transcoder": True}
-    sweep = SweepConfig(cache=cfg.cache, output_dir=str(out), arch="topk", k=cfg.k, ratio=cfg.ratio, d_sae=cfg.d_sae,
-                        layers=("all",), batch_size=cfg.batch_size, n_epochs=cfg.train_epochs, eval_tokens=cfg.eval_tokens,
-                        device=cfg.device, seed=cfg.seed, **kind)
+    sweep = SweepConfig.from_flat(cache=cfg.cache, output_dir=str(out), arch="topk", k=cfg.k, ratio=cfg.ratio,
+                                  d_sae=cfg.d_sae, layers=("all",), batch_size=cfg.batch_size, n_epochs=cfg.train_epochs,
+                                  eval_tokens=cfg.eval_tokens, device=cfg.device, seed=cfg.seed, **kind)
     return train_sweep(sweep)
 
 

@@ -16,7 +16,7 @@ from training.ensemble import Ensemble
 from training.sweep import build_members, parse_axis
 from tests.conftest import export_for_test, fail_at_call
 from training.schedules import Schedule
-from training.trainer import SweepConfig
+from training.config import SweepConfig
 
 D, N_FEATURES, F = 16, 24, 48
 # Settings under which each architecture reaches the planted L0 (2.4 on average) in 800 steps.
@@ -219,18 +219,35 @@ def test_sweep_axes_parse_and_form_a_grid():
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_the_l1_shorthand_sweeps_each_architectures_own_sparsity_coefficient(arch):
-    from training.trainer import sweep_members
+def test_each_architecture_gets_its_own_default_sparsity_axis(arch):
+    """The λ shorthand sweeps each architecture's own coefficient; the TopK family, which has
+    none, gets the k axis 20 … 640 up to its width (and refuses the shorthand with the fix)."""
+    from training.plan import DEFAULT_K_AXIS, grid_axes
 
     field = next((f for f in ("l1_coeff", "l0_coeff") if f in ARCHS[arch].knobs), None)
-    if field is None:  # the TopK family has no sparsity coefficient: the shorthand is refused with the fix
+    if field is None:
         with pytest.raises(ValueError, match="sweep k instead"):
-            SweepConfig(cache="c", output_dir="o", arch=arch, l1_min=-3, l1_max=-1, n_models=3)
-        members, axes = sweep_members(SweepConfig(cache="c", output_dir="o", arch=arch), D)
-        assert len(members) == 1 and axes == []
+            SweepConfig.from_flat(arch=arch, l1_min=-3, l1_max=-1, n_models=3)
+        assert grid_axes(SweepConfig.from_flat(arch=arch), arch, 100) == {"k": [20, 40, 80]}
+        assert grid_axes(SweepConfig.from_flat(arch=arch), arch, 5000) == {"k": list(DEFAULT_K_AXIS)}
+        assert grid_axes(SweepConfig.from_flat(arch=arch, k=32), arch, 100) == {}
     else:
-        members, axes = sweep_members(SweepConfig(cache="c", output_dir="o", arch=arch, l1_min=-3, l1_max=-1, n_models=3), D)
-        assert axes == [field] and [getattr(m, field) for m in members] == pytest.approx([1e-3, 1e-2, 1e-1])
+        axes = grid_axes(SweepConfig.from_flat(arch=arch, l1_min=-3, l1_max=-1, n_models=3), arch, 100)
+        assert list(axes) == [field] and axes[field] == pytest.approx([1e-3, 1e-2, 1e-1])
+
+
+def test_axes_scoped_to_one_architecture_and_shared_ones():
+    from training.plan import grid_axes
+
+    cfg = SweepConfig.from_flat(arch=("relu", "topk", "jumprelu"), sweep=("topk:k=8,16", "seed=0,1"), l1_min=-3, l1_max=-2,
+                                n_models=2)
+    assert grid_axes(cfg, "topk", 64) == {"k": [8, 16], "seed": [0, 1]}
+    assert grid_axes(cfg, "relu", 64) == {"l1_coeff": pytest.approx([1e-3, 1e-2]), "seed": [0, 1]}
+    assert list(grid_axes(cfg, "jumprelu", 64)) == ["l0_coeff", "seed"]
+    with pytest.raises(ValueError, match="gated is not among"):
+        SweepConfig.from_flat(arch=("relu", "topk"), sweep=("gated:l1=1e-3",))
+    with pytest.raises(ValueError, match="none of relu topk uses it"):
+        SweepConfig.from_flat(arch=("relu", "topk"), sweep=("p_end=0.1",))
 
 
 def test_schedules_warm_up_and_decay():
@@ -595,6 +612,6 @@ def test_resampling_a_member_is_the_same_in_an_ensemble_and_alone():
 
 def test_resampling_is_refused_where_the_architecture_has_its_own_remedy():
     with pytest.raises(ValueError, match="L1 architectures"):
-        SweepConfig(cache="c", output_dir="o", arch="topk", resample_every=100)
+        SweepConfig.from_flat(arch="topk", resample_every=100)
     with pytest.raises(ValueError, match="L1 architectures"):
         Ensemble([MemberConfig(d_in=D, d_sae=F, arch="jumprelu")]).resample_dead_(torch.zeros(4, D), 1, 1)

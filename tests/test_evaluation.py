@@ -207,8 +207,9 @@ def test_wandb_logging_is_optional_and_records_curves_offline(small_store, tmp_p
     assert len(runs) == 1
     steps = json.loads((tmp_path / "run" / "sweep.json").read_text())["resolved"]["total_steps"]
     assert [step for step, _ in logged] == [s for s in range(10, steps + 1, 10)] + ([steps] if steps % 10 else [])
-    assert set(logged[0][1]) == {f"member_{e:02d}/{k}" for e in range(2) for k in ("loss", "mse", "l0")}
-    keys = [key.encode() for key in ("member_00/l0", "member_01/mse", "members", "00_l1_0.001/fvu")]
+    names = [m["name"] for m in json.loads((tmp_path / "run" / "sweep.json").read_text())["members"]]
+    assert set(logged[0][1]) == {f"{name}/{k}" for name in names for k in ("loss", "mse", "l0")}  # curves by member name
+    keys = [key.encode() for key in (f"{names[0]}/l0", f"{names[1]}/mse", "members", "00_l1_0.001/fvu")]
     deadline = time.monotonic() + 60  # wandb's writer is a process of its own that may still be flushing
     while not all(key in runs[0].read_bytes() for key in keys) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -18,11 +18,17 @@ from pathlib import Path
 
 import torch
 
+from cache.disk import writing
 from formats import circuit_tracer
 from formats.crosscoder import save_crosscoder
 from formats.saelens import saelens_architecture, saelens_cfg, save_saelens
 from training.dictionary import Dictionary
 from training.members import LOSS_CONVENTION, MemberConfig
+from training.plan import resolved_record
+from training.rundir import write_summary
+from training.sweep import member_name
+
+CALIBRATION_ROWS = 8192  # training rows the exported thresholds of the TopK family are calibrated on
 
 
 @dataclass(frozen=True)
@@ -206,3 +212,81 @@ def _save_crosscoder(directory: Path, member, flat: dict, rule, ctx: ExportConte
 def _source_entry(name: str, source: dict) -> dict:
     entry = {"name": name, "model": source["model"], "hook": source["hook"]}
     return {**entry, "label": name.split("/", 1)[0]} if "/" in name else entry
+
+
+@torch.no_grad()
+def export_run(cfg, held: list, parts: list, stream, store, tokens_seen: int, out: Path, layout, seconds: float) -> list[dict]:
+    """This rank's members (`held`: training.trainer.Held, one per architecture it trains) in
+    their formats; rank 0 writes the training summary (sweep.json) with every rank's rows.
+    `seconds`: how long this invocation's training loop ran. BatchTopK and Matryoshka thresholds
+    are calibrated on training rows first (Dictionary.calibrate_thresholds_)."""
+    members = [m for h in held for m in h.ensemble.members]
+    needs_rows = any(m.is_transcoder and m.spec.activation == "topk" for m in members)
+    calibration = stream.sample(CALIBRATION_ROWS) if needs_rows or any(m.spec.activation == "batchtopk" for m in members) else None
+    ctx = ExportContext(
+        info={**store.info, "context_length": store.attrs["context_length"]},
+        sources={s.name: {"model": s.model, "hook": s.hook, "d": s.d, "layer": s.layer} for s in store.sources},
+        scales=dict(zip(stream.sources, stream.scales)),
+        exclude_tokens=parts[0].resolved.exclude_token_ids,
+        calibration_rows=calibration if needs_rows else None,
+    )
+    rows, sets = [], []
+    distributed = layout.processes.distributed
+    for h in held if layout.writes else ():
+        dictionary = h.ensemble.dictionary
+        if dictionary.spec.activation == "batchtopk":
+            dictionary.calibrate_thresholds_(calibration)
+        dead_train_E = dictionary.dead_latents(h.part.resolved.dead_window).sum(-1) / dictionary.width_mask.sum(-1)
+        for e, name in enumerate(h.names):
+            with writing(out / "members", f"exporting member {name}"):
+                record = export_member(out / "members" / name, dictionary, e, ctx)
+            rows.append({"name": name, "dir": f"members/{name}", **record, "source": stream.source,
+                         "dead_fraction_train": dead_train_E[e].item(), "train_tokens": tokens_seen,
+                         **({"rank": layout.processes.rank} if distributed else {})})
+    if cfg.wiring.transcoder:
+        for h in held:
+            sets += _export_transcoder_sets(h, store, ctx, out, layout, several=len(parts) > 1)
+    rows = [row for part in layout.processes.all_gather(rows, "gathering the exported members") for row in part]
+    if layout.processes.rank == 0:
+        first = store.source(stream.sources[0])
+        summary = {
+            "config": cfg.flat(),
+            "resolved": resolved_record(parts),
+            "store": {"path": store.path, "path_as_given": cfg.data.cache, "source": stream.source,
+                      "hook": first.hook, "hooks": [store.source(s).hook for s in stream.sources],
+                      "model": store.info.get("model_name"), "norm_scale": stream.scale, "sources": stream.sources,
+                      "norm_scales": stream.scales, "train_rows": stream.n_train, "eval_rows": stream.n_eval,
+                      "eval_sequence_start": stream.eval_sequence_start},
+            "layout": {"world_size": layout.processes.world, "data_parallel": layout.data_parallel,
+                       "member_groups": layout.groups},
+            "train_seconds": seconds,
+            "loss_convention": LOSS_CONVENTION,
+            "archs": [p.arch for p in parts],
+            "swept": parts[0].axes if len(parts) == 1 else {p.arch: p.axes for p in parts},
+            "members": rows,
+            **({"transcoder_sets": sets} if sets else {}),
+        }
+        with writing(out, "writing sweep.json"):
+            write_summary(out, summary)
+    return rows
+
+
+def _export_transcoder_sets(h, store, ctx: ExportContext, out: Path, layout, several: bool) -> list[dict]:
+    """Per sweep setting of one architecture, its per-layer transcoders together as a
+    circuit-tracer transcoder set (transcoder_sets/<setting>/); members come layer-major, each
+    layer with the whole grid. Each rank writes the layers it trained; rank 0 describes the set."""
+    members, axes = h.part.members, h.part.axes
+    mine = range(h.indices.start - h.first, h.indices.stop - h.first)  # within the architecture's members
+    layers = sorted({store.source(m.inputs[0]).layer for m in members})
+    per_layer = len(members) // len(layers)
+    sets = []
+    for j in range(per_layer):
+        group = {layer: i * per_layer + j for i, layer in enumerate(layers)}
+        owned = {layer: index - mine.start for layer, index in group.items() if index in mine} if layout.writes else {}
+        name = member_name(j, members[j], axes, arch=h.part.arch if several else None)
+        record = {k: v for k, v in members[j].record().items() if k not in ("inputs", "targets")}
+        if owned or layout.processes.rank == 0:
+            info = save_transcoder_set(out / "transcoder_sets" / name, h.ensemble.dictionary, owned, ctx, record,
+                                       first=members[j], layers=layers, describe=layout.processes.rank == 0)
+            sets.append({"name": name, "dir": f"transcoder_sets/{name}", **info})
+    return sets

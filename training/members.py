@@ -7,22 +7,53 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 LOSS_CONVENTION = "mse_mean_over_d+penalty_sum_over_latents_mean_over_batch"
+ArchName = Literal["relu", "relu_april", "topk", "batchtopk", "jumprelu", "jumprelu_tanh", "matryoshka", "gated",
+                   "panneal", "crosscoder"]  # the keys of ARCHS (asserted below)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An architecture's reference training recipe (fractions are of the run's steps)."""
+
+    lr: float
+    """Adam learning rate (for TopK-family: at 2¹⁴ latents, scaled by 1/√(d_sae/2¹⁴))."""
+    lr_warmup: float
+    """Fraction of the run over which the learning rate rises linearly from 0."""
+    lr_decay_start: float | None
+    """Fraction of the run after which the learning rate decays linearly to 0 (None: never)."""
+    sparsity_warmup: float
+    """Fraction of the run over which the sparsity coefficient rises linearly from 0."""
+    grad_clip: float | None
+    """Per-member gradient-norm clip, on the loss summed over d (training/ensemble.py)."""
+    dead_tokens: int
+    """Tokens without firing after which a latent is dead (AuxK, resampling, reports)."""
+    scale_lr_with_width: bool = False
+    """lr ∝ 1/√(d_sae / 2¹⁴) (Gao et al. 2024)."""
+    reference: str = ""
+
+    def learning_rate(self, d_sae: int) -> float:
+        return self.lr / math.sqrt(d_sae / 2**14) if self.scale_lr_with_width else self.lr
 
 
 @dataclass(frozen=True)
 class Arch:
-    """What distinguishes one architecture from another: entries of the tables below, and flags."""
+    """Everything that distinguishes one architecture: entries of training/dictionary.py's tables,
+    flags, the knobs a sweep may vary, and its recipe. Adding an architecture is one entry here
+    (and, for a new rule, a function in each table it uses)."""
 
     activation: str  # key of ACTIVATIONS (and of INFERENCE_RULES)
     penalty: str  # key of PENALTIES
     subtract_b_dec: bool  # encode x − b_dec (SAELens apply_b_dec_to_input); never for transcoders
     unit_norm_decoder: bool
     knobs: tuple[str, ...]  # MemberConfig fields this architecture reads (what a sweep may vary)
+    recipe: Recipe
     betas: tuple[float, float] = (0.9, 0.999)  # Adam betas shared by the ensemble
     extra_losses: tuple[str, ...] = ()  # keys of EXTRA_LOSSES
     nested: bool = False  # reconstruction loss averaged over nested prefixes of the latents (Matryoshka)
+    reads_every_source: bool = False  # without --sources, it reads every source of the store (a crosscoder)
 
     @property
     def coefficient(self) -> str | None:
@@ -40,22 +71,43 @@ class Arch:
         return "auxk" in self.extra_losses
 
 
+# Recipes. References: dictionary_learning's trainers (lr warm-up 1000 steps, sparsity warm-up 2000
+# steps, decay over the last 20%, clip 1, on runs of ~10k–25k steps: ≈ 5% and 10%); Anthropic's
+# April 2024 update and crosscoder recipe (λ warm-up 5%, decay over the last 20%, clip 1);
+# Gao et al. 2024 for TopK (lr 2e-4/√(m/2¹⁴), dead after 10M tokens); Rajamanoharan et al. 2024
+# / dictionary_learning for JumpReLU (lr 7e-5) and Gated (lr 5e-5); Anthropic's "Circuit Tracing"
+# (2025) for the cross-layer transcoder (λ warms up over the whole run).
+_L1 = Recipe(1e-3, 0.05, 0.8, 0.10, 1.0, 1_000_000, reference="dictionary_learning standard: lr 1e-3")
+_APRIL = Recipe(1e-3, 0.0, 0.8, 0.05, 1.0, 1_000_000, reference="Anthropic April 2024 update, crosscoders (Lindsey et al. 2024)")
+_GAO = Recipe(2e-4, 0.05, 0.8, 0.0, 1.0, 10_000_000, scale_lr_with_width=True,
+              reference="Gao et al. 2024; Bussmann et al. 2024 (BatchTopK), 2025 (Matryoshka)")
+_JUMP = Recipe(1e-3, 0.05, 0.8, 0.10, 1.0, 10_000_000,
+               reference="Rajamanoharan et al. 2024 use 7e-5; 1e-3 measured better here (bench/RESULTS.md)")
 _COMMON = ("lr", "seed", "grad_clip", "d_sae")
 _TOPK = ("k", "aux_coeff", *_COMMON)
+_JUMP_KNOBS = ("l0_coeff", "bandwidth", "threshold_init", *_COMMON)
 ARCHS = {
-    "relu": Arch("relu", "l1", True, True, ("l1_coeff", *_COMMON), (0.9, 0.99)),
-    "relu_april": Arch("relu", "l1_decoder_norm", False, False, ("l1_coeff", "decoder_init_norm", *_COMMON)),
-    "topk": Arch("topk", "none", True, True, _TOPK, extra_losses=("auxk",)),
-    "batchtopk": Arch("batchtopk", "none", True, True, _TOPK, extra_losses=("auxk",)),
-    "jumprelu": Arch("jumprelu", "l0", False, False, ("l0_coeff", "bandwidth", "threshold_init", *_COMMON), (0.0, 0.999)),
+    "relu": Arch("relu", "l1", True, True, ("l1_coeff", *_COMMON), _L1, betas=(0.9, 0.99)),
+    "relu_april": Arch("relu", "l1_decoder_norm", False, False, ("l1_coeff", "decoder_init_norm", *_COMMON), _APRIL),
+    "topk": Arch("topk", "none", True, True, _TOPK, _GAO, extra_losses=("auxk",)),
+    "batchtopk": Arch("batchtopk", "none", True, True, _TOPK, _GAO, extra_losses=("auxk",)),
+    "jumprelu": Arch("jumprelu", "l0", False, False, _JUMP_KNOBS, _JUMP, betas=(0.0, 0.999)),
     "jumprelu_tanh": Arch("jumprelu", "tanh", False, False,
                           ("l0_coeff", "tanh_c", "preact_coeff", "bandwidth", "threshold_init", *_COMMON),
-                          (0.9, 0.999), extra_losses=("preact",)),
-    "matryoshka": Arch("batchtopk", "none", True, True, _TOPK, extra_losses=("auxk",), nested=True),
-    "gated": Arch("gated", "l1_gate", True, True, ("l1_coeff", *_COMMON), (0.0, 0.999), extra_losses=("gate_aux",)),
-    "panneal": Arch("relu", "lp", True, True, ("l1_coeff", "p_end", *_COMMON)),
-    "crosscoder": Arch("relu", "l1_decoder_norm", False, False, ("l1_coeff", "decoder_init_norm", *_COMMON)),
+                          Recipe(1e-3, 0.05, 0.8, 1.0, 1.0, 10_000_000,
+                                 reference="Anthropic, Circuit Tracing 2025 (schedule); 1e-3 measured better than 1e-4 "
+                                           "here (bench/RESULTS.md)"),
+                          extra_losses=("preact",)),
+    "matryoshka": Arch("batchtopk", "none", True, True, _TOPK, _GAO, extra_losses=("auxk",), nested=True),
+    "gated": Arch("gated", "l1_gate", True, True, ("l1_coeff", *_COMMON),
+                  Recipe(1e-3, 0.05, 0.8, 0.10, 1.0, 1_000_000,
+                         reference="Rajamanoharan et al. 2024a use 5e-5; 1e-3 measured better here (bench/RESULTS.md)"),
+                  betas=(0.0, 0.999), extra_losses=("gate_aux",)),
+    "panneal": Arch("relu", "lp", True, True, ("l1_coeff", "p_end", *_COMMON), _L1),
+    "crosscoder": Arch("relu", "l1_decoder_norm", False, False, ("l1_coeff", "decoder_init_norm", *_COMMON), _APRIL,
+                       reads_every_source=True),
 }
+assert tuple(ARCHS) == get_args(ArchName), "ArchName must list ARCHS"
 CLT_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")  # what a cross-layer transcoder may use
 
 

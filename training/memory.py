@@ -82,6 +82,15 @@ def estimate(members: list, batch_size: int, group_members: int, columns: int, p
     return Estimate(parameters, 16 * parameters, activations, 4 * batch_size * columns * (1 + prefetch))
 
 
+def combine(estimates: list[Estimate]) -> Estimate:
+    """Several ensembles stepped one after another on the same batches: their weights and states
+    add up, only the largest group's step is alive at a time, and the batches are read once."""
+    if not estimates:
+        return Estimate(0, 0, 0, 0)
+    return Estimate(sum(e.parameters for e in estimates), sum(e.state_bytes for e in estimates),
+                    max(e.activation_bytes for e in estimates), max(e.batch_bytes for e in estimates))
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Free memory of the device (a CUDA GPU's, or the host's MemAvailable); None if unknown."""
     if device.type == "cuda":

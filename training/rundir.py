@@ -11,6 +11,7 @@ Nothing is written before the caller has validated the whole configuration.
 """
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -36,7 +37,9 @@ def claim(out: Path, identity: dict, overwrite: bool, defaults: dict, config_nam
         elif not config_file.exists():
             raise RunDirError(f"{out} is not empty and holds no run of this kind: choose another --output_dir or pass --overwrite")
         else:
-            theirs = {**defaults, **json.loads(config_file.read_text())}
+            # fields a later version no longer has do not change what is trained by this one
+            recorded = {k: v for k, v in json.loads(config_file.read_text()).items() if k in identity or k in defaults}
+            theirs = {**defaults, **recorded}
             if theirs != identity:
                 diff = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
                 raise RunDirError(f"{out} holds another run (differs in: {', '.join(diff)}): "
@@ -56,3 +59,14 @@ def _move_aside(out: Path) -> Path:
         n += 1
     out.rename(backup)
     return backup
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """sweep.json (everything) and sweep.csv (one row per member)."""
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    rows = summary["members"]
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)

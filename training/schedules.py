@@ -1,11 +1,8 @@
-"""Per-architecture training recipes, and the schedules that follow them step by step.
+"""The schedules that follow each architecture's recipe (training/members.py) step by step.
 
-A recipe is what the reference implementation of an architecture trains with: learning rate,
-warm-ups, decay, gradient clipping and the window after which a latent counts as dead. Every
-value is a default that a flag overrides; the resolved values are written to sweep_config.json.
-Warm-ups and decay are fractions of the run, so they keep their meaning when a run is short
-(the references' own step counts are quoted beside each recipe); `short_run_note` says when a
-run is too short for its schedule to mean anything.
+Every recipe value is a default that a flag overrides; the resolved values are written to
+sweep_config.json. Warm-ups and decay are fractions of the run, so they keep their meaning when a
+run is short; `short_run_note` says when a run is too short for its schedule to mean anything.
 
 Schedules are functions of the step alone, so a resumed run follows the same schedule:
   lr_t       = lr · min(1, (t+1)/warm-up) · (linear decay to 0 from decay_start·T)
@@ -21,53 +18,6 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """An architecture's reference training recipe (fractions are of the run's steps)."""
-
-    lr: float
-    """Adam learning rate (for TopK-family: at 2¹⁴ latents, scaled by 1/√(d_sae/2¹⁴))."""
-    lr_warmup: float
-    """Fraction of the run over which the learning rate rises linearly from 0."""
-    lr_decay_start: float | None
-    """Fraction of the run after which the learning rate decays linearly to 0 (None: never)."""
-    sparsity_warmup: float
-    """Fraction of the run over which the sparsity coefficient rises linearly from 0."""
-    grad_clip: float | None
-    """Per-member gradient-norm clip."""
-    dead_tokens: int
-    """Tokens without firing after which a latent is dead (AuxK, resampling, reports)."""
-    scale_lr_with_width: bool = False
-    """lr ∝ 1/√(d_sae / 2¹⁴) (Gao et al. 2024)."""
-    reference: str = ""
-
-    def learning_rate(self, d_sae: int) -> float:
-        return self.lr / math.sqrt(d_sae / 2**14) if self.scale_lr_with_width else self.lr
-
-
-# References: dictionary_learning's trainers (lr warm-up 1000 steps, sparsity warm-up 2000 steps,
-# decay over the last 20%, clip 1, on runs of ~10k–25k steps: ≈ 5% and 10%); Anthropic's
-# April 2024 update and crosscoder recipe (λ warm-up 5%, decay over the last 20%, clip 1);
-# Gao et al. 2024 for TopK (lr 2e-4/√(m/2¹⁴), dead after 10M tokens); Rajamanoharan et al. 2024
-# / dictionary_learning for JumpReLU (lr 7e-5) and Gated (lr 5e-5); Anthropic's "Circuit Tracing"
-# (2025) for the cross-layer transcoder (λ warms up over the whole run).
-_L1 = Recipe(1e-3, 0.05, 0.8, 0.10, 1.0, 1_000_000, reference="dictionary_learning standard: lr 1e-3")
-RECIPES = {
-    "relu": _L1,
-    "panneal": _L1,
-    "relu_april": Recipe(1e-3, 0.0, 0.8, 0.05, 1.0, 1_000_000, reference="Anthropic April 2024 update"),
-    "crosscoder": Recipe(1e-3, 0.0, 0.8, 0.05, 1.0, 1_000_000, reference="Anthropic crosscoders (Lindsey et al. 2024)"),
-    "topk": Recipe(2e-4, 0.05, 0.8, 0.0, 1.0, 10_000_000, scale_lr_with_width=True, reference="Gao et al. 2024"),
-    "batchtopk": Recipe(2e-4, 0.05, 0.8, 0.0, 1.0, 10_000_000, scale_lr_with_width=True, reference="Bussmann et al. 2024"),
-    "matryoshka": Recipe(2e-4, 0.05, 0.8, 0.0, 1.0, 10_000_000, scale_lr_with_width=True, reference="Bussmann et al. 2025"),
-    "jumprelu": Recipe(1e-3, 0.05, 0.8, 0.10, 1.0, 10_000_000,
-                       reference="Rajamanoharan et al. 2024 use 7e-5; 1e-3 measured better here (bench/RESULTS.md)"),
-    "jumprelu_tanh": Recipe(1e-3, 0.05, 0.8, 1.0, 1.0, 10_000_000,
-                            reference="Anthropic, Circuit Tracing 2025 (schedule); 1e-3 measured better than 1e-4 here "
-                                      "(bench/RESULTS.md)"),
-    "gated": Recipe(1e-3, 0.05, 0.8, 0.10, 1.0, 1_000_000,
-                    reference="Rajamanoharan et al. 2024a use 5e-5; 1e-3 measured better here (bench/RESULTS.md)"),
-}
 MIN_STEPS = 300  # below this, no schedule of any recipe means much
 
 

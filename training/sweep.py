@@ -27,6 +27,14 @@ _INT_FIELDS = {"k", "seed", "d_sae"}
 _SHORT = {"l1_coeff": "l1", "l0_coeff": "l0"}  # how an axis appears in member names
 
 
+def axis_scope(spec: str) -> tuple[str | None, str]:
+    """'topk:k=20,40' → ("topk", "k=20,40"): an axis for one architecture of the run; 'k=20,40' → (None, …)."""
+    head, sep, rest = spec.partition(":")
+    if sep and "=" not in head:
+        return head.strip(), rest
+    return None, spec
+
+
 def parse_axis(spec: str) -> tuple[str, list[float]]:
     """'k=16,32' → ("k", [16, 32]); values may be logspace(a,b,n) or linspace(a,b,n)."""
     name, sep, values = spec.partition("=")
@@ -68,9 +76,11 @@ def shorthand_axis(arch_knobs: tuple[str, ...], l1_min: float, l1_max: float, n_
     return {field: [float(v) for v in values]}
 
 
-def member_name(e: int, member: MemberConfig, axes: list[str], label: str = "") -> str:
+def member_name(e: int, member: MemberConfig, axes: list[str], label: str = "", arch: str | None = None) -> str:
     """Directory name of member e from its wiring's label and the knobs the sweep varies, e.g.
-    03_l1_0.00072, 01_k_32_seed_1, 05_L02_k_16."""
+    03_l1_0.00072, 01_k_32_seed_1, 05_L02_k_16; with `arch` (a run of several architectures) it
+    leads, e.g. topk_01_k_40, so a listing sorts by architecture."""
     parts = [f"{_SHORT.get(a, a)}_{getattr(member, a):.3g}" for a in axes]
     parts = ([label] if label else []) + parts
-    return "_".join([f"{e:02d}", *parts]) if parts else f"{e:02d}_{member.arch}"
+    head = [arch] if arch else []
+    return "_".join([*head, f"{e:02d}", *parts]) if parts or arch else f"{e:02d}_{member.arch}"

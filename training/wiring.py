@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from cache.models import parse_layers
 from cache.store import ActivationStore, SourceInfo, StoreError
+from training.members import ARCHS
 
 INPUT_KINDS = ("mlp_in_normalized", "mlp_in")  # an MLP's input, in order of preference
 TARGET_KIND = "mlp_out"
@@ -74,7 +75,7 @@ def plan_wirings(store: ActivationStore, *, source: str | None, sources: tuple[s
 def _default_sources(store: ActivationStore, arch: str) -> list[str]:
     """The store's only source; a crosscoder reads every source of the store (of one width)."""
     names = [s.name for s in store.sources]
-    if arch == "crosscoder" and len(names) > 1:
+    if ARCHS[arch].reads_every_source and len(names) > 1:
         widths = {s.name: s.d for s in store.sources}
         if len(set(widths.values())) > 1:
             raise StoreError(f"store {store.path} holds sources of several widths {widths}: "
