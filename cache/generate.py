@@ -169,7 +169,7 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
-class Member:
+class RunModel:
     """One model of the run and the sources it writes."""
 
     label: str | None  # prefix of its source names; None in an unpaired run (plain hook names)
@@ -185,7 +185,7 @@ class Member:
 
 
 @dataclass(frozen=True)
-class Layout:
+class StoreLayout:
     """How rows fall into sequences, chunks and blocks."""
 
     rows_per_seq: int
@@ -211,12 +211,12 @@ class Layout:
         return max(0, min(self.seqs_per_block, self.n_seqs - block * self.seqs_per_block))
 
 
-def plan_layout(cfg: GenerateConfig, bytes_per_row: int, first_pos: int) -> Layout:
+def plan_layout(cfg: GenerateConfig, bytes_per_row: int, first_pos: int) -> StoreLayout:
     rows_per_seq = cfg.context_length - first_pos
     seqs_per_chunk = max(1, round(cfg.chunk_mb * 2**20 / (rows_per_seq * bytes_per_row)))
     chunk_rows = rows_per_seq * seqs_per_chunk
     n_chunks = cfg.n_chunks or math.ceil(cfg.n_tokens / chunk_rows)
-    return Layout(rows_per_seq, seqs_per_chunk, n_chunks, cfg.chunks_per_block, first_pos)
+    return StoreLayout(rows_per_seq, seqs_per_chunk, n_chunks, cfg.chunks_per_block, first_pos)
 
 
 def generate(cfg: GenerateConfig, processes: Processes = Processes()) -> ActivationStore:
@@ -329,7 +329,7 @@ def _generate(cfg: GenerateConfig, existing: ActivationStore | None, processes: 
     return ActivationStore.open(cfg.where) if processes.rank else store
 
 
-def _create(cfg: GenerateConfig, layout: Layout, sources: list, members: list, prepend_bos: bool, bos_id) -> ActivationStore:
+def _create(cfg: GenerateConfig, layout: StoreLayout, sources: list, members: list, prepend_bos: bool, bos_id) -> ActivationStore:
     return ActivationStore.create(
         cfg.where,
         identity=cfg.identity(),
@@ -365,7 +365,7 @@ def _existing_store(cfg: GenerateConfig) -> ActivationStore | None:
     return store
 
 
-def _load_members(cfg: GenerateConfig) -> list[Member]:
+def _load_members(cfg: GenerateConfig) -> list[RunModel]:
     """The model, or the pair of models, with hooks resolved and validated against each. A pair
     must share its tokenizer; with `require_equal_widths` also its activation widths."""
     specs = [(cfg.model, cfg.model_path)] + ([(cfg.paired_model, cfg.paired_model_path)] if cfg.paired else [])
@@ -380,7 +380,7 @@ def _load_members(cfg: GenerateConfig) -> list[Member]:
                        kind=hook_kind(h)[1])
             for h, d in _hook_widths(model, hooks).items()
         )
-        members.append(Member(label, model_name, name, path, model, sources))
+        members.append(RunModel(label, model_name, name, path, model, sources))
     if cfg.paired:
         first, second = members
         check_same_tokenizer(first.model.tokenizer, second.model.tokenizer, (first.name, second.name))
@@ -389,7 +389,7 @@ def _load_members(cfg: GenerateConfig) -> list[Member]:
     return members
 
 
-def _check_equal_widths(first: Member, second: Member) -> None:
+def _check_equal_widths(first: RunModel, second: RunModel) -> None:
     unequal = [f"{a.hook} ({a.d} vs {b.d})" for a, b in zip(first.sources, second.sources) if a.d != b.d]
     if unequal:
         raise ModelError(
@@ -418,7 +418,7 @@ def record_hooks(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, tor
     return saved
 
 
-def _write_blocks(cfg, members: list[Member], layout: Layout, store: ActivationStore, sequences: Iterator,
+def _write_blocks(cfg, members: list[RunModel], layout: StoreLayout, store: ActivationStore, sequences: Iterator,
                   processes: Processes) -> None:
     """Write this rank's blocks that have no record yet; those past the end of the text get an
     empty record."""
@@ -456,7 +456,7 @@ def _describe(blocks: list[int]) -> str:
     return shown + (f", … ({len(blocks)} blocks)" if len(blocks) > 6 else "")
 
 
-def _block_batches(sequences: Iterator[np.ndarray], layout: Layout, batch_size: int,
+def _block_batches(sequences: Iterator[np.ndarray], layout: StoreLayout, batch_size: int,
                    blocks: set[int]) -> Iterator[tuple[int, torch.Tensor]]:
     """(block, batch of its token sequences) for `blocks`, in order; the other blocks' sequences
     are read past. Batches never cross a block boundary (so the blocks, and the store, do not
@@ -477,7 +477,7 @@ def _block_batches(sequences: Iterator[np.ndarray], layout: Layout, batch_size: 
             yield block, torch.from_numpy(np.stack(batch))
 
 
-def _block_rows(cfg, members: list[Member], layout: Layout, batches: Iterator[torch.Tensor], block_index: int) -> RowBlock:
+def _block_rows(cfg, members: list[RunModel], layout: StoreLayout, batches: Iterator[torch.Tensor], block_index: int) -> RowBlock:
     """Forward one block's batches as they arrive (every model on the same batch), drop excluded
     positions, check, cast; then permute the block's rows."""
     sources = [src for member in members for src in member.sources]
@@ -525,7 +525,7 @@ def _check_values(values: torch.Tensor, source: str, dtype: str) -> None:
         )
 
 
-def _store_info(cfg: GenerateConfig, members: list[Member], prepend_bos: bool, bos_id) -> dict:
+def _store_info(cfg: GenerateConfig, members: list[RunModel], prepend_bos: bool, bos_id) -> dict:
     """Model, tokenizer and text facts for readers. The top-level model fields describe the first
     model (the one whose tokenizer made the ids); `models` lists every model of the run."""
     tokenizer = members[0].model.tokenizer
@@ -544,7 +544,7 @@ def _store_info(cfg: GenerateConfig, members: list[Member], prepend_bos: bool, b
     }
 
 
-def _model_info(member: Member) -> dict:
+def _model_info(member: RunModel) -> dict:
     model = member.model
     return {
         "model_name": member.name,

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import google_crc32c
 
+from cache.errors import StoreError
+
 if TYPE_CHECKING:
     from cache.store import ActivationStore
 
@@ -76,7 +78,7 @@ def read_manifest(store: "ActivationStore") -> dict[str, tuple[int, int]]:
     try:
         content = json.loads(data)
     except ValueError as err:
-        raise store_error(damage(store.path, MANIFEST, f"cannot be read ({err})")) from None
+        raise StoreError(damage(store.path, MANIFEST, f"cannot be read ({err})")) from None
     return {key: (size, crc) for key, (size, crc) in content["chunks"].items()}
 
 
@@ -88,12 +90,12 @@ def checked_bytes(store: "ActivationStore", key: str) -> bytes:
     if manifest is None:
         return data
     if key not in manifest:
-        raise store_error(damage(store.path, key, f"is not in {MANIFEST}"))
+        raise StoreError(damage(store.path, key, f"is not in {MANIFEST}"))
     size, crc = manifest[key]
     if len(data) != size:
-        raise store_error(damage(store.path, key, f"has {len(data):,} bytes, {size:,} were written (truncated or overwritten)"))
+        raise StoreError(damage(store.path, key, f"has {len(data):,} bytes, {size:,} were written (truncated or overwritten)"))
     if crc32c(data) != crc:
-        raise store_error(damage(store.path, key, "fails its checksum (its bytes changed since they were written)"))
+        raise StoreError(damage(store.path, key, "fails its checksum (its bytes changed since they were written)"))
     return data
 
 
@@ -101,7 +103,7 @@ def check_files(store: "ActivationStore", arrays: list[str]) -> None:
     """Presence and size of every chunk file of `arrays` (one listing each); the first problem raises."""
     problem = next(_file_problems(store, arrays), None)
     if problem is not None:
-        raise store_error(problem[1])
+        raise StoreError(problem[1])
 
 
 def verify(store: "ActivationStore", progress: bool = True) -> list[str]:
@@ -161,8 +163,3 @@ def _ranges(store: "ActivationStore", rows: tuple[int, int], sequences: tuple[in
     for array in store.array_names():
         yield array, (sequences if array == "sequences" else rows)
 
-
-def store_error(message: str) -> ValueError:
-    from cache.store import StoreError  # the store imports this module
-
-    return StoreError(message)

@@ -36,6 +36,7 @@ import torch
 import zarr
 
 from cache import integrity
+from cache.errors import StoreError
 from cache.location import Location, location
 
 FORMAT_NAME = "sae-sweep-activations"
@@ -47,10 +48,6 @@ _NUMPY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.floa
 STORAGE_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Largest finite magnitude of each storage dtype: a value above it would be stored as inf.
 STORAGE_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38}
-
-
-class StoreError(ValueError):
-    """A store that is missing, incomplete, damaged, or does not match what the caller asked for."""
 
 
 @dataclass(frozen=True)

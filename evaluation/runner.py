@@ -38,10 +38,9 @@ from evaluation.model_diff import write_diff_analysis
 from evaluation.plots import plot_sweep
 from evaluation.report import write_report
 from evaluation.splice import Splice, recovered, single, spliced_losses
-from formats import circuit_tracer
+from formats import load_any
+from formats.saelens import save_density
 from training.rundir import write_summary
-from formats.crosscoder import crosscoder_forward, is_crosscoder_dir, load_crosscoder
-from formats.saelens import load_saelens, saelens_forward, save_density
 
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # raw inputs [B, I] → (f [B, F], ŷ [B, O])
 _PER_TARGET_METRICS = ("mse", "fvu", "explained_variance", "cosine", "l2_ratio")
@@ -71,7 +70,9 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class _Member:
+class LoadedMember:
+    """A member as evaluation uses it: what it reads and writes, and its forward on raw inputs."""
+
     name: str
     d_sae: int
     inputs: list[str]  # source names it reads, side by side
@@ -186,37 +187,17 @@ def open_run_store(summary: dict, run_dir: Path, storage_options: dict | None = 
                      + ": move it back, or rerun training with --cache pointing at it")
 
 
-def _load(directory: Path, row: dict, summary: dict, device: str) -> _Member:
-    """A member in its format, with a forward on raw inputs side by side."""
+def _load(directory: Path, row: dict, summary: dict, device: str) -> LoadedMember:
+    """A member in its format (formats.load_any), with the sources it reads and writes."""
+    loaded = load_any(directory, device)
     store_sources = summary["store"].get("sources") or [summary["store"]["source"]]
-    if circuit_tracer.is_circuit_tracer_dir(directory):
-        c, layers = circuit_tracer.load(directory, device)
-        L, d = len(layers), layers[0]["W_enc"].shape[1]
-
-        def clt_forward(x_BI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return circuit_tracer.forward(c, layers, x_BI.view(-1, L, d))
-
-        weights = {f"{k}_{layer}": v for layer, t in enumerate(layers) for k, v in t.items()}
-        return _Member(row["name"], L * layers[0]["W_enc"].shape[0], list(row["inputs"]), list(row["targets"]),
-                       clt_forward, c, weights)
-    if is_crosscoder_dir(directory):
-        c, w = load_crosscoder(directory, device)
-        S, D = c["n_sources"], c["d_in"]
-
-        def forward(x_BI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            f_BF, x_hat_BSD = crosscoder_forward(c, w, x_BI.view(-1, S, D))
-            return f_BF, x_hat_BSD.flatten(1)
-
-        names = [s["name"] for s in c["sources"]]
-        return _Member(row["name"], c["d_sae"], names, names, forward, c, w)
-    c, w = load_saelens(directory, device)
-    inputs = list(row.get("inputs") or store_sources)
-    targets = list(row.get("targets") or inputs)
-    return _Member(row["name"], c["d_sae"], inputs, targets, lambda x, c=c, w=w: saelens_forward(c, w, x), c, w)
+    inputs = list(loaded.sources or row.get("inputs") or store_sources)
+    targets = list(loaded.sources or row.get("targets") or inputs)
+    return LoadedMember(row["name"], loaded.d_sae, inputs, targets, loaded.forward, loaded.config, loaded.weights)
 
 
 @torch.no_grad()
-def _reconstruction_metrics(cfg: EvalConfig, store, summary, members: list[_Member], rows
+def _reconstruction_metrics(cfg: EvalConfig, store, summary, members: list[LoadedMember], rows
                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Held-out L0/MSE/FVU/... into `rows` (and per target for members writing several); return
     each member's firing density [F] (over its own width) and the held-out mean raw activation of
@@ -270,7 +251,7 @@ def _reconstruction_metrics(cfg: EvalConfig, store, summary, members: list[_Memb
     return density, {s: (v / n_rows).float() for s, v in sums.items()}
 
 
-def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[_Member], rows,
+def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[LoadedMember], rows,
                         mean_raw: dict[str, torch.Tensor]) -> dict:
     """Spliced CE/KL of every member at each of its targets into `rows` (per target where it
     writes several, their mean at the top level); return the clean and ablation baselines."""
@@ -363,7 +344,7 @@ def _replacement_splices(clts: list, store, mean_raw: dict) -> dict[tuple[str, s
     return splices
 
 
-def _splice(member: _Member, target: str, store, clean: dict[str, torch.Tensor], first_pos: int) -> Splice:
+def _splice(member: LoadedMember, target: str, store, clean: dict[str, torch.Tensor], first_pos: int) -> Splice:
     """How `member` replaces `target`'s hook: its reconstruction of the hook's own rows (SAE), its
     reconstruction from the clean activations of all its sources (crosscoder), or its output from
     its input hook recorded earlier in the same pass (transcoder, CLT)."""
@@ -383,7 +364,7 @@ def _splice(member: _Member, target: str, store, clean: dict[str, torch.Tensor],
                   record=tuple(store.source(s).hook for s in member.inputs))
 
 
-def _from_inputs(member: _Member, target: str, store):
+def _from_inputs(member: LoadedMember, target: str, store):
     """A transcoder's (or CLT's) output at `target`, from its inputs recorded earlier in the same
     forward pass. A CLT's output at layer m reads the inputs of layers ≤ m only, which are the
     ones recorded by then; later layers' slots get zeros (they do not write to m)."""
@@ -399,7 +380,7 @@ def _from_inputs(member: _Member, target: str, store):
     return replace
 
 
-def replacement_model(member: _Member, store) -> Splice:
+def replacement_model(member: LoadedMember, store) -> Splice:
     """Every target of a CLT replaced at once, each from the inputs as they flow in that pass
     (earlier replaced outputs included): the replacement model of Anthropic's circuit tracing."""
     return Splice(tuple((store.source(t).hook, _from_inputs(member, t, store)) for t in member.targets),
