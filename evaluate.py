@@ -20,13 +20,20 @@ from cache.cli_options import SpaceSeparated, run_or_exit, storage_options_optio
               help="Instead: several finished run directories, drawn in one set of plots and one table (--out).")
 @click.option("--out", default=None, help="With --compare: where compare.md, compare.csv and the plots go.")
 @click.option("--force", is_flag=True, help="With --compare: compare runs of different models or hooks anyway.")
+@click.option("--browser", is_flag=True, help="Also write browser/: a static feature browser of every latent (file://).")
+@click.option("--browser_rows", type=int, default=None,
+              help="Build the browser from the first N training rows [default: the store's held-out rows].")
+@click.option("--browser_format", type=click.Choice(["site", "neuronpedia"]), default="site",
+              help="site: browser/ (static pages); neuronpedia: neuronpedia/<member>/batch-N.json for its upload.")
+@click.option("--serve", is_flag=True, help="After writing the browser, serve it on http://127.0.0.1:8000 (Ctrl-C stops).")
 @click.option("--n_sequences", type=int, default=64, help="Held-out sequences for spliced CE/KL (0 skips it).")
 @click.option("--batch_size", type=int, default=8, help="Sequences per model forward pass.")
 @click.option("--row_batch_size", type=int, default=2048, help="Held-out rows per batch for reconstruction metrics.")
 @click.option("--device", default="cpu", help="Device for the model and the dictionaries.")
 @storage_options_option("The run's store")
 @click.option("--cache_dir", default=None, help="A store at a URL: keep a local copy of every chunk read in this directory.")
-def main(compare: tuple[str, ...], out: str | None, force: bool, **options) -> None:
+def main(compare: tuple[str, ...], out: str | None, force: bool, browser: bool, browser_rows: int | None,
+         browser_format: str, serve: bool, **options) -> None:
     """Evaluate every member of a sweep and write report.md; or compare several sweeps."""
     import time
     from pathlib import Path
@@ -48,7 +55,28 @@ def main(compare: tuple[str, ...], out: str | None, force: bool, **options) -> N
     options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
     rows = run_or_exit(lambda: evaluate_run(EvalConfig(**options)))
     click.echo(format_table(rows))
+    if browser or browser_rows is not None or browser_format != "site":
+        write_browser(options["run_dir"], browser_rows, browser_format, options["device"], serve)
     click.echo(f"\ndone {took(start)}: open {options['run_dir']}/report.md")
+
+
+def write_browser(run_dir: str, rows: int | None, form: str, device: str, serve: bool) -> None:
+    """browser/ (or neuronpedia/) beside report.md; --serve opens it over http on 127.0.0.1."""
+    from evaluation.browser import BrowserConfig, build_browser
+
+    target = run_or_exit(lambda: build_browser(BrowserConfig(run_dir=run_dir, rows=rows, format=form, device=device)))
+    click.echo(f"browser: open {target / 'index.html'}" if form == "site" else f"neuronpedia batches in {target}")
+    if serve and form == "site":
+        import functools
+        import http.server
+
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(target))
+        with http.server.ThreadingHTTPServer(("127.0.0.1", 8000), handler) as server:
+            click.echo("serving on http://127.0.0.1:8000/index.html (Ctrl-C stops)")
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
 
 
 def _compare(run_dirs: tuple[str, ...], out: str | None, force: bool, start: float) -> None:

