@@ -109,7 +109,7 @@ def measure_generation(cfg: GenerateConfig) -> tuple[float, ActivationStore, Rss
     from cache import integrity
 
     checksum = Stopwatch()
-    originals = {name: getattr(integrity, name) for name in ("record_block", "write_manifest")}
+    originals = {name: getattr(integrity, name) for name in ("block_checksums", "write_manifest")}
 
     def timed(fn):
         def run(*args, **kwargs):

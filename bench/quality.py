@@ -205,9 +205,9 @@ def main(archs, references, steps, batch_size, ratio, ks, coeffs, eval_tokens, l
         with tempfile.TemporaryDirectory() as tmp:
             knob = KNOB.get(arch)
             axis = f"{knob}={coeffs or DEFAULT_COEFFS[arch]}" if knob else f"k={ks}"
-            cfg = SweepConfig.from_flat(cache=cache, output_dir=str(Path(tmp) / arch), arch=arch, sweep=(axis,),
-                                        ratio=ratio, batch_size=batch_size, n_tokens=steps * batch_size,
-                                        eval_tokens=eval_tokens, lr=lr, seed=seed, **_overrides(overrides))
+            flat = dict(cache=cache, output_dir=str(Path(tmp) / arch), arch=arch, sweep=(axis,), ratio=ratio,
+                        batch_size=batch_size, n_tokens=steps * batch_size, eval_tokens=eval_tokens, lr=lr, seed=seed)
+            cfg = SweepConfig.from_flat(**{**flat, **_overrides(overrides)})
             store, _, stream, _ = open_training_stream(cfg)
             rows_ND = held_out_rows(stream, eval_tokens)
             ours, resolved, _ = run_ours(cfg, rows_ND)

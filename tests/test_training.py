@@ -204,3 +204,18 @@ def test_held_out_rows_are_whole_sequences_even_inside_a_shuffled_block(tmp_path
     assert all(torch.equal(x[:, 0].long(), ids[:, 0]) for x, ids in batches_with_ids)  # rows and ids stay aligned
     resumed = torch.cat(list(stream.train_batches(0, start_batch=5)))[:, 0].long().tolist()
     assert resumed == trained[5 * 37 :]
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated"])
+def test_encoder_starts_at_the_decoder_transpose_scaled_so_that_the_first_reconstruction_is_about_x(arch):
+    """The rule kept after bench/quality.py's ablations: W_enc = W_decᵀ · 2I/F where decoder rows are
+    unit norm (E[ReLU(w·x) w] = x/(2I) for random unit rows w), b_enc 0, decoder rows unit norm."""
+    d = Dictionary([MemberConfig(d_in=64, d_sae=4096, arch=arch, k=4096, l1_coeff=0.0, seed=3)])
+    W_dec = d.W_dec[0]
+    torch.testing.assert_close(W_dec.norm(dim=-1), torch.ones(4096))
+    torch.testing.assert_close(d.W_enc[0], W_dec.T * (2 * 64 / 4096))
+    assert d.b_enc.abs().max() == 0
+    if arch == "relu":  # with every latent able to fire, x̂ ≈ x from the first step
+        x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+        x_hat = d.loss(x).x_hat[0]
+        assert (x_hat - x).pow(2).sum() / x.pow(2).sum() < 0.1

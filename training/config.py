@@ -22,7 +22,7 @@ from training.sweep import axis_scope, parse_axis
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
 RUNTIME_FIELDS = ("output_dir", "device", "overwrite", "checkpoint_every", "prefetch", "storage_options", "cache_dir",
-                  "data_parallel", "break_lock")
+                  "data_parallel", "break_lock", "compile", "topk_decode")
 SHORTHAND_DEFAULTS = (-4.0, -2.0, 8)  # --l1_min, --l1_max, --n_models when the shorthand applies by default
 
 
@@ -270,6 +270,15 @@ class SweepConfig:
     members on whole batches]."""
     break_lock: bool = False
     """Take over the output's lock (OUTPUT_DIR.lock) even when another host holds it."""
+    precision: Literal["fp32", "tf32", "bf16"] | None = None
+    """Matmul precision: fp32; tf32 (CUDA tensor cores, float32 storage); bf16 (encoder and decoder products in
+    bfloat16 under autocast; weights, gradients, Adam moments and losses float32) [default: tf32 on CUDA, fp32
+    elsewhere: bfloat16 products on a CPU are ~200× slower]."""
+    compile: bool = False
+    """torch.compile each ensemble's forward (and so its backward); off until measured faster (bench/RESULTS.md)."""
+    topk_decode: Literal["auto", "sparse", "dense"] = "auto"
+    """TopK members' decode: the k active decoder rows gathered (sparse) or a dense product [default: sparse on a CPU,
+    on a GPU whichever a timed step finds faster]."""
 
     def __post_init__(self):
         from cache.devices import check_device
@@ -277,6 +286,8 @@ class SweepConfig:
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint_every must be positive, got {self.checkpoint_every}")
         check_device(self.device)
+        if self.precision == "tf32" and not self.device.startswith("cuda"):
+            raise ValueError(f"--precision tf32 is a CUDA matmul mode; on {self.device} use fp32 (or bf16)")
         archs = self.grid.arch
         if self.schedule.resample_every:
             others = [a for a in archs if not ARCHS[a].resamples]
@@ -290,6 +301,9 @@ class SweepConfig:
     @property
     def archs(self) -> tuple[str, ...]:
         return self.grid.arch
+
+    def resolved_precision(self) -> str:
+        return self.precision or ("tf32" if self.device.startswith("cuda") else "fp32")
 
     @classmethod
     def from_flat(cls, **values) -> "SweepConfig":

@@ -9,6 +9,7 @@ Invariant (tested): member e of an ensemble equals the same configuration traine
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from training.dictionary import Dictionary, Stats
+from training.dictionary import Dictionary, Stats, default_columns
 from training.members import MemberConfig
 
 
@@ -73,13 +74,44 @@ class StepOutput(NamedTuple):
     l0: torch.Tensor  # [E]
 
 
-def group_size(members: list[MemberConfig], batch_size: int, device: torch.device, member_chunk: int | None = None) -> int:
-    """Members per forward/backward group: all of them on a GPU; on a CPU as many as keep one
-    group's [B, F] activations near 64 MB (beyond that, caches overflow and it runs slower)."""
+GPU_HEADROOM = 0.8  # of a GPU's free memory a sweep plans to use (the allocator, kernels' workspaces keep the rest)
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    """What this process can still allocate on the GPU: the driver's free memory and the blocks
+    PyTorch's allocator holds unused."""
+    free = torch.cuda.mem_get_info(device)[0]
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def step_bytes_per_member(members: list[MemberConfig], batch_size: int) -> int:
+    """One member's forward/backward intermediates at `batch_size` (training/memory.py's rule)."""
+    m = members[0]
+    return 8 * 4 * batch_size * (m.n_groups * max(x.d_sae for x in members) + m.member_out)
+
+
+def group_size(members: list[MemberConfig], batch_size: int, device: torch.device, member_chunk: int | None = None,
+               free_bytes: int | None = None, resident_bytes: int | None = None) -> int:
+    """Members per forward/backward group. On a GPU: as many as fit in GPU_HEADROOM of its free
+    memory (`free_bytes`, default what CUDA reports) beside `resident_bytes` still to be placed
+    there (default every member's weights, gradients and Adam moments); a sweep that cannot fit
+    one member's step is refused. On a CPU: as many as keep one group's [B, F] activations near
+    64 MB (beyond that, caches overflow and it runs slower)."""
+    from training.memory import parameter_count
+
     if member_chunk is not None:
         return member_chunk
+    per_member = step_bytes_per_member(members, batch_size)
     if device.type == "cuda":
-        return len(members)
+        free = free_bytes if free_bytes is not None else cuda_free_bytes(device)
+        resident = resident_bytes if resident_bytes is not None else 16 * parameter_count(members)
+        room = GPU_HEADROOM * free - resident
+        if room < per_member:
+            raise ValueError(f"{len(members)} × {members[0].arch} ({max(m.d_sae for m in members):,} latents) do not fit on "
+                             f"{device}: {free / 2**30:.1f} GiB free, {resident / 2**30:.1f} GiB for the weights and "
+                             f"Adam, {per_member / 2**30:.2f} GiB for one member's step: fewer members per process "
+                             "(torchrun), fewer latents or a smaller --batch_size")
+        return max(1, min(len(members), int(room // per_member)))
     bytes_per_member = batch_size * max(m.d_sae for m in members) * members[0].n_groups * 4
     return max(1, (64 * 2**20) // bytes_per_member)
 
@@ -96,13 +128,22 @@ class Ensemble:
     """
 
     def __init__(self, members: list[MemberConfig], device: str | torch.device = "cpu", member_chunk: int | None = None,
-                 dead_tokens: int = 10_000_000,
-                 columns: dict[str, tuple[int, int]] | None = None):
-        """`columns`: where each source sits in the batches (see training.dictionary.Dictionary)."""
+                 dead_tokens: int = 10_000_000, columns: dict[str, tuple[int, int]] | None = None,
+                 precision: str = "fp32", compile: bool = False, topk_decode: str = "sparse"):
+        """`columns`: where each source sits in the batches (see training.dictionary.Dictionary).
+        `precision`: fp32 | tf32 (a CUDA matmul mode, set by the trainer) | bf16 (the encoder and
+        decoder products autocast to bfloat16; weights, gradients, Adam moments and every loss
+        term stay float32). `compile`: torch.compile the per-group forward (its backward follows).
+        `topk_decode`: sparse (a gather of the k active decoder rows) or dense (a [B, F] × [F, O]
+        product) for TopK members; training/trainer.py chooses per device."""
         self.members = list(members)
         self.device = torch.device(device)
         self.dictionary = Dictionary(self.members, columns, dead_tokens).to(self.device)
+        self.dictionary.sparse_topk = topk_decode == "sparse"
         self.member_chunk = member_chunk
+        self._group_sizes: dict[int, int] = {}
+        self.precision = precision
+        self._forward = torch.compile(self._functional_loss, dynamic=False) if compile else self._functional_loss
         lr_E = torch.tensor([m.lr for m in self.members], device=self.device)
         named = list(self.dictionary.named_parameters())
         self.optimizer = BatchedAdam([p for _, p in named], lr_E, betas=self.dictionary.spec.betas,
@@ -139,7 +180,8 @@ class Ensemble:
             # Detached slices are leaves of their own: the backward of one group writes only
             # that group's gradients, with no full-size zero-filled gradient per group.
             leaves = {n: p[group].detach().requires_grad_() for n, p in params.items()}
-            out = functional_call(self.dictionary, ({**leaves, **{n: b[group] for n, b in buffers.items()}},), (x_BC,))
+            with self._autocast():
+                out = self._forward({**leaves, **{n: b[group] for n, b in buffers.items()}}, x_BC)
             grads = torch.autograd.grad(out.total.sum(), list(leaves.values()))
             for p, g in zip(params.values(), grads):
                 p.grad[group] = g
@@ -155,6 +197,14 @@ class Ensemble:
         self.dictionary.after_step_()
         self.dictionary.observe_(observed, rows)
         return StepOutput(*(torch.cat(parts) for parts in zip(*outputs)))
+
+    def _functional_loss(self, tensors: dict[str, torch.Tensor], x_BC: torch.Tensor):
+        return functional_call(self.dictionary, (tensors,), (x_BC,))
+
+    def _autocast(self):
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @torch.no_grad()
     def _clip_per_member_(self, params: list[nn.Parameter]) -> None:
@@ -172,8 +222,12 @@ class Ensemble:
             p.grad.mul_(factor_E.view(-1, *([1] * (p.dim() - 1))))
 
     def _groups(self, batch_size: int) -> list[slice]:
-        E = len(self.members)
-        chunk = group_size(self.members, batch_size, self.device, self.member_chunk)
+        """Sized once per batch size: on a GPU, from the memory left once this ensemble's own
+        weights, gradients and moments are in place (they are by the first step)."""
+        if batch_size not in self._group_sizes:
+            self._group_sizes[batch_size] = group_size(self.members, batch_size, self.device, self.member_chunk,
+                                                       resident_bytes=0)
+        E, chunk = len(self.members), self._group_sizes[batch_size]
         return [slice(i, min(i + chunk, E)) for i in range(0, E, chunk)]
 
     @torch.no_grad()
@@ -252,3 +306,29 @@ class Ensemble:
             raise ValueError("checkpoint was written for other members than this sweep's")
         self.dictionary.load_state_dict(state["dictionary"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def time_topk_decodes(members: list[MemberConfig], device: str, batch_size: int, columns: dict | None,
+                      repeats: int = 3) -> dict[str, float]:
+    """Seconds of one training step of `members` with the sparse and with the dense TopK decode,
+    on random rows (the best of `repeats`, after a warm-up step)."""
+    import time
+
+    width = max(start + w for start, w in (columns or default_columns(members[0])).values())
+    x = torch.randn(batch_size, width, device=device)
+    times = {}
+    for decode in ("sparse", "dense"):
+        ensemble = Ensemble(members, device, columns=columns, topk_decode=decode)
+        ensemble.step(x)
+        best = float("inf")
+        for _ in range(repeats):
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            ensemble.step(x)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        times[decode] = best
+    return times
+

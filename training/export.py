@@ -45,12 +45,14 @@ class ExportContext:
     """Token ids whose rows were not trained on."""
     calibration_rows: torch.Tensor | None = field(default=None, repr=False)
     """Normalised batch rows [N, C] for calibrating TopK thresholds (None: no TopK member needs them)."""
+    precision: str = "fp32"
+    """The matmul precision it trained at (recorded in each member's config)."""
 
 
 def export_member(directory: Path, d: Dictionary, e: int, ctx: ExportContext) -> dict:
     """Write member e of `d` into `directory`; return what sweep.json records of it."""
     member = d.members[e]
-    record = {**member.record(), "loss_convention": LOSS_CONVENTION}
+    record = {**member.record(), "loss_convention": LOSS_CONVENTION, "precision": ctx.precision}
     in_scales = [ctx.scales[name] for name in member.input_names()]
     out_scales = [ctx.scales[name] for name in member.target_names()]
     tensors = d.member_tensors(e, in_scales, out_scales)
@@ -229,6 +231,7 @@ def export_run(cfg, held: list, parts: list, stream, store, tokens_seen: int, ou
         scales=dict(zip(stream.sources, stream.scales)),
         exclude_tokens=parts[0].resolved.exclude_token_ids,
         calibration_rows=calibration if needs_rows else None,
+        precision=cfg.resolved_precision(),
     )
     rows, sets = [], []
     distributed = layout.processes.distributed
@@ -260,6 +263,9 @@ def export_run(cfg, held: list, parts: list, stream, store, tokens_seen: int, ou
             "layout": {"world_size": layout.processes.world, "data_parallel": layout.data_parallel,
                        "member_groups": layout.groups},
             "train_seconds": seconds,
+            "precision": cfg.resolved_precision(),
+            "topk_decode": {h.part.arch: "sparse" if h.ensemble.dictionary.sparse_topk else "dense"
+                            for h in held if h.part.members[0].spec.activation == "topk"},
             "loss_convention": LOSS_CONVENTION,
             "archs": [p.arch for p in parts],
             "swept": parts[0].axes if len(parts) == 1 else {p.arch: p.axes for p in parts},

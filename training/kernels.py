@@ -43,7 +43,7 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, grad_index):
         x_UBI, index, keep = ctx.saved_tensors
-        g_UBK = grad_values * keep  # ReLU and rank mask
+        g_UBK = (grad_values * keep).to(x_UBI.dtype)  # ReLU and rank mask (float32: bf16 autocast covers the forward only)
         U, B, K = g_UBK.shape
         grad_bias = g_UBK.new_zeros(U, 1, ctx.d_sae).scatter_add_(-1, index.reshape(U, 1, B * K), g_UBK.reshape(U, 1, B * K))
         rows = torch.arange(B, device=x_UBI.device).repeat_interleave(K)

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -136,7 +136,7 @@ def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None,
         parameters = sum(memory.parameter_count(p.members) for p in parts)
         need = replace(need, evaluation_bytes=evaluation_bytes(store.info, parameters, store.attrs["context_length"]))
     memory.check_fits(need, torch.device(cfg.device), len(mine))
-    held = _build(parts, mine, cfg.device, stream.columns)
+    held = _build(cfg, parts, mine, stream.columns)
     if layout.data_parallel > 1:
         sync = GradientSync(layout)
         for h in held:
@@ -172,7 +172,8 @@ def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None,
             exported = 4 * sum(memory.parameter_count(h.ensemble.members) for h in held)
             check_free(out, 2 * checkpoint_bytes(held) + exported, "training and exporting")
         started = time.perf_counter()
-        _train(cfg, held, stream, state, out, layout, tracker)
+        with _matmul_precision(cfg):
+            _train(cfg, held, stream, state, out, layout, tracker)
         seconds = time.perf_counter() - started
         rows = export_run(cfg, held, parts, stream, store, state.tokens_seen, out, layout, seconds)
         layout.processes.barrier("waiting for every rank's export")
@@ -180,29 +181,62 @@ def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None,
         return rows
 
 
-def _build(parts: list[Part], mine: range, device: str, columns: dict) -> list[Held]:
+def _build(cfg: SweepConfig, parts: list[Part], mine: range, columns: dict) -> list[Held]:
     """One ensemble per architecture that has members in this rank's share `mine` of the run."""
     held, first = [], 0
     for part in parts:
         share = range(max(first, mine.start), min(first + len(part.members), mine.stop))
         if len(share):
             members = [part.members[i - first] for i in share]
-            held.append(Held(part, Ensemble(members, device, dead_tokens=part.resolved.dead_window, columns=columns),
-                             share, first))
+            decode = _topk_decode(cfg, members, columns) if members[0].spec.activation == "topk" else "sparse"
+            ensemble = Ensemble(members, cfg.device, dead_tokens=part.resolved.dead_window, columns=columns,
+                                precision=cfg.resolved_precision(), compile=cfg.compile, topk_decode=decode)
+            held.append(Held(part, ensemble, share, first))
         first += len(part.members)
     return held
+
+
+def _topk_decode(cfg: SweepConfig, members: list, columns: dict) -> str:
+    """The TopK decode this device runs faster: sparse on a CPU (bench/RESULTS.md), timed on a GPU."""
+    if cfg.topk_decode != "auto":
+        return cfg.topk_decode
+    if not cfg.device.startswith("cuda"):
+        return "sparse"
+    from training.ensemble import time_topk_decodes
+
+    times = time_topk_decodes(members, cfg.device, cfg.data.batch_size, columns)
+    choice = min(times, key=times.get)
+    print(f"TopK decode on {cfg.device}: {choice} ({', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in times.items())} a step)")
+    return choice
+
+
+@contextmanager
+def _matmul_precision(cfg: SweepConfig):
+    """TF32 tensor cores for float32 matmuls while the run trains (CUDA), as --precision asks."""
+    if not cfg.device.startswith("cuda"):
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if cfg.resolved_precision() == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _estimate(parts: list[Part], mine: range, rows: int, device: torch.device, stream: ActivationStream,
               prefetch: int) -> memory.Estimate:
     """The memory of this rank's ensembles: their weights and states together, the largest one
     group's step (the ensembles step one after another), one stream's batches."""
-    estimates, first = [], 0
+    shares, first = [], 0
     for part in parts:
         own = [part.members[i - first] for i in range(max(first, mine.start), min(first + len(part.members), mine.stop))]
         if own:
-            estimates.append(memory.estimate(own, rows, group_size(own, rows, device), stream.width, prefetch))
+            shares.append(own)
         first += len(part.members)
+    resident = 16 * sum(memory.parameter_count(own) for own in shares)  # every ensemble's state, on the device at once
+    estimates = [memory.estimate(own, rows, group_size(own, rows, device, resident_bytes=resident), stream.width, prefetch)
+                 for own in shares]
     return memory.combine(estimates)
 
 

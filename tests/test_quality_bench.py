@@ -1,0 +1,40 @@
+"""bench/quality.py at a toy size, so that the quality bench cannot rot: every architecture, every
+reference library through its own code, one evaluator, a JSON report. The full table is a bench
+(bench/RESULTS.md "Quality"), not a timed test."""
+from __future__ import annotations
+
+import json
+import math
+
+from click.testing import CliRunner
+
+from tests.conftest import gen_args
+
+
+def test_the_quality_bench_trains_ours_and_every_reference_and_scores_them_alike(tmp_path, text_dir):
+    import generate_activations
+    from bench import quality
+
+    store = tmp_path / "store"
+    made = CliRunner().invoke(generate_activations.main, gen_args(store, text_dir, **{"--n_tokens": "6000"}))
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "quality.json"
+    result = CliRunner().invoke(quality.main, ["--cache", str(store), "--steps", "6", "--batch_size", "64", "--ratio", "2",
+                                               "--k", "4", "--coeffs", "1e-3,1e-1", "--eval_tokens", "512",
+                                               "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "skipping" not in result.output  # the test extra installs every reference
+    report = json.loads(out.read_text())
+    assert set(report) == set(quality.SUPPORTS["saelens"]) - {"matryoshka"}  # the default architectures
+    for arch, part in report.items():
+        trainers = {r["trainer"] for r in part["results"]}
+        expected = {"ours", "dictionary_learning (our rows)", "dictionary_learning (its rows)", "saelens"}
+        assert expected | ({"sparsify"} if arch == "topk" else set()) == trainers, arch
+        for r in part["results"]:
+            assert math.isfinite(r["fvu"]) and 0 <= r["dead"] <= 1 and r["l0"] >= 0, (arch, r)
+        assert part["held_out_rows"] > 100  # at most --eval_tokens, at most a tenth of the store
+    topk = {r["trainer"]: r for r in report["topk"]["results"]}
+    assert topk["ours"]["l0"] == topk["sparsify"]["l0"] == 4  # TopK keeps exactly k, in every library
+    ratios = {c["trainer"]: c for c in report["topk"]["comparison"]}  # at equal k, every reference has a ratio
+    assert set(ratios) == {t for t in topk if t != "ours"}
+    assert all(c["fvu_ratio"] > 0 for c in ratios.values())
