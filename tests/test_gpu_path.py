@@ -40,7 +40,8 @@ def test_bf16_training_agrees_with_fp32_and_the_precision_is_recorded(small_stor
         out = tmp_path / precision
         args = ["--cache", str(small_store), "--source", "blocks.1.hook_resid_post", "--output_dir", str(out),
                 "--arch", "relu", "topk", "--sweep", "relu:l1=1e-3", "topk:k=4", "--ratio", "2", "--batch_size", "64",
-                "--lr", "1e-2", "--n_epochs", "3", "--eval_tokens", "400", "--eval_sequences", "0", "--precision", precision]
+                "--lr", "1e-2", "--n_epochs", "3", "--eval_tokens", "400", "--eval_sequences", "0", "--precision", precision,
+                "--dead_window", "256"]  # a short window, so that AuxK's dead-latent products run too
         result = CliRunner().invoke(train_sweep.main, args)
         assert result.exit_code == 0, result.output
         runs[precision] = json.loads((out / "sweep.json").read_text())

@@ -383,6 +383,11 @@ class Dictionary(nn.Module):
         self.b_dec.copy_(mean_C[self.target_index])
 
     # ---------------------------------------------------------------- forward
+    def full(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` in the weights' own dtype: a product made under bf16 autocast comes back to float32,
+        so every loss term and everything computed from it stays in full precision."""
+        return t.to(self.b_dec.dtype)
+
     def masked(self, t_UBF: torch.Tensor) -> torch.Tensor:
         """Zero each member's latents beyond its width (width sweeps).  → [U, B, F]"""
         if not self.masked_widths:
@@ -436,14 +441,14 @@ class Dictionary(nn.Module):
             # Sparse path: only the k selected latents are decoded and receive gradients.
             mask = self.width_mask.unsqueeze(1) if self.masked_widths else None
             vals, idx = TopKEncode.apply(self.inputs(x_BC), self._W_enc_units(), bias_U1F, self.k_active, mask)
-            vals = vals.float()  # under bf16 autocast the products are bfloat16; everything after them float32
+            vals = self.full(vals)  # under bf16 autocast the products are bfloat16; everything after them is not
             codes = Codes(None, vals, idx)
-            x_hat_EBO = (self._decode_sparse(vals, idx) + self._skip(x_BC)).float()
+            x_hat_EBO = self.full(self._decode_sparse(vals, idx) + self._skip(x_BC))
             mse_E = recon_E = (x_hat_EBO - y_EBO).pow(2).mean(dim=(1, 2))
         else:
             x_UBI = self.inputs(x_BC)
             W_UIF = self._W_enc_units()
-            pre_UBF = self.masked(torch.baddbmm(bias_U1F, x_UBI.expand(len(W_UIF), -1, -1), W_UIF)).float()
+            pre_UBF = self.full(self.masked(torch.baddbmm(bias_U1F, x_UBI.expand(len(W_UIF), -1, -1), W_UIF)))
             codes = Codes(self.activate(pre_UBF))
             x_hat_EBO, prefix_mse_PE = self._decode_prefixes(codes.dense, x_BC, y_EBO)
             mse_E = prefix_mse_PE[-1]
@@ -478,11 +483,11 @@ class Dictionary(nn.Module):
         if self.G > 1:
             f_EGBF = f_UBF.view(E, self.G, B, -1)
             parts = [F_.pad(torch.bmm(f_EGBF[:, g], self.slab(g)), (self.target_start(g), 0)) for g in range(self.G)]
-            x_hat_EBO = (x_hat_EBO + sum(parts)).float()
+            x_hat_EBO = self.full(x_hat_EBO + sum(parts))
             return x_hat_EBO, None if y_EBO is None else (x_hat_EBO - y_EBO).pow(2).mean(dim=(1, 2)).unsqueeze(0)
         losses, start = [], 0
         for end in self.prefix_ends:
-            x_hat_EBO = torch.baddbmm(x_hat_EBO, f_UBF[:, :, start:end], self.W_dec[:, start:end]).float()
+            x_hat_EBO = self.full(torch.baddbmm(x_hat_EBO, f_UBF[:, :, start:end], self.W_dec[:, start:end]))
             if y_EBO is not None:
                 losses.append((x_hat_EBO - y_EBO).pow(2).mean(dim=(1, 2)))
             start = end
@@ -679,7 +684,7 @@ def aux_k_loss(d: Dictionary, x_BC, y_EBO, x_hat_EBO, pre_UBF) -> torch.Tensor:
             cols = dead_UF[u].nonzero().squeeze(1)
             if len(cols) == 0:
                 continue
-            pre_dead = torch.addmm(bias_U1F[u, 0, cols], x_UBI[u if len(x_UBI) > 1 else 0], W_UIF[u][:, cols]).float()  # [B, n_dead]
+            pre_dead = d.full(torch.addmm(bias_U1F[u, 0, cols], x_UBI[u if len(x_UBI) > 1 else 0], W_UIF[u][:, cols]))  # [B, n_dead]
             vals, pos = torch.relu(pre_dead).topk(min(d.aux_k, len(cols)), dim=-1)
             part = F_.embedding_bag(cols[pos], d.slab(g)[e], per_sample_weights=vals, mode="sum")
             part = F_.pad(part, (d.target_start(g), 0))
