@@ -1,0 +1,90 @@
+"""The feature browser's pass against the metrics pass, on runs of a few sizes: seconds, peak RSS
+and MB on disk per member, so that how each grows with members, latents and rows can be read off.
+
+    python generate_activations.py --n_tokens 200_000 --out caches/gemma-l6
+    python -m bench.browser --cache caches/gemma-l6          # 8 members × 4,096 latents, and smaller variants
+
+The members are ReLU SAEs trained for a few steps (what they learned does not change the cost of
+either pass). Each pass runs in a fresh process, timed by the process itself around the pass
+alone; peak RSS is that process's ru_maxrss (os.wait4), imports included, printed beside the
+peak of a process that only imports the same modules.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from bench._common import format_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_CHILD = '''
+import json, sys, time
+sys.path.insert(0, {root!r})
+from evaluation.browser import BrowserConfig, build_browser
+from evaluation.runner import EvalConfig, evaluate_run
+start = time.perf_counter()
+if {what!r} == "metrics":
+    evaluate_run(EvalConfig(run_dir={run!r}, n_sequences=0))
+elif {what!r} == "browser":
+    build_browser(BrowserConfig(run_dir={run!r}, rows={rows!r}))
+print(json.dumps({{"seconds": time.perf_counter() - start}}))
+'''
+
+
+def child(what: str, run: Path, rows: int | None = None) -> tuple[float, int]:
+    """(seconds of the pass, peak RSS bytes of the process that ran it)."""
+    code = _CHILD.format(root=str(ROOT), what=what, run=str(run), rows=rows)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        out.seek(0), err.seek(0)
+        if status != 0:
+            raise SystemExit(f"{what} on {run} failed:\n{err.read().decode()[-3000:]}")
+        seconds = json.loads(out.read().decode().strip().splitlines()[-1])["seconds"]
+    return seconds, usage.ru_maxrss * 1024  # KiB on Linux
+
+
+def train(cache: str, out: Path, members: int, d_sae: int, steps: int) -> None:
+    """A run of `members` ReLU SAEs, evaluated (the browser's index shows its metrics)."""
+    args = [sys.executable, str(ROOT / "train_sweep.py"), "--cache", cache, "--output_dir", str(out), "--n_models",
+            str(members), "--d_sae", str(d_sae), "--batch_size", "1024", "--n_tokens", str(steps * 1024),
+            "--eval_sequences", "0", "--eval_tokens", "20000"]
+    subprocess.run(args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+@click.command()
+@click.option("--cache", required=True, help="A complete single-source store (the demo model's activations).")
+@click.option("--steps", type=int, default=10, show_default=True, help="Training steps of each run.")
+def main(cache: str, steps: int) -> None:
+    rows = []
+    _, imports = child("imports", Path("."))
+    with tempfile.TemporaryDirectory() as tmp:
+        for members, d_sae, browser_rows in ((8, 4096, None), (4, 4096, None), (8, 2048, None), (8, 4096, 40_000)):
+            run = Path(tmp) / f"m{members}_f{d_sae}"
+            if not run.exists():
+                train(cache, run, members, d_sae, steps)
+            metrics_s, metrics_rss = child("metrics", run)
+            browser_s, browser_rss = child("browser", run, browser_rows)
+            rows.append([f"{members} × {d_sae:,}", "held-out" if browser_rows is None else f"{browser_rows:,} training",
+                         f"{metrics_s:.1f}", f"{browser_s:.1f}", f"{browser_s / metrics_s:.1f}×",
+                         f"{metrics_rss / 2**30:.2f}", f"{browser_rss / 2**30:.2f}", f"{mb(run / 'browser') / members:.1f}"])
+            shutil.rmtree(run / "browser")
+    print(format_table(["members × latents", "browser rows", "metrics s", "browser s", "browser / metrics",
+                        "metrics peak GiB", "browser peak GiB", "MB per member"], rows))
+    print(f"a process importing the same modules and doing nothing: peak {imports / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
