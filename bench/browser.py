@@ -5,14 +5,17 @@ and MB on disk per member, so that how each grows with members, latents and rows
     python -m bench.browser --cache caches/gemma-l6          # 8 members × 4,096 latents, and smaller variants
 
 The members are ReLU SAEs trained for a few steps (what they learned does not change the cost of
-either pass). Each pass runs in a fresh process, timed by the process itself around the pass
-alone; peak RSS is that process's ru_maxrss (os.wait4), imports included, printed beside the
-peak of a process that only imports the same modules.
+either pass). Each pass runs in a fresh process, timed by the process itself around the call
+("its pass": the streaming pass alone, as the browser reports it; the rest is loading the model
+for W_U, the logit effects and writing the pages); peak RSS is that process's ru_maxrss
+(os.wait4), imports included, printed beside the peak of a process that only imports the same
+modules.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,8 +42,9 @@ print(json.dumps({{"seconds": time.perf_counter() - start}}))
 '''
 
 
-def child(what: str, run: Path, rows: int | None = None) -> tuple[float, int]:
-    """(seconds of the pass, peak RSS bytes of the process that ran it)."""
+def child(what: str, run: Path, rows: int | None = None) -> tuple[float, int, float | None]:
+    """(seconds of the whole call, peak RSS bytes of the process that ran it, seconds of the
+    browser's streaming pass alone as it reports them)."""
     code = _CHILD.format(root=str(ROOT), what=what, run=str(run), rows=rows)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, cwd=ROOT)
@@ -48,8 +52,10 @@ def child(what: str, run: Path, rows: int | None = None) -> tuple[float, int]:
         out.seek(0), err.seek(0)
         if status != 0:
             raise SystemExit(f"{what} on {run} failed:\n{err.read().decode()[-3000:]}")
-        seconds = json.loads(out.read().decode().strip().splitlines()[-1])["seconds"]
-    return seconds, usage.ru_maxrss * 1024  # KiB on Linux
+        lines = out.read().decode().strip().splitlines()
+    seconds = json.loads(lines[-1])["seconds"]
+    passes = [re.search(r" in ([0-9.]+) s", line) for line in lines if line.startswith("browser:")]
+    return seconds, usage.ru_maxrss * 1024, float(passes[0].group(1)) if passes and passes[0] else None  # KiB on Linux
 
 
 def train(cache: str, out: Path, members: int, d_sae: int, steps: int) -> None:
@@ -60,6 +66,12 @@ def train(cache: str, out: Path, members: int, d_sae: int, steps: int) -> None:
     subprocess.run(args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _variant(text: str) -> tuple[int, int, int | None]:
+    shape, _, rows = text.partition("@")
+    members, latents = shape.split("x")
+    return int(members), int(latents), int(rows) if rows else None
+
+
 def mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
@@ -67,21 +79,23 @@ def mb(path: Path) -> float:
 @click.command()
 @click.option("--cache", required=True, help="A complete single-source store (the demo model's activations).")
 @click.option("--steps", type=int, default=10, show_default=True, help="Training steps of each run.")
-def main(cache: str, steps: int) -> None:
+@click.option("--sizes", default="8x4096,4x4096,8x2048,8x4096@40000", show_default=True,
+              help="Variants: MEMBERSxLATENTS, with @ROWS to build from that many training rows instead of the held-out ones.")
+def main(cache: str, steps: int, sizes: str) -> None:
     rows = []
-    _, imports = child("imports", Path("."))
+    _, imports, _ = child("imports", Path("."))
     with tempfile.TemporaryDirectory() as tmp:
-        for members, d_sae, browser_rows in ((8, 4096, None), (4, 4096, None), (8, 2048, None), (8, 4096, 40_000)):
+        for members, d_sae, browser_rows in map(_variant, sizes.split(",")):
             run = Path(tmp) / f"m{members}_f{d_sae}"
             if not run.exists():
                 train(cache, run, members, d_sae, steps)
-            metrics_s, metrics_rss = child("metrics", run)
-            browser_s, browser_rss = child("browser", run, browser_rows)
+            metrics_s, metrics_rss, _ = child("metrics", run)
+            browser_s, browser_rss, pass_s = child("browser", run, browser_rows)
             rows.append([f"{members} × {d_sae:,}", "held-out" if browser_rows is None else f"{browser_rows:,} training",
-                         f"{metrics_s:.1f}", f"{browser_s:.1f}", f"{browser_s / metrics_s:.1f}×",
+                         f"{metrics_s:.1f}", f"{browser_s:.1f}", f"{pass_s:.1f}", f"{browser_s / metrics_s:.1f}×",
                          f"{metrics_rss / 2**30:.2f}", f"{browser_rss / 2**30:.2f}", f"{mb(run / 'browser') / members:.1f}"])
             shutil.rmtree(run / "browser")
-    print(format_table(["members × latents", "browser rows", "metrics s", "browser s", "browser / metrics",
+    print(format_table(["members × latents", "browser rows", "metrics s", "browser s", "its pass s", "browser / metrics",
                         "metrics peak GiB", "browser peak GiB", "MB per member"], rows))
     print(f"a process importing the same modules and doing nothing: peak {imports / 2**30:.2f} GiB")
 

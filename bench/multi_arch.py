@@ -53,13 +53,14 @@ def train_seconds(out: Path) -> float:
 @click.option("--keep", default=None, help="Keep the one-run variant's directory here (its report and plots).")
 def main(cache: str, steps: int, batch_size: int, d_sae: int, per_arch: int, keep: str | None) -> None:
     common = ["--cache", cache, "--d_sae", str(d_sae), "--batch_size", str(batch_size), "--n_tokens",
-              str(steps * batch_size), "--n_models", str(per_arch), "--eval_sequences", "0", "--eval_tokens", "20000"]
+              str(steps * batch_size), "--eval_sequences", "0", "--eval_tokens", "20000"]
+    members = ["--n_models", str(per_arch)]  # the coefficient axis of relu, jumprelu and gated
     k_axis = ["--sweep", "topk:k=" + ",".join(str(20 * 2**i) for i in range(per_arch)),
               "batchtopk:k=" + ",".join(str(20 * 2**i) for i in range(per_arch))]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         one = Path(keep) if keep else Path(tmp) / "one"
-        seconds, peak = run([*common, "--arch", *ARCHS, *k_axis, "--output_dir", str(one), "--overwrite"])
+        seconds, peak = run([*common, *members, "--arch", *ARCHS, *k_axis, "--output_dir", str(one), "--overwrite"])
         together = (seconds, train_seconds(one), peak)
         rows.append([f"one run, {len(ARCHS)} architectures × {per_arch}", f"{seconds:.0f}", f"{together[1]:.0f}",
                      "1", f"{peak / 2**30:.2f}"])
@@ -67,7 +68,7 @@ def main(cache: str, steps: int, batch_size: int, d_sae: int, per_arch: int, kee
         for arch in ARCHS:
             out = Path(tmp) / arch
             scoped = [a for a in k_axis if a.startswith(f"{arch}:")]
-            seconds, peak = run([*common, "--arch", arch, *(["--sweep", *scoped] if scoped else []),
+            seconds, peak = run([*common, "--arch", arch, *(["--sweep", *scoped] if scoped else members),
                                  "--output_dir", str(out)])
             walls.append(seconds), trains.append(train_seconds(out)), peaks.append(peak)
         rows.append([f"{len(ARCHS)} runs one after another", f"{sum(walls):.0f}", f"{sum(trains):.0f}", str(len(ARCHS)),

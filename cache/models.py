@@ -124,8 +124,9 @@ def _load_hf(path: Path, name: str | None, dtype: str):
                 f"architecture (e.g. --model {DEMO_MODEL_NAME})"
             )
         kwargs = {"gguf_file": path.name}
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch_dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        with gguf_parsed_once():
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch_dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
         # Dequantized on load: the weights are plain floats now, and TransformerLens refuses
         # models that still declare a quantization method.
         if hasattr(hf_model.config, "quantization_config"):
@@ -134,6 +135,30 @@ def _load_hf(path: Path, name: str | None, dtype: str):
     if not (path / "config.json").exists():
         raise ModelError(f"--model_path {path} is neither a .gguf file nor a Hugging Face directory with config.json")
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype), AutoTokenizer.from_pretrained(str(path))
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """While held, every `gguf.GGUFReader(path)` of one file returns the same reader. transformers
+    parses a GGUF file afresh for the config, the tokenizer and the weights, and a parse walks
+    every metadata field: for the demo model's 262,144-token vocabulary, a third of its load time
+    each (bench/RESULTS.md "End-to-end demo"). The reader is only read from."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple, object] = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _from_local_dir(cls, path: Path, hf_model, tokenizer, device: str, dtype: str):

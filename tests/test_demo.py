@@ -46,3 +46,26 @@ def test_a_gguf_file_needs_its_architecture_named(tmp_path):
         generate_activations.main, ["--model_path", str(demo.assemble()), "--layers", "1", "--out", str(tmp_path / "x")]
     )
     assert result.exit_code == 1 and "also pass --model" in result.output
+
+
+def test_one_gguf_file_is_parsed_once_while_the_model_loads(tmp_path):
+    """transformers opens a GGUF file for the config, the tokenizer and the weights; inside
+    gguf_parsed_once they share one reader (the demo model's vocabulary makes each parse ~15 s)."""
+    import gguf
+    import numpy as np
+
+    from cache.models import gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("tiny.answer", 42)
+    writer.add_tensor("w", np.arange(8, dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with gguf_parsed_once():
+        first, second = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert first is second
+        assert first.fields["tiny.answer"].parts[-1][0] == 42
+        assert np.array_equal(first.tensors[0].data, np.arange(8, dtype=np.float32))
+    assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not first

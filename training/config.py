@@ -273,9 +273,10 @@ class SweepConfig:
     precision: Literal["fp32", "tf32", "bf16"] | None = None
     """Matmul precision: fp32; tf32 (CUDA tensor cores, float32 storage); bf16 (encoder and decoder products in
     bfloat16 under autocast; weights, gradients, Adam moments and losses float32) [default: tf32 on CUDA, fp32
-    elsewhere: bfloat16 products on a CPU are ~200× slower]."""
+    elsewhere: on a CPU bf16 gained 7% at most (bench/RESULTS.md), not worth its rounding]."""
     compile: bool = False
-    """torch.compile each ensemble's forward (and so its backward); off until measured faster (bench/RESULTS.md)."""
+    """torch.compile each ensemble's forward (and so its backward); off by default: 1.05-1.19× on a CPU after a
+    compilation of tens of seconds, not yet measured on a GPU (bench/RESULTS.md)."""
     topk_decode: Literal["auto", "sparse", "dense"] = "auto"
     """TopK members' decode: the k active decoder rows gathered (sparse) or a dense product [default: sparse on a CPU,
     on a GPU whichever a timed step finds faster]."""

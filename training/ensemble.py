@@ -121,7 +121,7 @@ class Ensemble:
     widths as masks inside the widest, see training.dictionary).
 
     The forward/backward runs over groups of `member_chunk` members at a time (the optimiser
-    step always covers all of them). On a GPU one group of all members fills the device best;
+    step always covers all of them). On a GPU groups are as large as its free memory allows;
     on a CPU the [E, B, F] intermediates of a whole ensemble overflow the caches, and groups of
     a few members (about 64 MB of activations each, the default there) run faster. The result
     does not depend on the grouping: members never interact.
