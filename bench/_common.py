@@ -8,6 +8,9 @@ memory column is left empty.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -63,6 +66,22 @@ def track_rss(interval_s: float = 0.02) -> Iterator[RssPeak]:
         sampler.stop.set()
         thread.join()
         sampler.sample()  # a block shorter than one interval still gets a reading
+
+
+def run_measured(command: list[str], cwd: str | os.PathLike | None = None) -> tuple[str, float, int]:
+    """Run `command` to its end: (its stdout, wall seconds, its peak RSS in bytes). The peak is
+    this child's own ru_maxrss (os.wait4), which Linux takes as at least the parent's RSS at the
+    fork, so the calling bench keeps torch out of its own process. Output goes through temporary
+    files (a chatty child cannot block on a full pipe); a failure exits with its stderr's end."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        if status != 0:
+            raise SystemExit(f"{' '.join(map(str, command))[:300]} failed:\n{err.read().decode(errors='replace')[-3000:]}")
+        return out.read().decode(errors="replace"), seconds, usage.ru_maxrss * 1024  # KiB on Linux
 
 
 class Stopwatch:

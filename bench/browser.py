@@ -14,7 +14,6 @@ modules.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from bench._common import format_table
+from bench._common import format_table, run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,16 +45,10 @@ def child(what: str, run: Path, rows: int | None = None) -> tuple[float, int, fl
     """(seconds of the whole call, peak RSS bytes of the process that ran it, seconds of the
     browser's streaming pass alone as it reports them)."""
     code = _CHILD.format(root=str(ROOT), what=what, run=str(run), rows=rows)
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        out.seek(0), err.seek(0)
-        if status != 0:
-            raise SystemExit(f"{what} on {run} failed:\n{err.read().decode()[-3000:]}")
-        lines = out.read().decode().strip().splitlines()
-    seconds = json.loads(lines[-1])["seconds"]
+    out, _, peak = run_measured([sys.executable, "-c", code], cwd=ROOT)
+    lines = out.strip().splitlines()
     passes = [re.search(r" in ([0-9.]+) s", line) for line in lines if line.startswith("browser:")]
-    return seconds, usage.ru_maxrss * 1024, float(passes[0].group(1)) if passes and passes[0] else None  # KiB on Linux
+    return json.loads(lines[-1])["seconds"], peak, float(passes[0].group(1)) if passes and passes[0] else None
 
 
 def train(cache: str, out: Path, members: int, d_sae: int, steps: int) -> None:

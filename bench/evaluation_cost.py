@@ -16,16 +16,14 @@ members evaluate the first members of sweep.json only.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import click
 
-from bench._common import format_table
+from bench._common import format_table, run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,15 +63,10 @@ def evaluate_copy(run: Path, tmp: Path, members: int, sequences: int, before: bo
     summary["members"] = summary["members"][:members]
     (copy / "sweep.json").write_text(json.dumps(summary))
     code = _CHILD.format(root=str(ROOT), run=str(copy), sequences=sequences, before=before)
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        child = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, cwd=ROOT)
-        _, status, usage = os.wait4(child.pid, 0)
-        out.seek(0), err.seek(0)
-        if status != 0:
-            raise SystemExit(f"evaluating {copy} failed:\n{err.read().decode()[-3000:]}")
-        report = json.loads(out.read().decode().strip().splitlines()[-1])
+    out, _, peak = run_measured([sys.executable, "-c", code], cwd=ROOT)
+    report = json.loads(out.strip().splitlines()[-1])
     shutil.rmtree(copy)
-    return report, usage.ru_maxrss * 1024  # KiB on Linux
+    return report, peak
 
 
 @click.command()

@@ -13,16 +13,13 @@ store chunks read and the peak RSS of the process (os.wait4's ru_maxrss of each 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import click
 
-from bench._common import format_table
+from bench._common import format_table, run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "gated")
@@ -30,14 +27,8 @@ ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "gated")
 
 def run(args: list[str]) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of `train_sweep.py args` in a child process."""
-    start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, str(ROOT / "train_sweep.py"), *args], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"train_sweep.py {' '.join(args)} failed:\n{child.stderr.read().decode()[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024  # KiB on Linux
+    _, seconds, peak = run_measured([sys.executable, str(ROOT / "train_sweep.py"), *args], cwd=ROOT)
+    return seconds, peak
 
 
 def train_seconds(out: Path) -> float:

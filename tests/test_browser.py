@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 import evaluate
 import train_sweep
-from cache.store import ActivationStore
 from evaluation.browser import BrowserConfig, build_browser, collect
 from evaluation.browser.collect import HALF, LatentRecorder
 
