@@ -13,7 +13,8 @@ import torch
 from click.testing import CliRunner
 
 import train_sweep
-from training.ensemble import Ensemble, group_size, step_bytes_per_member, time_topk_decodes
+from training.ensemble import Ensemble, group_size, time_topk_decodes
+from training.memory import step_bytes_per_member
 from training.members import MemberConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -84,12 +84,6 @@ def cuda_free_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def step_bytes_per_member(members: list[MemberConfig], batch_size: int) -> int:
-    """One member's forward/backward intermediates at `batch_size` (training/memory.py's rule)."""
-    m = members[0]
-    return 8 * 4 * batch_size * (m.n_groups * max(x.d_sae for x in members) + m.member_out)
-
-
 def group_size(members: list[MemberConfig], batch_size: int, device: torch.device, member_chunk: int | None = None,
                free_bytes: int | None = None, resident_bytes: int | None = None) -> int:
     """Members per forward/backward group. On a GPU: as many as fit in GPU_HEADROOM of its free
@@ -97,7 +91,7 @@ def group_size(members: list[MemberConfig], batch_size: int, device: torch.devic
     there (default every member's weights, gradients and Adam moments); a sweep that cannot fit
     one member's step is refused. On a CPU: as many as keep one group's [B, F] activations near
     64 MB (beyond that, caches overflow and it runs slower)."""
-    from training.memory import parameter_count
+    from training.memory import parameter_count, step_bytes_per_member
 
     if member_chunk is not None:
         return member_chunk

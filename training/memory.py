@@ -72,13 +72,18 @@ def parameter_count(members: list) -> int:
     return len(members) * per_member
 
 
+def step_bytes_per_member(members: list, batch_size: int) -> int:
+    """One member's forward/backward intermediates at `batch_size`: ~8 float32 tensors of its
+    [B, G·F] latents and [B, O] outputs alive at once."""
+    m = members[0]
+    return 8 * 4 * batch_size * (m.n_groups * max(x.d_sae for x in members) + m.member_out)
+
+
 def estimate(members: list, batch_size: int, group_members: int, columns: int, prefetch: int) -> Estimate:
     """The memory an ensemble of `members` needs to train, with `group_members` members per
-    forward/backward group (all of them on a GPU)."""
-    m, E = members[0], len(members)
+    forward/backward group (training/ensemble.py's group_size)."""
     parameters = parameter_count(members)
-    F, group = max(x.d_sae for x in members), min(group_members, E)
-    activations = 8 * 4 * batch_size * (group * m.n_groups * F + group * m.member_out)
+    activations = min(group_members, len(members)) * step_bytes_per_member(members, batch_size)
     return Estimate(parameters, 16 * parameters, activations, 4 * batch_size * columns * (1 + prefetch))
 
 
