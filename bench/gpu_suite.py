@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from bench._common import format_table, track_rss
-from training.ensemble import Ensemble
+from training.ensemble import Ensemble, matmul_precision
 from training.members import MemberConfig
 
 # dense TFLOP/s (no sparsity) by GPU name fragment: fp32, tf32, bf16
@@ -155,12 +155,10 @@ def part_c(s: dict, device: torch.device, peaks: tuple | None) -> list[list]:
     batches = random_batches(s["steps"], s["batch"], d, device)
     precisions = ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32", "bf16")
     for precision in precisions:
-        if device.type == "cuda":
-            torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
         ensembles = [Ensemble([MemberConfig(d_in=d, d_sae=F, arch=arch, k=32, l1_coeff=1e-3, l0_coeff=1e-3, lr=1e-3, seed=i)
                                for i in range(SEED_DEMO["per_arch"])], device, precision=precision)
                      for arch in SEED_DEMO["archs"]]
-        with peak_memory(device) as mem:
+        with peak_memory(device) as mem, matmul_precision(device, precision):
             seconds = timed_steps(ensembles, batches, device)
         tokens = s["steps"] * s["batch"]
         members = len(SEED_DEMO["archs"]) * SEED_DEMO["per_arch"]
@@ -169,8 +167,6 @@ def part_c(s: dict, device: torch.device, peaks: tuple | None) -> list[list]:
         peak = peaks[("fp32", "tf32", "bf16").index(precision)] if peaks else None
         rows.append([f"(c) seed demo job, {precision}: 50M tokens in", f"{minutes_50m:,.1f} min", f"{tflops:.2f} TFLOP/s"
                      + (f" = {tflops / peak:.0%} of {peak}" if peak else ""), _mib(mem["bytes"])])
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("highest")
     return rows
 
 

@@ -302,6 +302,21 @@ class Ensemble:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+@contextlib.contextmanager
+def matmul_precision(device: str | torch.device, precision: str):
+    """TF32 tensor cores for float32 matmuls while the block runs, where `precision` is tf32 on
+    CUDA; the previous mode is restored after it. Elsewhere nothing changes."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def time_topk_decodes(members: list[MemberConfig], device: str, batch_size: int, columns: dict | None,
                       repeats: int = 3) -> dict[str, float]:
     """Seconds of one training step of `members` with the sparse and with the dense TopK decode,

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,7 +39,7 @@ from cache.store import ActivationStore, StoreError, json_normal
 from cache.stream import ActivationStream, StreamConfig
 from training import memory, rundir
 from training.config import RUNTIME_FIELDS, SweepConfig
-from training.ensemble import Ensemble, group_size
+from training.ensemble import Ensemble, group_size, matmul_precision
 from training.export import export_run
 from training.parallel import GradientSync, Layout
 from training.plan import Part, plan_parts, resolved_record
@@ -172,7 +172,7 @@ def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None,
             exported = 4 * sum(memory.parameter_count(h.ensemble.members) for h in held)
             check_free(out, 2 * checkpoint_bytes(held) + exported, "training and exporting")
         started = time.perf_counter()
-        with _matmul_precision(cfg):
+        with matmul_precision(cfg.device, cfg.resolved_precision()):
             _train(cfg, held, stream, state, out, layout, tracker)
         seconds = time.perf_counter() - started
         rows = export_run(cfg, held, parts, stream, store, state.tokens_seen, out, layout, seconds)
@@ -208,20 +208,6 @@ def _topk_decode(cfg: SweepConfig, members: list, columns: dict) -> str:
     choice = min(times, key=times.get)
     print(f"TopK decode on {cfg.device}: {choice} ({', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in times.items())} a step)")
     return choice
-
-
-@contextmanager
-def _matmul_precision(cfg: SweepConfig):
-    """TF32 tensor cores for float32 matmuls while the run trains (CUDA), as --precision asks."""
-    if not cfg.device.startswith("cuda"):
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if cfg.resolved_precision() == "tf32" else "highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _estimate(parts: list[Part], mine: range, rows: int, device: torch.device, stream: ActivationStream,
