@@ -42,7 +42,7 @@ def lean(cls: type, hf_model) -> type:
             for module in hf_model.modules():
                 for name in module._parameters:
                     module._parameters[name] = None
-            with _parameters_on_meta():
+            with parameters_on_meta():
                 super().__init__(cfg, *args, **kwargs)
 
         def load_and_process_state_dict(self, state_dict, center_unembed: bool = True, **kwargs):
@@ -82,7 +82,7 @@ def release_memory() -> None:
 
 
 @contextlib.contextmanager
-def _parameters_on_meta(min_elements: int | None = None):
+def parameters_on_meta(min_elements: int | None = None):
     """Modules built inside get their large parameters on the meta device. Small ones (biases,
     norm weights) and buffers stay real: where a checkpoint lacks one, TransformerLens fills it
     with the model's own initial value, which must exist."""

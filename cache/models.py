@@ -6,7 +6,8 @@ Three ways in, all ending in a `HookedTransformer`:
   * `path` to a local Hugging Face directory (config.json + weights + tokenizer): its own
     config decides the architecture; `name`, if given, names the TransformerLens config instead;
   * `path` to a `.gguf` file, dequantized on load; `name` must say which TransformerLens
-    architecture it is (e.g. google/gemma-3-270m).
+    architecture it is (e.g. google/gemma-3-270m). The converted model is kept, so that only the
+    first load dequantizes (cache/converted.py).
 `default_gguf_path()` gives the embedded demo model (Gemma-3-270M, Q4_K_M) when installed.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import logging
 import re
 import warnings
 from pathlib import Path
+
+from cache.converted import entry_for, load_converted, save_converted
 
 # Hook kinds: `--layers L --hook KIND` caches blocks.L.<suffix>. mlp_in_normalized is what the MLP
 # reads after its LayerNorm/RMSNorm (TransformerLens folds the norm's weights into the MLP), and
@@ -65,6 +68,9 @@ def load_model(name: str | None, path: str | None, *, device: str, dtype: str = 
     with _quiet():
         if name is not None:
             _check_tl_name(name)
+        entry = _converted_entry(name, path, dtype)
+        if entry is not None and (model := load_converted(entry, device)) is not None:
+            return model
         if path is None:
             hf_model, tokenizer = _hf_by_name(name, dtype), None  # TransformerLens picks the tokenizer
         else:
@@ -72,14 +78,25 @@ def load_model(name: str | None, path: str | None, *, device: str, dtype: str = 
         release_memory()  # a GGUF's dequantisation buffers
         try:
             if name is not None:
-                return lean(HookedTransformer, hf_model).from_pretrained(
+                model = lean(HookedTransformer, hf_model).from_pretrained(
                     name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
                 )
-            return _from_local_dir(lean(HookedTransformer, hf_model), Path(path).expanduser(), hf_model, tokenizer,
-                                   device, dtype)
+            else:
+                model = _from_local_dir(lean(HookedTransformer, hf_model), Path(path).expanduser(), hf_model,
+                                        tokenizer, device, dtype)
         finally:
             del hf_model
             release_memory()
+    if entry is not None:
+        save_converted(model, entry)
+    return model
+
+
+def _converted_entry(name: str | None, path: str | None, dtype: str) -> Path | None:
+    """Where a GGUF file's converted model is kept (cache/converted.py); None for float checkpoints."""
+    if path is None or name is None or Path(path).suffix != ".gguf" or not Path(path).expanduser().is_file():
+        return None
+    return entry_for(Path(path).expanduser(), name, dtype)
 
 
 def _hf_by_name(name: str, dtype: str):

@@ -83,6 +83,7 @@ def pytest_configure(config):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["SAE_SWEEP_MODEL_CACHE"] = str(root / "sae-sweep-models")  # converted GGUF models, never ~/.cache
     tokenizer = _train_tokenizer(vocab_size=400, corpus_seed=0)
     save_tiny_model(_hub_snapshot(root, "EleutherAI/pythia-70m"), tokenizer, seed=0)
     save_tiny_model(_hub_snapshot(root, "EleutherAI/pythia-160m"), tokenizer, seed=1)

@@ -80,6 +80,46 @@ def test_the_lean_load_gives_transformer_lens_own_model_bit_for_bit(tiny_model_d
             assert torch.equal(a[key], b[key]), (name, key)
 
 
+def test_a_kept_converted_model_loads_bit_for_bit_once_whatever_the_writers_or_the_disk(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """cache/converted.py: the kept model gives every hook of the model it was saved from; a
+    second writer leaves the first entry whole; a disk without room keeps nothing and says so;
+    the key follows the file and the dtype; SAE_SWEEP_MODEL_CACHE=off keeps nothing."""
+    import shutil as shutil_
+
+    from cache import converted
+
+    monkeypatch.setenv("SAE_SWEEP_MODEL_CACHE", str(tmp_path / "kept"))
+    model = load_model(None, str(tiny_model_dir), device="cpu")
+    source = tmp_path / "tiny.gguf"
+    source.write_bytes(b"GGUF stand-in")
+    entry = converted.entry_for(source, TINY_NAME, "float32")
+    assert converted.load_converted(entry, "cpu") is None  # nothing kept yet
+    converted.save_converted(model, entry)
+    assert "kept the converted model" in capsys.readouterr().err
+    again = converted.load_converted(entry, "cpu")
+    assert not any(p.is_meta for p in again.parameters()) and again.cfg.to_dict() == model.cfg.to_dict()
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(2))
+    a, b = _every_hook(again, tokens), _every_hook(model, tokens)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    assert again.to_tokens("a b c").tolist() == model.to_tokens("a b c").tolist()
+
+    written = (entry / converted.WEIGHTS).stat().st_mtime_ns
+    converted.save_converted(model, entry)  # a second writer, finishing after the first
+    assert (entry / converted.WEIGHTS).stat().st_mtime_ns == written
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no partial entry left
+
+    other = converted.entry_for(source, TINY_NAME, "bfloat16")
+    monkeypatch.setattr(shutil_, "disk_usage", lambda path: shutil_._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    converted.save_converted(model, other)
+    assert "not keeping the converted model" in capsys.readouterr().err and not other.exists()
+    assert other != entry
+    source.write_bytes(b"GGUF stand-in, changed")
+    assert converted.entry_for(source, TINY_NAME, "float32") != entry
+    monkeypatch.setenv("SAE_SWEEP_MODEL_CACHE", "off")
+    assert converted.entry_for(source, TINY_NAME, "float32") is None
+
+
 def test_hooks_resolve_from_layers_and_names_and_stop_after_the_deepest_layer():
     model = load_model(TINY_NAME, None, device="cpu")
     hooks = resolve_hooks(model, (0, 2), "mlp_out", ("blocks.1.hook_resid_post",))

@@ -25,12 +25,14 @@ def test_demo_defaults_cache_and_sweep_a_real_model(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "blocks.6.hook_resid_post (d=640" in result.output
+    assert "kept the converted model" in result.output  # the first load dequantizes, the evaluation's does not
     result = CliRunner().invoke(
         train_sweep.main,
         ["--cache", str(cache), "--output_dir", str(run), "--ratio", "1", "--n_models", "2",
          "--batch_size", "256", "--lr", "1e-3", "--n_epochs", "8", "--eval_tokens", "150"],
     )
     assert result.exit_code == 0, result.output
+    assert "converted model" not in result.output
     members = json.loads((run / "sweep.json").read_text())["members"]
     # λ = 1e-4 and 1e-2: the light member reconstructs well, the heavy one is much sparser (a frontier)
     light, heavy = members

@@ -1,0 +1,111 @@
+"""Keep a dequantized GGUF model once, converted, so that later loads take seconds.
+
+A GGUF file is quantized: every load dequantizes it and converts it to a HookedTransformer, 35 s
+and a 3.4 GB peak for the demo model (bench/RESULTS.md "End-to-end demo"), and the demo loads it
+twice (caching, then evaluation). The first load keeps the converted model (its state dict as
+safetensors, its TransformerLens config, its tokenizer) under
+
+    $SAE_SWEEP_MODEL_CACHE/<key>/     (default ~/.cache/sae-sweep/models; "off" keeps nothing)
+
+where the key covers the file (path, size, modification time), the architecture name, the dtype
+and the TransformerLens and transformers versions, so a changed file or library converts afresh.
+A later load builds the model on the meta device and assigns the saved tensors: about one copy of
+the weights, no conversion. Checkpoints in float (a Hugging Face directory or name) load fast
+enough as they are, and are not copied.
+
+The entry is written to a temporary directory and renamed into place, so a second writer or an
+interrupted one never leaves a half entry; a disk without room for it (checked first) or a failed
+write only costs the speed-up, with one line saying so.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer"
+HEADROOM_BYTES = 512 * 2**20  # left free on the disk after writing an entry
+
+
+def cache_root() -> Path | None:
+    """Where converted models are kept; None when SAE_SWEEP_MODEL_CACHE=off."""
+    setting = os.environ.get("SAE_SWEEP_MODEL_CACHE", "")
+    if setting.lower() in ("off", "0", "none"):
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sae-sweep" / "models"
+
+
+def entry_for(gguf_path: Path, name: str, dtype: str) -> Path | None:
+    """The cache entry of this file loaded as `name` in `dtype` (whether or not it exists yet)."""
+    from importlib.metadata import version
+
+    root = cache_root()
+    if root is None:
+        return None
+    stat = gguf_path.stat()
+    identity = {"file": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "name": name, "dtype": dtype, "transformer_lens": version("transformer_lens"),
+                "transformers": version("transformers")}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return root / f"{gguf_path.stem}-{dtype}-{key}"
+
+
+def load_converted(entry: Path, device: str):
+    """The HookedTransformer kept at `entry`, on `device`; None where there is no complete entry."""
+    if not (entry / WEIGHTS).is_file():
+        return None
+    import torch
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import AutoTokenizer
+
+    from cache.lean_load import parameters_on_meta
+
+    values = json.loads((entry / CONFIG).read_text())
+    values.update(dtype=getattr(torch, values["dtype"]), device=device)
+    cfg = HookedTransformerConfig.from_dict(values)
+    tokenizer = AutoTokenizer.from_pretrained(str(entry / TOKENIZER))
+    with parameters_on_meta(min_elements=0):
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_state_dict(load_file(str(entry / WEIGHTS)), strict=True, assign=True)
+    model.move_model_modules_to_device()
+    return model
+
+
+def save_converted(model, entry: Path) -> None:
+    """Keep `model` at `entry` (best effort: a full disk or a failed write says so and goes on)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(entry.parent).free
+    if free < needed + HEADROOM_BYTES:
+        _note(f"not keeping the converted model: {free / 2**30:.1f} GiB free at {entry.parent}, "
+              f"it needs {needed / 2**30:.1f} GiB (the next load converts again)")
+        return
+    partial = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
+    try:
+        partial.mkdir()
+        values = dict(model.cfg.to_dict())  # to_dict hands out the config's own __dict__
+        values["dtype"] = str(values["dtype"]).removeprefix("torch.")
+        (partial / CONFIG).write_text(json.dumps(values, default=str))
+        model.tokenizer.save_pretrained(str(partial / TOKENIZER))
+        save_file(tensors, str(partial / WEIGHTS))
+        partial.rename(entry)
+    except OSError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (entry / WEIGHTS).is_file():  # not another writer's entry in place already
+            _note(f"not keeping the converted model at {entry}: {err} (the next load converts again)")
+        return
+    _note(f"kept the converted model at {entry} ({needed / 2**30:.1f} GiB), so the next load takes seconds; "
+          "SAE_SWEEP_MODEL_CACHE=off keeps nothing")
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
