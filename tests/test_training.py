@@ -206,14 +206,16 @@ def test_held_out_rows_are_whole_sequences_even_inside_a_shuffled_block(tmp_path
     assert resumed == trained[5 * 37 :]
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka", "jumprelu", "gated"])
 def test_encoder_starts_at_the_decoder_transpose_scaled_so_that_the_first_reconstruction_is_about_x(arch):
-    """The rule kept after bench/quality.py's ablations: W_enc = W_decᵀ · 2I/F where decoder rows are
-    unit norm (E[ReLU(w·x) w] = x/(2I) for random unit rows w), b_enc 0, decoder rows unit norm."""
+    """The rules kept after bench/quality.py's ablations: W_enc = W_decᵀ · 2I/F where decoder rows are
+    unit norm (E[ReLU(w·x) w] = x/(2I) for random unit rows w), W_decᵀ itself where k latents are
+    chosen (the top-k family), b_enc 0, decoder rows unit norm."""
     d = Dictionary([MemberConfig(d_in=64, d_sae=4096, arch=arch, k=4096, l1_coeff=0.0, seed=3)])
     W_dec = d.W_dec[0]
     torch.testing.assert_close(W_dec.norm(dim=-1), torch.ones(4096))
-    torch.testing.assert_close(d.W_enc[0], W_dec.T * (2 * 64 / 4096))
+    scale = 1.0 if arch in ("topk", "batchtopk", "matryoshka") else 2 * 64 / 4096
+    torch.testing.assert_close(d.W_enc[0], W_dec.T * scale)
     assert d.b_enc.abs().max() == 0
     if arch == "relu":  # with every latent able to fire, x̂ ≈ x from the first step
         x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))

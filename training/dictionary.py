@@ -358,11 +358,15 @@ class Dictionary(nn.Module):
         """Decoder rows are random directions (per target for per-source norms), unit norm where
         norms are fixed or thresholds learned, `decoder_init_norm` where norms are free; the
         encoder of an SAE is the decoder's transpose (scaled by 2·I/F where rows are unit: for
-        random unit rows w, E[ReLU(w·x) w] = x / (2I), so x̂ ≈ x at the start); a transcoder's
-        encoder has directions of its own (it reads another space)."""
+        random unit rows w, E[ReLU(w·x) w] = x / (2I), so x̂ ≈ x at the start), except where k
+        latents are chosen: the top-k family's encoder is the transpose itself (measured in
+        bench/RESULTS.md "Quality": the ReLU scale, 2I/F, left 38.6% of a long TopK run's latents
+        silent on held-out rows, the transpose 21.6%); a transcoder's encoder has directions of its
+        own (it reads another space)."""
         f, G = member.d_sae, self.G
         unit_rows = self.spec.unit_norm_decoder or self.spec.activation == "jumprelu"
         norm = 1.0 if unit_rows else member.decoder_init_norm
+        transpose_scale = 1.0 if self.spec.activation in ("topk", "batchtopk") else 2 * self.I / f
         blocks = 1 if unit_rows else self.n_targets
         for g in range(G):
             width = self.slab_starts[g + 1] - self.slab_starts[g]
@@ -370,7 +374,7 @@ class Dictionary(nn.Module):
             self.slab(g)[e, :f] = W_dec_fW
             rows = slice(g * self.I, (g + 1) * self.I)
             if not member.is_transcoder:
-                self.W_enc[e, rows, :f] = W_dec_fW.T * (2 * self.I / f if unit_rows else 1.0)
+                self.W_enc[e, rows, :f] = W_dec_fW.T * (transpose_scale if unit_rows else 1.0)
             else:
                 W_enc_fI = init_decoder(f, self.I, member.seed + 104729 + 7919 * g)
                 self.W_enc[e, rows, :f] = W_enc_fI.T * (2 * self.I / f if unit_rows else norm)
