@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer"
+TOKENIZER_KWARGS = "sae_sweep_tokenizer_kwargs"  # in CONFIG beside TransformerLens's own fields
+ORDERS = "dimension_orders"  # safetensors metadata: key → the order its tensor was stored in
 HEADROOM_BYTES = 512 * 2**20  # left free on the disk after writing an entry
 
 
@@ -60,6 +62,7 @@ def load_converted(entry: Path, device: str):
     if not (entry / WEIGHTS).is_file():
         return None
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import AutoTokenizer
@@ -67,12 +70,16 @@ def load_converted(entry: Path, device: str):
     from cache.lean_load import parameters_on_meta
 
     values = json.loads((entry / CONFIG).read_text())
+    tokenizer_kwargs = values.pop(TOKENIZER_KWARGS, {})
     values.update(dtype=getattr(torch, values["dtype"]), device=device)
     cfg = HookedTransformerConfig.from_dict(values)
-    tokenizer = AutoTokenizer.from_pretrained(str(entry / TOKENIZER))
+    tokenizer = AutoTokenizer.from_pretrained(str(entry / TOKENIZER), **tokenizer_kwargs)
     with parameters_on_meta(min_elements=0):
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    model.load_state_dict(load_file(str(entry / WEIGHTS)), strict=True, assign=True)
+    with safe_open(str(entry / WEIGHTS), "pt") as file:
+        orders = json.loads((file.metadata() or {}).get(ORDERS, "{}"))
+    tensors = {k: _in_layout(t, orders.get(k)) for k, t in load_file(str(entry / WEIGHTS)).items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
     model.move_model_modules_to_device()
     return model
 
@@ -81,7 +88,11 @@ def save_converted(model, entry: Path) -> None:
     """Keep `model` at `entry` (best effort: a full disk or a failed write says so and goes on)."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors, orders = {}, {}
+    for key, value in model.state_dict().items():
+        tensors[key], order = _as_stored(value.detach().cpu())
+        if order is not None:
+            orders[key] = order
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
     entry.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(entry.parent).free
@@ -94,9 +105,12 @@ def save_converted(model, entry: Path) -> None:
         partial.mkdir()
         values = dict(model.cfg.to_dict())  # to_dict hands out the config's own __dict__
         values["dtype"] = str(values["dtype"]).removeprefix("torch.")
+        # TransformerLens reloads a tokenizer built without add_bos_token=True (4 s for the demo's
+        # 262k vocabulary); the kept one is loaded with it, as TransformerLens would reload it.
+        values[TOKENIZER_KWARGS] = {"add_bos_token": True} if model.tokenizer.bos_token is not None else {}
         (partial / CONFIG).write_text(json.dumps(values, default=str))
         model.tokenizer.save_pretrained(str(partial / TOKENIZER))
-        save_file(tensors, str(partial / WEIGHTS))
+        save_file(tensors, str(partial / WEIGHTS), metadata={ORDERS: json.dumps(orders)})
         partial.rename(entry)
     except OSError as err:
         shutil.rmtree(partial, ignore_errors=True)
@@ -105,6 +119,26 @@ def save_converted(model, entry: Path) -> None:
         return
     _note(f"kept the converted model at {entry} ({needed / 2**30:.1f} GiB), so the next load takes seconds; "
           "SAE_SWEEP_MODEL_CACHE=off keeps nothing")
+
+
+def _as_stored(tensor):
+    """(a contiguous tensor safetensors can write, the dimension order that gives `tensor` back or
+    None). Converted weights keep the Hugging Face [out, in] memory layout behind TransformerLens's
+    [in, out] view, and a forward on them is ~1.5× faster than on contiguous copies (the demo
+    model, 8 × 128 tokens: 5.5 s against 8.3 s), so the layout is kept, not the copy."""
+    order = sorted(range(tensor.dim()), key=lambda i: -tensor.stride(i))
+    stored = tensor.permute(order)
+    if order == list(range(tensor.dim())) or not stored.is_contiguous():
+        return tensor.contiguous(), None
+    return stored, order
+
+
+def _in_layout(stored, order: list[int] | None):
+    """`_as_stored` undone: a view of `stored` in its saved dimension order."""
+    if order is None:
+        return stored
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return stored.permute(inverse)
 
 
 def _note(message: str) -> None:

@@ -99,6 +99,9 @@ def test_a_kept_converted_model_loads_bit_for_bit_once_whatever_the_writers_or_t
     assert "kept the converted model" in capsys.readouterr().err
     again = converted.load_converted(entry, "cpu")
     assert not any(p.is_meta for p in again.parameters()) and again.cfg.to_dict() == model.cfg.to_dict()
+    strides = {k: v.stride() for k, v in model.state_dict().items()}
+    assert {k: v.stride() for k, v in again.state_dict().items()} == strides  # the HF layout kept (speed)
+    assert any(s[-1] != 1 for s in strides.values())  # there were transposed weights to keep
     tokens = torch.randint(0, model.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(2))
     a, b = _every_hook(again, tokens), _every_hook(model, tokens)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
