@@ -258,3 +258,18 @@ def test_forward_batch_size_does_not_change_the_store(tmp_path, text_dir):
         assert (a.read_column(name) == b.read_column(name)).all()
     torch.testing.assert_close(a.read_rows("blocks.1.hook_resid_post", 0, a.n_rows).float(),
                                b.read_rows("blocks.1.hook_resid_post", 0, b.n_rows).float(), atol=2e-3, rtol=2e-3)
+
+
+def test_the_evaluation_estimate_counts_a_kept_model_once_and_a_converted_one_at_its_load_peak(monkeypatch):
+    """evaluation.runner.memory_needed: a GGUF model kept converted is assigned (its weights, once);
+    one still to convert costs MODEL_LOAD_FACTOR × its weights while it loads."""
+    import cache.models
+    from evaluation import runner
+
+    info = {"models": [{"model": TINY_NAME, "model_path": "m.gguf", "n_parameters": 10**9}], "d_model": 64}
+    cfg = runner.EvalConfig(run_dir="run", n_sequences=8, batch_size=8)
+    for kept, load in ((False, runner.MODEL_LOAD_FACTOR * 4e9), (True, 4e9)):
+        monkeypatch.setattr(cache.models, "converted_model_kept", lambda name, path, dtype, kept=kept: kept)
+        needed = runner.memory_needed(info, cfg, member_parameters=1000, context_length=16)
+        assert needed >= 4000 + load and (kept or needed == 4000 + int(load)), (kept, needed)
+    assert runner.memory_needed(info, runner.EvalConfig(run_dir="run", n_sequences=0), 1000, 16) == 4000
