@@ -64,7 +64,7 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, browser: boo
     lead = processes.rank == 0  # under torchrun, rank 0 evaluates, logs and reports
     tracker = (run_or_exit(lambda: WandbTracker(wandb_project, Path(out).name, cfg.flat()))
                if wandb_project and lead else None)
-    needs = (lambda info, parameters, context: memory_needed(info, eval_cfg, parameters, context)) if run_eval else None
+    needs = (lambda store, parameters: memory_needed(store, eval_cfg, parameters)) if run_eval else None
     rows = run_or_exit(lambda: train_sweep(cfg, tracker, layout, evaluation_bytes=needs))
     leave(processes)
     if not lead:

@@ -110,11 +110,11 @@ class Held:
 
 
 def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None,
-                evaluation_bytes: Callable[[dict, int, int], int | None] | None = None) -> list[dict]:
+                evaluation_bytes: Callable[[ActivationStore, int], int | None] | None = None) -> list[dict]:
     """Train and export every member; return one row per member. `tracker`, if given, gets the
     training curves (see training.tracking.WandbTracker). `layout`: under torchrun, which
     members and rows this rank steps (training/parallel.py); every rank returns every row.
-    `evaluation_bytes(store info, the members' parameters, context length)`: what the evaluation
+    `evaluation_bytes(store, the members' parameters)`: what the evaluation
     that follows will need (evaluation.runner.memory_needed), checked with training's needs
     before anything is written."""
     layout = layout or Layout(Processes(), cfg.data_parallel)
@@ -134,7 +134,7 @@ def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None,
     need = _estimate(parts, mine, rows_per_step, torch.device(cfg.device), stream, cfg.data.prefetch)
     if evaluation_bytes is not None and lead:  # rank 0 evaluates
         parameters = sum(memory.parameter_count(p.members) for p in parts)
-        need = replace(need, evaluation_bytes=evaluation_bytes(store.info, parameters, store.attrs["context_length"]))
+        need = replace(need, evaluation_bytes=evaluation_bytes(store, parameters))
     memory.check_fits(need, torch.device(cfg.device), len(mine))
     held = _build(cfg, parts, mine, stream.columns)
     if layout.data_parallel > 1:
