@@ -57,13 +57,17 @@ def entry_for(gguf_path: Path, name: str, dtype: str) -> Path | None:
     return root / f"{gguf_path.stem}-{dtype}-{key}"
 
 
+def is_kept(entry: Path) -> bool:
+    """Whether `entry` holds a whole converted model (an entry is renamed into place complete)."""
+    return (entry / WEIGHTS).is_file()
+
+
 def load_converted(entry: Path, device: str):
     """The HookedTransformer kept at `entry`, on `device`; None where there is no complete entry."""
-    if not (entry / WEIGHTS).is_file():
+    if not is_kept(entry):
         return None
     import torch
     from safetensors import safe_open
-    from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import AutoTokenizer
 
@@ -78,7 +82,7 @@ def load_converted(entry: Path, device: str):
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     with safe_open(str(entry / WEIGHTS), "pt") as file:
         orders = json.loads((file.metadata() or {}).get(ORDERS, "{}"))
-    tensors = {k: _in_layout(t, orders.get(k)) for k, t in load_file(str(entry / WEIGHTS)).items()}
+        tensors = {k: _in_layout(file.get_tensor(k), orders.get(k)) for k in file.keys()}
     model.load_state_dict(tensors, strict=True, assign=True)
     model.move_model_modules_to_device()
     return model
@@ -114,7 +118,7 @@ def save_converted(model, entry: Path) -> None:
         partial.rename(entry)
     except OSError as err:
         shutil.rmtree(partial, ignore_errors=True)
-        if not (entry / WEIGHTS).is_file():  # not another writer's entry in place already
+        if not is_kept(entry):  # not another writer's entry in place already
             _note(f"not keeping the converted model at {entry}: {err} (the next load converts again)")
         return
     _note(f"kept the converted model at {entry} ({needed / 2**30:.1f} GiB), so the next load takes seconds; "

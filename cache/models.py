@@ -20,7 +20,7 @@ import re
 import warnings
 from pathlib import Path
 
-from cache.converted import WEIGHTS, entry_for, load_converted, save_converted
+from cache.converted import entry_for, is_kept, load_converted, save_converted
 
 # Hook kinds: `--layers L --hook KIND` caches blocks.L.<suffix>. mlp_in_normalized is what the MLP
 # reads after its LayerNorm/RMSNorm (TransformerLens folds the norm's weights into the MLP), and
@@ -95,7 +95,7 @@ def load_model(name: str | None, path: str | None, *, device: str, dtype: str = 
 def converted_model_kept(name: str | None, path: str | None, dtype: str) -> bool:
     """Whether loading this model will assign a kept converted copy (no dequantizing, no conversion)."""
     entry = _converted_entry(name, path, dtype)
-    return entry is not None and (entry / WEIGHTS).is_file()
+    return entry is not None and is_kept(entry)
 
 
 def _converted_entry(name: str | None, path: str | None, dtype: str) -> Path | None:
