@@ -261,22 +261,21 @@ def test_forward_batch_size_does_not_change_the_store(tmp_path, text_dir):
 
 
 def test_the_evaluation_estimate_counts_a_kept_model_once_and_a_converted_one_at_its_load_peak(monkeypatch):
-    """evaluation.runner.memory_needed: a GGUF model kept converted is assigned (its weights, once);
+    """evaluation.memory.memory_needed: a GGUF model kept converted is assigned (its weights, once);
     one still to convert costs MODEL_LOAD_FACTOR × its weights while it loads."""
     from types import SimpleNamespace
 
-    import cache.models
-    from evaluation import runner
+    from evaluation import memory, runner
 
     store = SimpleNamespace(info={"models": [{"model": TINY_NAME, "model_path": "m.gguf", "n_parameters": 10**9}],
                                   "d_model": 64},
                             attrs={"context_length": 16}, identity={"model_dtype": "bfloat16"})
     cfg = runner.EvalConfig(run_dir="run", n_sequences=8, batch_size=8)
     asked = []
-    for kept, load in ((False, runner.MODEL_LOAD_FACTOR * 4e9), (True, 4e9)):
-        monkeypatch.setattr(cache.models, "converted_model_kept",
+    for kept, load in ((False, memory.MODEL_LOAD_FACTOR * 4e9), (True, 4e9)):
+        monkeypatch.setattr(memory, "converted_model_kept",
                             lambda name, path, dtype, kept=kept: asked.append(dtype) or kept)
-        needed = runner.memory_needed(store, cfg, member_parameters=1000)
+        needed = memory.memory_needed(store, cfg, member_parameters=1000)
         assert needed >= 4000 + load and (kept or needed == 4000 + int(load)), (kept, needed)
     assert asked == ["bfloat16", "bfloat16"]  # the kept entry looked up in the store's model dtype
-    assert runner.memory_needed(store, runner.EvalConfig(run_dir="run", n_sequences=0), 1000) == 4000
+    assert memory.memory_needed(store, runner.EvalConfig(run_dir="run", n_sequences=0), 1000) == 4000

@@ -10,7 +10,7 @@ should fail in a second with the numbers, not after an hour).
                                                    8,192 features per layer at B 4,096: bench/RESULTS.md)
     batches in flight                              4 bytes × B × C × (1 + prefetch) on the host
     the evaluation after training                  the model, its spliced passes and the members' weights
-                                                   (evaluation/runner.py `memory_needed`), once training's
+                                                   (evaluation/memory.py `memory_needed`), once training's
                                                    tensors are freed
 
 A cross-layer transcoder over L layers of width d with F latents per layer has L·d·F encoder and

@@ -115,7 +115,7 @@ def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None,
     training curves (see training.tracking.WandbTracker). `layout`: under torchrun, which
     members and rows this rank steps (training/parallel.py); every rank returns every row.
     `evaluation_bytes(store, the members' parameters)`: what the evaluation
-    that follows will need (evaluation.runner.memory_needed), checked with training's needs
+    that follows will need (evaluation.memory.memory_needed), checked with training's needs
     before anything is written."""
     layout = layout or Layout(Processes(), cfg.data_parallel)
     cfg = replace(cfg, device=layout.processes.device_for(cfg.device))
