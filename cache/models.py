@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from cache.converted import entry_for, is_kept, load_converted, save_converted
+from cache.gguf_file import gguf_read_lean
 
 # Hook kinds: `--layers L --hook KIND` caches blocks.L.<suffix>. mlp_in_normalized is what the MLP
 # reads after its LayerNorm/RMSNorm (TransformerLens folds the norm's weights into the MLP), and
@@ -147,7 +148,7 @@ def _load_hf(path: Path, name: str | None, dtype: str):
                 f"architecture (e.g. --model {DEMO_MODEL_NAME})"
             )
         kwargs = {"gguf_file": path.name}
-        with gguf_parsed_once():
+        with gguf_read_lean():
             hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch_dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
         # Dequantized on load: the weights are plain floats now, and TransformerLens refuses
@@ -158,30 +159,6 @@ def _load_hf(path: Path, name: str | None, dtype: str):
     if not (path / "config.json").exists():
         raise ModelError(f"--model_path {path} is neither a .gguf file nor a Hugging Face directory with config.json")
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype), AutoTokenizer.from_pretrained(str(path))
-
-
-@contextlib.contextmanager
-def gguf_parsed_once():
-    """While held, every `gguf.GGUFReader(path)` of one file returns the same reader. transformers
-    parses a GGUF file afresh for the config, the tokenizer and the weights, and a parse walks
-    every metadata field: for the demo model's 262,144-token vocabulary, a third of its load time
-    each (bench/RESULTS.md "End-to-end demo"). The reader is only read from."""
-    import gguf
-
-    original = gguf.GGUFReader
-    readers: dict[tuple, object] = {}
-
-    def reader(path, *args, **kwargs):
-        key = (str(path), args, tuple(sorted(kwargs.items())))
-        if key not in readers:
-            readers[key] = original(path, *args, **kwargs)
-        return readers[key]
-
-    gguf.GGUFReader = reader
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
 
 
 def _from_local_dir(cls, path: Path, hf_model, tokenizer, device: str, dtype: str):

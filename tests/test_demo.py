@@ -5,6 +5,7 @@ it is the slowest test (about a minute on two cores) and the only one on real we
 """
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -52,11 +53,11 @@ def test_a_gguf_file_needs_its_architecture_named(tmp_path):
 
 def test_one_gguf_file_is_parsed_once_while_the_model_loads(tmp_path):
     """transformers opens a GGUF file for the config, the tokenizer and the weights; inside
-    gguf_parsed_once they share one reader (the demo model's vocabulary makes each parse ~15 s)."""
+    gguf_read_lean they share one reader (the demo model's vocabulary makes each parse ~15 s)."""
     import gguf
     import numpy as np
 
-    from cache.models import gguf_parsed_once
+    from cache.gguf_file import gguf_read_lean
 
     path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -65,9 +66,39 @@ def test_one_gguf_file_is_parsed_once_while_the_model_loads(tmp_path):
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
     writer.close()
     original = gguf.GGUFReader
-    with gguf_parsed_once():
+    with gguf_read_lean():
         first, second = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
         assert first is second
         assert first.fields["tiny.answer"].parts[-1][0] == 42
         assert np.array_equal(first.tensors[0].data, np.arange(8, dtype=np.float32))
     assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not first
+
+
+def test_gguf_tensors_dequantize_in_rows_to_the_same_values_in_less_memory():
+    """gguf_read_lean's dequantize gives gguf's own values bit for bit, for a row count that does
+    not divide the tensor, while its peak allocation stays near the output's size: gguf's own
+    holds about twice the output in intermediates (the demo load's peak, on its embedding)."""
+    import tracemalloc
+
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from cache.gguf_file import gguf_read_lean
+
+    weights = np.random.default_rng(0).standard_normal((2000, 256)).astype(np.float32)
+    original = gguf.dequantize
+    for qtype in (Q.Q8_0, Q.Q4_0, Q.Q5_0):
+        data = gguf.quants.quantize(weights, qtype)
+        peaks = {}
+        for name, context in (("gguf", contextlib.nullcontext()), ("rows", gguf_read_lean(rows=200))):
+            with context:
+                tracemalloc.start()
+                values = gguf.dequantize(data, qtype)
+                peaks[name] = tracemalloc.get_traced_memory()[1] / values.nbytes
+                tracemalloc.stop()
+            if name == "gguf":
+                expected = values
+        assert np.array_equal(values, expected) and values.shape == weights.shape, qtype.name
+        assert peaks["gguf"] > 1.9 and peaks["rows"] < 1.4, (qtype.name, peaks)
+    assert gguf.dequantize is original
