@@ -6,7 +6,7 @@ norms, centring the unembedding, …) with functions that each begin with a deep
 tensor, and copies the result into the model. For Gemma-3-270M in float32 (436M parameters once
 its embedding is untied, 1.75 GB) the load peaked at 7.3 GB of RSS, on top of the HF model.
 
-`lean(cls, hf_model)` is `cls` with three changes, so that the same TransformerLens code runs and
+`lean(cls, hf_model)` is `cls` with these changes, so that the same TransformerLens code runs and
 gives the same model (tested bit for bit against the plain load):
   * the HF model's modules let go of their parameters once the converted state dict exists (which
     holds them or views of them: each goes when processing replaces it);
@@ -15,8 +15,14 @@ gives the same model (tested bit for bit against the plain load):
     quantised models) instead of copying;
   * inside the weight processing, `Tensor.clone` returns its tensor: the deep copies only guard the
     caller's dict, which nothing uses afterwards;
+  * the processing runs without autograd: the HF weights require gradients, so each processed
+    tensor's graph would keep the one it replaced alive until the load ends;
+  * the unembedding's norm fold (W_U · w) is done in W_U's own storage where no other weight
+    shares it and no norm bias is folded from it: otherwise its old and new copies and the
+    embedding are alive at once (3 × 671 MB for Gemma-3's 262k vocabulary, the load's peak);
   * the unembedding is centred in place once loaded, instead of through a copy of W_U.
-Measured on the demo model: 3.4 GB peak instead of 7.3, outputs identical (bench/RESULTS.md).
+Measured on the demo model: a 2.8 GB peak (with the GGUF read, cache/gguf_file.py) instead of 7.3,
+outputs identical (bench/RESULTS.md "End-to-end demo").
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ def lean(cls: type, hf_model) -> type:
             was = self.cfg.load_in_4bit
             self.cfg.load_in_4bit = True  # its assign-instead-of-copy path
             try:
-                with _NoClone():
+                with torch.no_grad(), _NoCopies(in_place=_sole_unembedding(state_dict)):
                     super().load_and_process_state_dict(state_dict, center_unembed=False, **kwargs)
             finally:
                 self.cfg.load_in_4bit = was
@@ -101,8 +107,33 @@ def parameters_on_meta(min_elements: int | None = None):
         nn.Module.register_parameter = register
 
 
-class _NoClone(TorchFunctionMode):
+def _sole_unembedding(state_dict: dict) -> tuple[torch.Tensor, ...]:
+    """(W_U,) where its fold may be done in place: no other entry shares its storage (an untied
+    copy, unlike GPT-2's tied W_E = W_Uᵀ) and no final-norm bias is folded from it (LayerNorm
+    models read the old W_U for b_U after scaling it); else ()."""
+    unembed = state_dict.get("unembed.W_U")
+    if unembed is None or "ln_final.b" in state_dict:
+        return ()
+    storage = unembed.untyped_storage().data_ptr()
+    shared = any(value is not unembed and isinstance(value, torch.Tensor) and not value.is_meta
+                 and value.untyped_storage().data_ptr() == storage for value in state_dict.values())
+    return () if shared else (unembed,)
+
+
+class _NoCopies(TorchFunctionMode):
+    """`Tensor.clone` returns its tensor, and `a * b` or `a - b` with `a` one of `in_place` (and
+    the result of a's shape and dtype) is computed into a: the same arithmetic, the same values."""
+    IN_PLACE = {torch.Tensor.mul: torch.Tensor.mul_, torch.Tensor.sub: torch.Tensor.sub_}
+
+    def __init__(self, in_place: tuple[torch.Tensor, ...] = ()):
+        super().__init__()
+        self.in_place = {id(t) for t in in_place}
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.Tensor.clone:
             return args[0]
+        if (func in self.IN_PLACE and not kwargs and len(args) == 2 and id(args[0]) in self.in_place
+                and isinstance(args[1], torch.Tensor) and args[1].dtype == args[0].dtype
+                and torch.broadcast_shapes(args[0].shape, args[1].shape) == args[0].shape):
+            return self.IN_PLACE[func](*args)
         return func(*args, **(kwargs or {}))

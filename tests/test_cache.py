@@ -1,6 +1,10 @@
 """Stage 1: text → token sequences, model and hook resolution, the store, resume."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -49,20 +53,37 @@ def _every_hook(model, tokens) -> dict:
 
 def test_the_lean_load_gives_transformer_lens_own_model_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch):
     """cache/lean_load.py changes where weights live while loading, never what they are: every
-    hook and the logits equal HookedTransformer.from_pretrained's, for GPT-NeoX and for a GPT-2
-    with tied embeddings (whose untying the no-copy processing must not corrupt)."""
+    hook and the logits equal HookedTransformer.from_pretrained's, for GPT-NeoX, for a GPT-2
+    with tied embeddings (whose untying the no-copy processing must not corrupt), and for a
+    Llama (RMSNorm, its own unembedding: the norm is folded into W_U in place)."""
     from transformer_lens import HookedTransformer
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(3)
-    gpt2_dir = tmp_path / "gpt2"
+    gpt2_dir, llama_dir = tmp_path / "gpt2", tmp_path / "rms"  # TransformerLens reads "llama" in a path as Meta's own checkpoints
     GPT2LMHeadModel(GPT2Config(vocab_size=400, n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4,
                                tie_word_embeddings=True)).save_pretrained(gpt2_dir)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(gpt2_dir)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         tie_word_embeddings=False))
+    with torch.no_grad():
+        for norm in (p for p in llama.parameters() if p.dim() == 1):
+            norm.add_(0.1 * torch.randn_like(norm))  # norms away from 1, so that folding them matters
+    llama.save_pretrained(llama_dir)
+    for directory in (gpt2_dir, llama_dir):
+        AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
     import cache.lean_load
     from cache.models import _from_local_dir
 
     monkeypatch.setattr(cache.lean_load, "META_MIN_ELEMENTS", 2000)  # the tiny models' weights go to meta too
+    folded_in_place, sole = [], cache.lean_load._sole_unembedding
+
+    def spied(state_dict):
+        found = sole(state_dict)
+        folded_in_place.append(len(found))
+        return found
+
+    monkeypatch.setattr(cache.lean_load, "_sole_unembedding", spied)
 
     def plain(name, directory):  # the same two paths with TransformerLens's own class
         hf, tokenizer = AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
@@ -70,7 +91,7 @@ def test_the_lean_load_gives_transformer_lens_own_model_bit_for_bit(tiny_model_d
             return _from_local_dir(HookedTransformer, directory, hf, tokenizer, "cpu", "float32")
         return HookedTransformer.from_pretrained(name, hf_model=hf, tokenizer=tokenizer, device="cpu")
 
-    for name, directory in ((TINY_NAME, tiny_model_dir), (None, gpt2_dir)):
+    for name, directory in ((TINY_NAME, tiny_model_dir), (None, gpt2_dir), (None, llama_dir)):
         ours, theirs = load_model(name, str(directory), device="cpu"), plain(name, directory)
         assert not any(p.is_meta for p in ours.parameters())
         tokens = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -78,13 +99,15 @@ def test_the_lean_load_gives_transformer_lens_own_model_bit_for_bit(tiny_model_d
         assert a.keys() == b.keys()
         for key in b:
             assert torch.equal(a[key], b[key]), (name, key)
+    assert folded_in_place == [0, 0, 1]  # LayerNorm biases (GPT-NeoX), W_U tied to W_E (GPT-2), in place (Llama)
 
 
 def test_a_kept_converted_model_loads_bit_for_bit_once_whatever_the_writers_or_the_disk(tiny_model_dir, tmp_path,
                                                                                        monkeypatch, capsys):
     """cache/converted.py: the kept model gives every hook of the model it was saved from; a
     second writer leaves the first entry whole; a disk without room keeps nothing and says so;
-    the key follows the file and the dtype; SAE_SWEEP_MODEL_CACHE=off keeps nothing."""
+    the key follows the file and the dtype; SAE_SWEEP_MODEL_CACHE=off keeps nothing; a killed
+    writer's temporary directory is removed by the next writer."""
     import shutil as shutil_
 
     from cache import converted
@@ -111,6 +134,17 @@ def test_a_kept_converted_model_loads_bit_for_bit_once_whatever_the_writers_or_t
     converted.save_converted(model, entry)  # a second writer, finishing after the first
     assert (entry / converted.WEIGHTS).stat().st_mtime_ns == written
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no partial entry left
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    host = socket.gethostname()
+    left = {who: entry.with_name(f"{entry.name}.partial-{who}") for who in
+            (f"{host}-{finished.pid}", f"{host}-{os.getppid()}", f"elsewhere-{finished.pid}")}
+    for partial in left.values():
+        partial.mkdir()
+        (partial / converted.WEIGHTS).write_bytes(b"half")
+    converted.save_converted(model, entry)  # a killed writer's directory goes; a live or remote one's stays
+    assert {who for who, partial in left.items() if partial.exists()} == {f"{host}-{os.getppid()}", f"elsewhere-{finished.pid}"}
 
     other = converted.entry_for(source, TINY_NAME, "bfloat16")
     monkeypatch.setattr(shutil_, "disk_usage", lambda path: shutil_._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
