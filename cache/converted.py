@@ -15,7 +15,8 @@ enough as they are, and are not copied.
 
 The entry is written to a temporary directory and renamed into place, so a second writer or an
 interrupted one never leaves a half entry; a disk without room for it (checked first) or a failed
-write only costs the speed-up, with one line saying so.
+write only costs the speed-up, with one line saying so. A temporary directory left by a writer
+that was killed (its process gone, on this host) is removed by the next writer of that entry.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -99,12 +101,13 @@ def save_converted(model, entry: Path) -> None:
             orders[key] = order
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
     entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_writers(entry)
     free = shutil.disk_usage(entry.parent).free
     if free < needed + HEADROOM_BYTES:
         _note(f"not keeping the converted model: {free / 2**30:.1f} GiB free at {entry.parent}, "
               f"it needs {needed / 2**30:.1f} GiB (the next load converts again)")
         return
-    partial = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
+    partial = entry.with_name(f"{entry.name}{_PARTIAL}{socket.gethostname()}-{os.getpid()}")
     try:
         partial.mkdir()
         values = dict(model.cfg.to_dict())  # to_dict hands out the config's own __dict__
@@ -123,6 +126,30 @@ def save_converted(model, entry: Path) -> None:
         return
     _note(f"kept the converted model at {entry} ({needed / 2**30:.1f} GiB), so the next load takes seconds; "
           "SAE_SWEEP_MODEL_CACHE=off keeps nothing")
+
+
+_PARTIAL = ".partial-"  # <entry>.partial-<host>-<pid>: an entry being written
+
+
+def _remove_dead_writers(entry: Path) -> None:
+    """Remove the temporary directories of `entry` left by writers of this host that no longer
+    run (a killed write leaves one, as large as the model). A live writer's, or another host's
+    (its process cannot be probed from here), stays."""
+    host = socket.gethostname()
+    for partial in entry.parent.glob(f"{entry.name}{_PARTIAL}*"):
+        writer_host, _, pid = partial.name.removeprefix(f"{entry.name}{_PARTIAL}").rpartition("-")
+        if writer_host == host and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _as_stored(tensor):
