@@ -83,7 +83,7 @@ def test_spliced_ce_and_kl_equal_a_hand_computation_in_the_right_direction():
     from evaluation.splice import _chunked_losses
 
     identity = SimpleNamespace(cfg=SimpleNamespace(d_vocab=2, normalization_type=None, output_logits_soft_cap=None),
-                               unembed=lambda r: r)
+                               unembed=SimpleNamespace(W_U=torch.eye(2), b_U=torch.zeros(2)))
     clean, spliced = torch.tensor([0.9, 0.1]).log().view(1, 1, 2), torch.tensor([0.5, 0.5]).log().view(1, 1, 2)
     pad = torch.zeros(1, 1, 2)  # the last position predicts nothing
     _, (per_splice,) = _chunked_losses(identity, torch.cat([clean, pad], 1), [torch.cat([spliced, pad], 1)],

@@ -92,7 +92,8 @@ def test_prefix_sharing_stacked_chunked_losses_equal_full_forwards(soft_cap, mon
     sequences = torch.randint(0, 64, (7, 12), generator=g)
     sequences[:, 0] = 1  # a BOS that the cache excluded
     splices = some_splices(16)
-    monkeypatch.setattr(splice, "CHUNK_ELEMENTS", 64 * 5)  # 5 positions per chunk: many chunks
+    monkeypatch.setattr(splice, "STACKED_ROWS", 40)  # a few positions per block: many blocks, the last one short
+    monkeypatch.setattr(splice, "CHUNK_ELEMENTS", 40 * 7)  # 7 vocabulary columns per tile: many tiles, the last short
     expected = straightforward(model, sequences, splices, first_pos=1, exclude_tokens=(3, 7), batch_size=3)
     for stack in (1, 6, 64):  # one splice per pass, some stacked, all of a layer stacked
         got = spliced_losses(model, sequences, splices, first_pos=1, exclude_tokens=(3, 7), batch_size=3,
@@ -155,8 +156,8 @@ def _peak_growth_mib(new: bool) -> float:
 
 def test_splice_memory_stays_bounded_where_whole_batch_log_probs_do_not():
     """48 sequences × 32 positions × V 50,000: one [b, T, V] float32 tensor is 307 MB and the
-    straightforward path holds several; the chunked path holds a few [chunk, V] blocks (64 MB
-    each), whatever the batch."""
+    straightforward path holds several; the chunked path holds a few tiles of logits (16 MB each),
+    whatever the batch."""
     old, new = _peak_growth_mib(new=False), _peak_growth_mib(new=True)
     assert old > 1000, f"the straightforward path grew by only {old:.0f} MiB: the bound below proves nothing"
     assert new < 500, f"the chunked path grew by {new:.0f} MiB"
