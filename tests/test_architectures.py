@@ -119,7 +119,8 @@ def _smoothed_loss(d: Dictionary, x: torch.Tensor, theta: torch.Tensor) -> torch
 
 def test_jumprelu_threshold_gradient_is_nonzero_and_matches_finite_differences_of_the_smoothed_loss():
     torch.manual_seed(0)
-    d = Dictionary([MemberConfig(d_in=8, d_sae=16, arch="jumprelu", l0_coeff=0.5, bandwidth=0.02, threshold_init=0.5)]).double()
+    d = Dictionary([MemberConfig(d_in=8, d_sae=16, arch="jumprelu", l0_coeff=0.5, bandwidth=0.02, threshold_init=0.5,
+                                 preact_coeff=0.0)]).double()  # the smoothed loss has no pre-activation term
     with torch.no_grad():
         d.b_enc.fill_(0.5)  # pre-activations around θ, so many fall inside the kernel window
     x = torch.randn(4096, 8, dtype=torch.float64)
@@ -134,6 +135,26 @@ def test_jumprelu_threshold_gradient_is_nonzero_and_matches_finite_differences_o
     # the STE uses θ where the smoothed loss has z, and the hard step where it has the ramp; both
     # differ only inside the window |z − θ| < ε/2 = 0.01 around θ = 0.5 (θ ≠ 1, so a lost θ factor shows)
     assert (grad * direction).sum().item() == pytest.approx(fd.item(), rel=0.1)
+
+
+@pytest.mark.parametrize("arch, default", [("jumprelu", 3e-7), ("jumprelu_tanh", 3e-6)])
+def test_pre_activation_loss_known_answer_and_its_default_per_architecture(arch, default):
+    """The loss of a member minus the same member's without the term is λ_p · mean_b Σ_i
+    ReLU(θ_i − pre_bi) · ‖W_dec,i‖; an unset λ_p is the architecture's recipe value."""
+    assert MemberConfig(d_in=8, d_sae=16, arch=arch).preact_coeff == default
+    assert MemberConfig(d_in=8, d_sae=16, arch=arch, preact_coeff=0.25).preact_coeff == 0.25
+    torch.manual_seed(2)
+    d = Dictionary([MemberConfig(d_in=8, d_sae=16, arch=arch, l0_coeff=0.1, threshold_init=0.3, preact_coeff=c)
+                    for c in (0.25, 0.0)]).double()
+    with torch.no_grad():  # two equal members but for λ_p, with decoder norms far from 1 and unequal
+        for p in d.parameters():
+            p[0].copy_(p[1])
+        d.W_dec.mul_(torch.linspace(0.5, 2, 16, dtype=torch.float64).view(1, -1, 1))
+        x = torch.randn(64, 8, dtype=torch.float64)
+        total = d.loss(x).total
+        gap = torch.relu(d.jump_threshold[0] - d.pre_activation(x)[0]) * d.W_dec[0].norm(dim=-1)  # [B, F]
+    assert gap.sum() > 0  # pre-activations below θ exist, so the term can be wrong
+    assert (total[0] - total[1]).item() == pytest.approx(0.25 * gap.sum(-1).mean().item(), rel=1e-9)
 
 
 def test_jumprelu_l0_gradient_equals_the_smoothed_l0_gradient_exactly():

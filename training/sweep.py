@@ -22,7 +22,7 @@ from training.members import MemberConfig
 AXES = {"l1": "l1_coeff", "l1_coeff": "l1_coeff", "l0": "l0_coeff", "l0_coeff": "l0_coeff", "k": "k",
         "lr": "lr", "seed": "seed", "bandwidth": "bandwidth", "aux_coeff": "aux_coeff", "d_sae": "d_sae",
         "width": "d_sae", "p_end": "p_end", "threshold_init": "threshold_init",
-        "decoder_init_norm": "decoder_init_norm", "grad_clip": "grad_clip"}
+        "decoder_init_norm": "decoder_init_norm", "grad_clip": "grad_clip", "preact_coeff": "preact_coeff"}
 _INT_FIELDS = {"k", "seed", "d_sae"}
 _SHORT = {"l1_coeff": "l1", "l0_coeff": "l0"}  # how an axis appears in member names
 
