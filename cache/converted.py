@@ -64,8 +64,9 @@ def is_kept(entry: Path) -> bool:
     return (entry / WEIGHTS).is_file()
 
 
-def load_converted(entry: Path, device: str):
-    """The HookedTransformer kept at `entry`, on `device`; None where there is no complete entry."""
+def load_converted(entry: Path, device: str, tokenizer=None):
+    """The HookedTransformer kept at `entry`, on `device` (with `tokenizer` if given, else the kept
+    one); None where there is no complete entry."""
     if not is_kept(entry):
         return None
     import torch
@@ -79,7 +80,8 @@ def load_converted(entry: Path, device: str):
     tokenizer_kwargs = values.pop(TOKENIZER_KWARGS, {})
     values.update(dtype=getattr(torch, values["dtype"]), device=device)
     cfg = HookedTransformerConfig.from_dict(values)
-    tokenizer = AutoTokenizer.from_pretrained(str(entry / TOKENIZER), **tokenizer_kwargs)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(entry / TOKENIZER), **tokenizer_kwargs)
     with parameters_on_meta(min_elements=0):
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     with safe_open(str(entry / WEIGHTS), "pt") as file:

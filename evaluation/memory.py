@@ -19,8 +19,8 @@ def memory_needed(store: ActivationStore, cfg: EvalConfig, member_parameters: in
     """Bytes the evaluation of a sweep needs at its peak, beyond the process itself: loading the
     store's models (their float32 weights × MODEL_LOAD_FACTOR, or × 1 where a GGUF model is kept
     converted, cache/converted.py), or, once loaded, the weights and one
-    spliced pass (up to `STACK_SEQUENCES` sequences through the later blocks, and the log-softmax
-    blocks of evaluation/splice.py), plus the members' weights. None when the store does not record
+    spliced pass (up to `STACK_SEQUENCES` sequences through the later blocks, and the tiles of
+    logits of evaluation/splice.py), plus the members' weights. None when the store does not record
     its models' sizes (stores written before it did). The models load in the store's model dtype,
     as evaluation/runner.py loads them."""
     info, members = store.info, 4 * member_parameters
