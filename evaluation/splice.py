@@ -221,8 +221,8 @@ def _chunked_losses(model, clean_BTD: torch.Tensor, spliced: list[torch.Tensor] 
         if model.cfg.normalization_type is not None:
             x_MD = model.ln_final(x_MD.unsqueeze(0)).squeeze(0)
         target_n = targets[a: a + n]
-        top_Sn = torch.full((n_sources, n), -torch.inf)
-        sum_exp_Sn, p_dot_z_Sn, target_logit_Sn = torch.zeros(n_sources, n), torch.zeros(n_sources, n), torch.zeros(n_sources, n)
+        top_Sn = torch.full((n_sources, n), -torch.inf, device=x_MD.device)
+        sum_exp_Sn, p_dot_z_Sn, target_logit_Sn = (torch.zeros(n_sources, n, device=x_MD.device) for _ in range(3))
         for v in range(0, V, tile):
             z_SnT = F.linear(x_MD, W_VD[v: v + tile], None if b_V is None else b_V[v: v + tile]).float()
             if cap is not None:
