@@ -1,5 +1,5 @@
 """What a sweep's evaluation costs against its training, before and after the spliced CE/KL was
-rebuilt (prefix sharing, stacked splices, log-softmax in chunks of positions), on a real run.
+rebuilt (prefix sharing, stacked splices, the unembedding in tiles with an online softmax), on a real run.
 
     python generate_activations.py --n_tokens 50_000 --out caches/demo        # the README demo
     python train_sweep.py --cache caches/demo --output_dir runs/demo --ratio 4 --n_models 6 --batch_size 1024 \
