@@ -21,7 +21,7 @@ gives the same model (tested bit for bit against the plain load):
     shares it and no norm bias is folded from it: otherwise its old and new copies and the
     embedding are alive at once (3 × 671 MB for Gemma-3's 262k vocabulary, the load's peak);
   * the unembedding is centred in place once loaded, instead of through a copy of W_U.
-Measured on the demo model: a 2.8 GB peak (with the GGUF read, cache/gguf_file.py) instead of 7.3,
+Measured on the demo model: a 2.7 GiB peak (with the GGUF read, cache/gguf_file.py) instead of 7.3 GB,
 outputs identical (bench/RESULTS.md "End-to-end demo").
 """
 from __future__ import annotations

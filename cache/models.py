@@ -92,7 +92,7 @@ def load_model(name: str | None, path: str | None, *, device: str, dtype: str = 
         save_converted(model, entry)
         # The kept file's tensors are memory-mapped: pages of the weights a run never reads (the
         # unembedding, when caching an early layer) need not be resident, and the converted copy
-        # in anonymous memory goes (the demo's caching stage: 2.9 → 1.8 GB).
+        # in anonymous memory goes (the demo's caching stage after the load: 2.9 → 1.8 GiB).
         if (kept := load_converted(entry, device, tokenizer=model.tokenizer)) is not None:
             del model
             release_memory()
