@@ -103,15 +103,17 @@ def run_ours(cfg, rows_ND: torch.Tensor) -> tuple[list[dict], dict, float]:
     return results, summary["resolved"], seconds
 
 
-def plans(arch: str, d: int, resolved: dict, ours: list[dict], threshold_start_step: int, seed: int) -> list[Plan]:
-    """One plan per point of our sweep, with the schedule ours resolved to."""
+def plans(arch: str, d: int, resolved: dict, ours: list[dict], threshold_start_step: int, seed: int,
+          coeffs: list[float] | None = None) -> list[Plan]:
+    """One plan per point of our sweep (or per coefficient of `coeffs`, in our convention), with the
+    schedule ours resolved to."""
     T = resolved["total_steps"]
     decay = resolved["lr_decay_start"]
     base = Plan(arch=arch, d=d, d_sae=resolved["d_sae"], steps=T, lr=resolved["lr"], lr_warmup_steps=resolved["lr_warmup_steps"],
                 lr_decay_start=T if decay is None or decay >= 1 else int(decay * T),
                 sparsity_warmup_steps=resolved["sparsity_warmup_steps"], threshold_start_step=threshold_start_step, seed=seed)
     if arch in KNOB:
-        return [replace(base, coeff=r["coeff"]) for r in ours]
+        return [replace(base, coeff=c) for c in (coeffs or [r["coeff"] for r in ours])]
     return [replace(base, k=r["k"]) for r in ours]
 
 
@@ -179,6 +181,9 @@ def report(arch: str, results: list[dict], comparison: list[dict]) -> str:
 @click.option("--k", "ks", default="32", show_default=True, help="Comma-separated k (TopK family).")
 @click.option("--coeffs", default=None, help="Comma-separated sparsity coefficients of ours (L1 family, JumpReLU); "
               "default per architecture.")
+@click.option("--reference_coeffs", multiple=True, help="NAME=C1,C2,…: the coefficients (in our convention) a "
+              "reference trains at instead of ours', where its L1 reaches other L0s than ours at the same λ, e.g. "
+              "--reference_coeffs saelens=1e-3,1e-2; the comparison is at equal L0 either way.")
 @click.option("--eval_tokens", type=int, default=20_000, show_default=True, help="Held-out rows (whole sequences).")
 @click.option("--lr", type=float, default=None, help="Learning rate for every trainer [default: our recipe's].")
 @click.option("--ours", "overrides", multiple=True, help="NAME=VALUE: a field of our SweepConfig for ours only (an "
@@ -189,8 +194,8 @@ def report(arch: str, results: list[dict], comparison: list[dict]) -> str:
                    "unit mean squared norm as its own pipeline scales them (own: its thresholds and its JumpReLU "
                    "penalty assume that scale), or both, as two references.")
 @click.option("--out", "out_json", default=None, help="Write every result as JSON here.")
-def main(archs, references, steps, batch_size, ratio, ks, coeffs, eval_tokens, lr, overrides, seed, dl_rows, out_json,
-         cache):
+def main(archs, references, steps, batch_size, ratio, ks, coeffs, reference_coeffs, eval_tokens, lr, overrides, seed,
+         dl_rows, out_json, cache):
     from training.config import SweepConfig
     from training.trainer import open_training_stream, training_batches
 
@@ -200,6 +205,7 @@ def main(archs, references, steps, batch_size, ratio, ks, coeffs, eval_tokens, l
         if problems.get(name):
             print(f"skipping {name}: {problems[name]}")
     wanted = [r for r in wanted if not problems.get(r)]
+    own_coeffs = _reference_coeffs(reference_coeffs, archs)
     everything = {}
     for arch in archs:
         with tempfile.TemporaryDirectory() as tmp:
@@ -218,7 +224,7 @@ def main(archs, references, steps, batch_size, ratio, ks, coeffs, eval_tokens, l
                 if arch not in SUPPORTS[name]:
                     continue
                 runs = []
-                for plan in plans(arch, stream.d, resolved, ours, threshold_start, seed):
+                for plan in plans(arch, stream.d, resolved, ours, threshold_start, seed, own_coeffs.get(name)):
                     if name == "dictionary_learning" and arch == "jumprelu":
                         plan = replace(plan, target_l0=round(next(r["l0"] for r in ours if r["coeff"] == plan.coeff), 1))
                     print(f"{arch}: {label} {plan.knob} …", flush=True)
@@ -245,6 +251,23 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
             out[name.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             out[name.strip()] = value
+    return out
+
+
+def _reference_coeffs(pairs: tuple[str, ...], archs: tuple[str, ...]) -> dict[str, list[float]]:
+    """--reference_coeffs NAME=C1,C2 pairs."""
+    out = {}
+    for pair in pairs:
+        name, _, values = pair.partition("=")
+        if name not in REFERENCES:
+            raise click.BadParameter(f"{name!r} is not a reference ({', '.join(REFERENCES)})", param_hint="--reference_coeffs")
+        if name == "dictionary_learning" and "jumprelu" in archs:
+            raise click.BadParameter("dictionary_learning's JumpReLU has no coefficient: it is given the L0s ours "
+                                     "reached as targets", param_hint="--reference_coeffs")
+        try:
+            out[name] = [float(v) for v in values.split(",") if v]
+        except ValueError:
+            raise click.BadParameter(f"{pair!r}: expected NAME=C1,C2,… with numbers", param_hint="--reference_coeffs")
     return out
 
 

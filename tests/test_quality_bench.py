@@ -21,7 +21,7 @@ def test_the_quality_bench_trains_ours_and_every_reference_and_scores_them_alike
     out = tmp_path / "quality.json"
     result = CliRunner().invoke(quality.main, ["--cache", str(store), "--steps", "6", "--batch_size", "64", "--ratio", "2",
                                                "--k", "4", "--coeffs", "1e-3,1e-1", "--eval_tokens", "512",
-                                               "--out", str(out)])
+                                               "--reference_coeffs", "saelens=3e-2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "skipping" not in result.output  # the test extra installs every reference
     report = json.loads(out.read_text())
@@ -33,6 +33,10 @@ def test_the_quality_bench_trains_ours_and_every_reference_and_scores_them_alike
         for r in part["results"]:
             assert math.isfinite(r["fvu"]) and 0 <= r["dead"] <= 1 and r["l0"] >= 0, (arch, r)
         assert part["held_out_rows"] > 100  # at most --eval_tokens, at most a tenth of the store
+    for arch in ("relu", "gated", "jumprelu"):  # each trainer at its own coefficients
+        coeffs = {(r["trainer"], r["coeff"]) for r in report[arch]["results"]}
+        assert {("ours", 1e-3), ("ours", 1e-1), ("saelens", 3e-2), ("dictionary_learning (our rows)", 1e-3)} <= coeffs
+        assert ("saelens", 1e-3) not in coeffs
     topk = {r["trainer"]: r for r in report["topk"]["results"]}
     assert topk["ours"]["l0"] == topk["sparsify"]["l0"] == 4  # TopK keeps exactly k, in every library
     ratios = {c["trainer"]: c for c in report["topk"]["comparison"]}  # at equal k, every reference has a ratio
