@@ -51,6 +51,9 @@ def test_default_recipes_give_a_frontier_across_the_sweep(recipe_store, tmp_path
     ordered = l0 if arch_args[1] == "topk" else l0[::-1]  # L0 grows with k, falls with λ
     assert ordered == sorted(ordered), l0
     assert min(r["fvu"] for r in rows) < 0.5, [r["fvu"] for r in rows]  # the densest member reconstructs
+    if arch_args[1] == "topk":  # the top-k family's lr: 8e-4/√(d_sae/2¹⁴), measured (bench/RESULTS.md "Quality")
+        resolved = json.loads((tmp_path / "run" / "sweep_config.json").read_text())["resolved"]
+        assert resolved["lr"] == pytest.approx(8e-4 / (4 * 32 / 2**14) ** 0.5)  # --ratio 4 at d 32
 
 
 def test_a_fixed_coefficient_wins_and_the_shorthand_is_not_silently_applied(recipe_store, tmp_path):
