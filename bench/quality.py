@@ -38,6 +38,7 @@ import torch
 from bench._common import format_table
 from cache.cli_options import SpaceSeparated
 from bench.references import Plan, available, train_dictionary_learning, train_saelens, train_sparsify
+from training.sweep import parse_values
 
 KNOB = {"relu": "l1", "gated": "l1", "jumprelu": "l0_coeff"}
 DEFAULT_COEFFS = {"relu": "1e-4,4.6e-4,2.2e-3", "gated": "1e-4,4.6e-4,2.2e-3", "jumprelu": "1e-4,4.6e-4,2.2e-3"}
@@ -255,7 +256,7 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
 
 
 def _reference_coeffs(pairs: tuple[str, ...], archs: tuple[str, ...]) -> dict[str, list[float]]:
-    """--reference_coeffs NAME=C1,C2 pairs."""
+    """--reference_coeffs NAME=VALUES pairs (values as for --sweep: C1,C2 or logspace(a,b,n))."""
     out = {}
     for pair in pairs:
         name, _, values = pair.partition("=")
@@ -265,9 +266,9 @@ def _reference_coeffs(pairs: tuple[str, ...], archs: tuple[str, ...]) -> dict[st
             raise click.BadParameter("dictionary_learning's JumpReLU has no coefficient: it is given the L0s ours "
                                      "reached as targets", param_hint="--reference_coeffs")
         try:
-            out[name] = [float(v) for v in values.split(",") if v]
-        except ValueError:
-            raise click.BadParameter(f"{pair!r}: expected NAME=C1,C2,… with numbers", param_hint="--reference_coeffs")
+            out[name] = parse_values(values)
+        except ValueError as err:
+            raise click.BadParameter(f"{pair!r}: {err}", param_hint="--reference_coeffs") from None
     return out
 
 

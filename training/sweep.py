@@ -35,24 +35,33 @@ def axis_scope(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def parse_axis(spec: str) -> tuple[str, list[float]]:
-    """'k=16,32' → ("k", [16, 32]); values may be logspace(a,b,n) or linspace(a,b,n)."""
-    name, sep, values = spec.partition("=")
-    name = name.strip()
-    if not sep or name not in AXES:
-        raise ValueError(f"--sweep {spec!r}: write NAME=VALUES with NAME one of {', '.join(sorted(set(AXES)))}")
+def parse_values(values: str) -> list[float]:
+    """'16,32' → [16.0, 32.0]; also logspace(a,b,n) or linspace(a,b,n). ValueError if the text
+    holds no numbers or something else."""
     match = re.fullmatch(r"\s*(logspace|linspace)\(([^,]+),([^,]+),([^,]+)\)\s*", values)
     try:
         if match:
             kind, a, b, n = match.groups()
-            grid = (np.logspace if kind == "logspace" else np.linspace)(float(a), float(b), int(n))
-            numbers = [float(v) for v in grid]
+            numbers = [float(v) for v in (np.logspace if kind == "logspace" else np.linspace)(float(a), float(b), int(n))]
         else:
             numbers = [float(v) for v in values.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--sweep {spec!r}: values must be numbers, logspace(a,b,n) or linspace(a,b,n)") from None
+        raise ValueError("values must be numbers, logspace(a,b,n) or linspace(a,b,n)") from None
     if not numbers:
-        raise ValueError(f"--sweep {spec!r} gives no values")
+        raise ValueError("no values given")
+    return numbers
+
+
+def parse_axis(spec: str) -> tuple[str, list[float]]:
+    """'k=16,32' → ("k", [16, 32]); values as for parse_values."""
+    name, sep, values = spec.partition("=")
+    name = name.strip()
+    if not sep or name not in AXES:
+        raise ValueError(f"--sweep {spec!r}: write NAME=VALUES with NAME one of {', '.join(sorted(set(AXES)))}")
+    try:
+        numbers = parse_values(values)
+    except ValueError as err:
+        raise ValueError(f"--sweep {spec!r}: {err}") from None
     field = AXES[name]
     return field, [int(v) for v in numbers] if field in _INT_FIELDS else numbers
 
