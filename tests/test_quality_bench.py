@@ -42,3 +42,13 @@ def test_the_quality_bench_trains_ours_and_every_reference_and_scores_them_alike
     ratios = {c["trainer"]: c for c in report["topk"]["comparison"]}  # at equal k, every reference has a ratio
     assert set(ratios) == {t for t in topk if t != "ours"}
     assert all(c["fvu_ratio"] > 0 for c in ratios.values())
+
+
+def test_reference_coefficients_that_give_no_values_are_refused_before_any_training(tmp_path):
+    from bench import quality
+
+    for values, says in (("saelens=", "no values given"), ("saelens=a,b", "values must be numbers"),
+                         ("nobody=1e-3", "is not a reference")):
+        result = CliRunner().invoke(quality.main, ["--cache", str(tmp_path / "absent"), "--arch", "relu",
+                                                   "--reference_coeffs", values])
+        assert result.exit_code == 2 and says in result.output, result.output
