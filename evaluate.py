@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import SpaceSeparated, run_or_exit, storage_options_option, took
+from runtime.cli_options import SpaceSeparated, run_or_exit, storage_options_option, took
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -48,7 +48,7 @@ def main(compare: tuple[str, ...], out: str | None, force: bool, browser: bool, 
         click.echo(f"error: {options['run_dir']} holds no finished sweep (no sweep.json): run train_sweep.py first", err=True)
         raise SystemExit(1)
 
-    from cache.location import parse_storage_options
+    from runtime.location import parse_storage_options
     from evaluation.report import format_table
     from evaluation.runner import EvalConfig, evaluate_run
 

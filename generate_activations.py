@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import (
+from runtime.cli_options import (
     COUNT, SpaceSeparated, dist_timeout_option, refuse_if_locked, require_store, run_or_exit,
     storage_options_option, took)
-from cache.models import DEMO_LAYER, DEMO_MODEL_NAME, HOOK_KINDS
+from cache.models import DEMO_LAYER, DEMO_MODEL_NAME
+from store.hooks import HOOK_KINDS
 from cache.text import STDLIB_DOCSTRINGS
 
 
@@ -73,7 +74,7 @@ def main(verify: bool, dist_timeout: float, **options) -> None:
     """
     import time
 
-    from cache.location import parse_storage_options
+    from runtime.location import parse_storage_options
 
     start = time.perf_counter()
     options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
@@ -82,7 +83,7 @@ def main(verify: bool, dist_timeout: float, **options) -> None:
         run_or_exit(lambda: _verify(options["out"], options["storage_options"]))
         return
     refuse_if_locked(options["out"])  # before torch is imported
-    from cache.distributed import join, leave
+    from runtime.distributed import join, leave
     from cache.generate import GenerateConfig, generate
     from cache.models import default_gguf_path
 
@@ -118,8 +119,8 @@ def _verify(out: str, storage_options: dict) -> None:
     """Check a store fully; one line per problem and exit 1 if there is any."""
     import sys
 
-    from cache.location import location
-    from cache.store import ActivationStore
+    from runtime.location import location
+    from store.zarr_store import ActivationStore
 
     store = ActivationStore.open(location(out, storage_options), allow_incomplete=True)
     if not store.complete:

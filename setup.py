@@ -8,8 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["cache", "cache.*", "formats", "formats.*", "training", "training.*", "evaluation",
-                                    "evaluation.*", "suite", "suite.*"]),
+    packages=find_packages(include=["cache", "cache.*", "store", "store.*", "runtime", "runtime.*", "formats", "formats.*",
+                                    "training", "training.*", "evaluation", "evaluation.*", "suite", "suite.*"]),
     py_modules=["generate_activations", "train_sweep", "evaluate", "train_suite"],
     install_requires=[
         # Any torch >= 2.6 works; install.sh puts the CPU build on machines without a GPU.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import COUNT, SpaceSeparated, refuse_if_locked, require_store, run_or_exit, took
+from runtime.cli_options import COUNT, SpaceSeparated, refuse_if_locked, require_store, run_or_exit, took
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

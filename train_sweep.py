@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import click
 
-from cache.cli_options import dataclass_options, dist_timeout_option, refuse_if_locked, require_store, run_or_exit, took
+from runtime.cli_options import dataclass_options, dist_timeout_option, refuse_if_locked, require_store, run_or_exit, took
 from training.config import SweepConfig
 
 
@@ -38,7 +38,7 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, browser: boo
     """
     import time
 
-    from cache.location import parse_storage_options
+    from runtime.location import parse_storage_options
 
     start = time.perf_counter()
     options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
@@ -47,7 +47,7 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, browser: boo
 
     from pathlib import Path
 
-    from cache.distributed import join, leave
+    from runtime.distributed import join, leave
     from evaluation.report import format_table
     from evaluation.memory import memory_needed
     from evaluation.runner import EvalConfig, evaluate_run

@@ -48,10 +48,10 @@ if not __package__:  # run as a file: make the repository's packages importable
 
 from bench._common import RssPeak, Stopwatch, format_table, mib, track_rss  # noqa: E402
 from bench._fixtures import PYTHIA_70M_SHAPE, TINY_SHAPE, TL_NAME, build_hf_cache, use_offline_hf_home  # noqa: E402
-from cache.cli_options import SpaceSeparated  # noqa: E402
+from runtime.cli_options import SpaceSeparated  # noqa: E402
 from cache.generate import GenerateConfig, generate  # noqa: E402
 from cache.models import load_model, resolve_hooks, stop_layer  # noqa: E402
-from cache.store import STORAGE_DTYPES, ActivationStore  # noqa: E402
+from store.zarr_store import STORAGE_DTYPES, ActivationStore  # noqa: E402
 from cache.text import STDLIB_DOCSTRINGS, iter_documents, token_sequences  # noqa: E402
 
 
@@ -105,8 +105,8 @@ def forward_only_rate(model, sequences: np.ndarray, batch_size: int, stop_at: in
 
 def measure_generation(cfg: GenerateConfig) -> tuple[float, ActivationStore, RssPeak, float]:
     """Seconds of one `generate(cfg)` call, end to end, and the seconds of it spent checksumming
-    chunk files (cache/integrity.py: each block's chunks, and the manifest at the end)."""
-    from cache import integrity
+    chunk files (store/integrity.py: each block's chunks, and the manifest at the end)."""
+    from store import integrity
 
     checksum = Stopwatch()
     originals = {name: getattr(integrity, name) for name in ("block_checksums", "write_manifest")}

@@ -103,7 +103,7 @@ def part_a(s: dict, device: torch.device) -> list[list]:
 
 def synthetic_store(path: Path, rows: int, d: int, chunk_rows: int) -> Path:
     """A complete store of random rows (mean norm √d) with the format's every array, written directly."""
-    from cache.store import ActivationStore, RowBlock, SourceInfo
+    from store.zarr_store import ActivationStore, RowBlock, SourceInfo
 
     ctx = 64
     store = ActivationStore.create(path, identity={}, sources=[SourceInfo("s", "m", "blocks.0.hook_resid_post", d)],
@@ -123,8 +123,8 @@ def synthetic_store(path: Path, rows: int, d: int, chunk_rows: int) -> Path:
 
 def part_b(s: dict, device: torch.device, store: Path) -> list[list]:
     from bench.train_throughput import BenchConfig, saelens_step_fn
-    from cache.store import ActivationStore
-    from cache.stream import ActivationStream, StreamConfig
+    from store.zarr_store import ActivationStore
+    from store.stream import ActivationStream, StreamConfig
 
     stream = ActivationStream(ActivationStore.open(store), "s", StreamConfig(batch_size=s["batch"], eval_rows=0), device)
     batches = [x for _, x in zip(range(s["steps"] + 1), stream.train_batches(0))]
@@ -171,8 +171,8 @@ def part_c(s: dict, device: torch.device, peaks: tuple | None) -> list[list]:
 
 
 def part_d(s: dict, device: torch.device, store: Path) -> list[list]:
-    from cache.store import ActivationStore
-    from cache.stream import ActivationStream, StreamConfig
+    from store.zarr_store import ActivationStore
+    from store.stream import ActivationStream, StreamConfig
 
     stream = ActivationStream(ActivationStore.open(store), "s", StreamConfig(batch_size=s["batch"], eval_rows=0), device)
     ensemble = Ensemble([MemberConfig(d_in=s["d"], d_sae=s["F"], l1_coeff=1e-3, lr=1e-3, seed=i) for i in range(16)], device)

@@ -36,7 +36,7 @@ import click
 import torch
 
 from bench._common import format_table
-from cache.cli_options import SpaceSeparated
+from runtime.cli_options import SpaceSeparated
 from bench.references import Plan, available, train_dictionary_learning, train_saelens, train_sparsify
 from training.sweep import parse_values
 

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_store(path: Path, n_rows: int, d: int, chunk_rows: int = 8192, seed: int = 0) -> None:
     """A complete store of Gaussian rows (one source, one sequence per 128 rows)."""
-    from cache.store import ActivationStore, RowBlock, SourceInfo
+    from store.zarr_store import ActivationStore, RowBlock, SourceInfo
 
     per_seq = 128
     store = ActivationStore.create(

@@ -19,10 +19,10 @@ and resume are shared. Both models stay loaded for the whole run (twice the mode
 for small models). Their widths may differ in the store; `require_equal_widths` refuses such a
 pair up front for a crosscoder that needs them equal (the trainer checks again).
 
-Several processes (`torchrun --nproc_per_node N generate_activations.py …`, cache/distributed.py)
+Several processes (`torchrun --nproc_per_node N generate_activations.py …`, runtime/distributed.py)
 share the work by blocks: rank r runs its own copy of the model on blocks r, r+N, …, reading
 past the others' sequences in the (cheap, deterministic) text stream. Blocks are independent
-(cache/store.py), so the store is byte-identical to a single-process run, and a rerun after a
+(store/zarr_store.py), so the store is byte-identical to a single-process run, and a rerun after a
 crash of any rank writes exactly the blocks that have no record. Rank 0 creates the store and,
 once every rank is done, completes it.
 
@@ -42,17 +42,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cache.models import (HOOK_KINDS, ModelError, check_same_tokenizer, hook_kind, load_model, n_layers_without_loading,
-                          parse_layers, resolve_hooks, stop_layer)
-from cache.background import prefetched
-from cache.devices import check_device
-from cache.disk import check_free, writing
-from cache.distributed import Processes
-from cache.location import Location, location
-from cache.lock import OutputLock
-from cache.store import (STORAGE_DTYPES, STORAGE_MAX, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError,
-                         json_normal, to_storage)
+from cache.models import ModelError, check_same_tokenizer, load_model, n_layers_without_loading, resolve_hooks, stop_layer
 from cache.text import STDLIB_DOCSTRINGS, TextCount, TextSourceError, iter_documents, token_sequences
+from runtime.background import prefetched
+from runtime.devices import check_device
+from runtime.disk import check_free, writing
+from runtime.distributed import Processes
+from runtime.location import Location, location
+from runtime.lock import OutputLock
+from store.hooks import HOOK_KINDS, hook_kind, parse_layers
+from store.zarr_store import (STORAGE_DTYPES, STORAGE_MAX, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError,
+                         json_normal, to_storage)
 
 # Fields of GenerateConfig that do not change the stored bytes: they may differ on resume.
 _RUNTIME_FIELDS = ("out", "device", "batch_size", "overwrite", "require_equal_widths", "storage_options", "break_lock")
@@ -84,7 +84,7 @@ class GenerateConfig:
     layers: tuple[int | str, ...] = ()
     """Layers whose hooks to cache, or ("all",)."""
     hook: tuple[str, ...] = ("resid_post",)
-    """Hook kinds cached at each of `layers`: cache.models.HOOK_KINDS (mlp_in_normalized brings its norm's scale)."""
+    """Hook kinds cached at each of `layers`: store.hooks.HOOK_KINDS (mlp_in_normalized brings its norm's scale)."""
     hooks: tuple[str, ...] = ()
     """Full TransformerLens hook names, in addition to `layers`."""
     dataset: str = STDLIB_DOCSTRINGS
@@ -122,7 +122,7 @@ class GenerateConfig:
     storage_options: dict = field(default_factory=dict)
     """Options of the remote filesystem of `out` (credentials and endpoint otherwise come from the environment)."""
     break_lock: bool = False
-    """Take over the lock on `out` even when another host holds it (cache/lock.py)."""
+    """Take over the lock on `out` even when another host holds it (runtime/lock.py)."""
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:

@@ -8,7 +8,7 @@ from cache.models import converted_model_kept
 from evaluation.splice import CHUNK_ELEMENTS, STACK_SEQUENCES
 
 if TYPE_CHECKING:
-    from cache.store import ActivationStore
+    from store.zarr_store import ActivationStore
     from evaluation.runner import EvalConfig
 
 MODEL_LOAD_FACTOR = 2.0  # peak RSS of loading a model ÷ its float32 weights (1.9 measured on the demo model)

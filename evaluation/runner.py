@@ -28,11 +28,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from cache.devices import check_device
-from cache.disk import writing
-from cache.location import location
-from cache.store import ActivationStore, StoreError
-from cache.stream import ActivationStream, StreamConfig
+from runtime.devices import check_device
+from runtime.disk import writing
+from runtime.location import location
+from store.zarr_store import ActivationStore, StoreError
+from store.stream import ActivationStream, StreamConfig
 from evaluation.metrics import MetricAccumulator
 from evaluation.model_diff import write_diff_analysis
 from evaluation.plots import plot_sweep
@@ -107,7 +107,7 @@ class _Phases:
 
 def evaluate_run(cfg: EvalConfig) -> list[dict]:
     """Measure every member of the sweep in cfg.run_dir; return the updated member rows. A full
-    disk while writing the results is one line (cache/disk.py): rerunning evaluates again."""
+    disk while writing the results is one line (runtime/disk.py): rerunning evaluates again."""
     with writing(cfg.run_dir, "writing the evaluation's results"):
         return _evaluate_run(cfg)
 

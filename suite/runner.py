@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from cache.devices import check_device
-from cache.disk import writing
-from cache.lock import OutputLock
-from cache.store import ActivationStore, StoreError, json_normal
-from cache.stream import ActivationStream, StreamConfig
+from runtime.devices import check_device
+from runtime.disk import writing
+from runtime.lock import OutputLock
+from store.zarr_store import ActivationStore, StoreError, json_normal
+from store.stream import ActivationStream, StreamConfig
 from formats.saelens import load_saelens
 from suite import connections, evaluate, report
 from suite.finetune import FinetuneSettings, finetune
@@ -79,7 +79,7 @@ class SuiteConfig:
     overwrite: bool = False
     """Replace an output directory that holds another suite (the old one is moved aside)."""
     break_lock: bool = False
-    """Take over the output directory's lock even when another host holds it (cache/lock.py)."""
+    """Take over the output directory's lock even when another host holds it (runtime/lock.py)."""
 
     def __post_init__(self):
         for name in ("k", "connections", "train_epochs", "connection_tokens", "finetune_tokens", "batch_size"):
@@ -111,7 +111,7 @@ class SuiteConfig:
 
 def run_suite(cfg: SuiteConfig) -> dict:
     """All stages; returns the evaluation summary (suite.json). A full disk is one line naming
-    the output directory (cache/disk.py); rerunning resumes at the stage it stopped in."""
+    the output directory (runtime/disk.py); rerunning resumes at the stage it stopped in."""
     with OutputLock(cfg.output_dir, "train_suite.py", cfg.break_lock), writing(cfg.output_dir, "running the suite's stages"):
         return _run_suite(cfg)
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import generate_activations
 from cache.generate import GenerateConfig, generate
 from cache.models import load_model, resolve_hooks, stop_layer
-from cache.store import ActivationStore, from_storage, to_storage
+from store.zarr_store import ActivationStore, from_storage, to_storage
 from cache.text import iter_documents, token_sequences
 from tests.conftest import TINY_LAYERS, TINY_NAME, fail_at_call, gen_args
 

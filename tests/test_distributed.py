@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cache.distributed import Processes, share
-from cache.store import ActivationStore
+from runtime.distributed import Processes, share
+from store.zarr_store import ActivationStore
 from training.parallel import Layout
 from tests.conftest import free_port, gen_args
 from tests.test_cache import assert_identical_stores

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import generate_activations
 import train_sweep
-from cache.store import ActivationStore
+from store.zarr_store import ActivationStore
 from tests.conftest import fail_at_call, gen_args
 
 SOURCE = "blocks.1.hook_resid_post"

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 import evaluate
 import generate_activations
 import train_sweep
-from cache import integrity
-from cache.store import ActivationStore
+from store import integrity
+from store.zarr_store import ActivationStore
 from tests.conftest import gen_args
 from tests.test_end_to_end import assert_one_line_error
 

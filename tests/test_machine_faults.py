@@ -24,8 +24,8 @@ import pytest
 from click.testing import CliRunner
 
 import train_sweep
-from cache.background import THREAD_NAME
-from cache.store import ActivationStore
+from runtime.background import THREAD_NAME
+from store.zarr_store import ActivationStore
 from tests.conftest import gen_args
 from tests.test_architectures import _assert_same_members
 

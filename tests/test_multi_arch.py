@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import evaluate
 import train_sweep
-from cache.store import ActivationStore
+from store.zarr_store import ActivationStore
 from tests.test_architectures import _assert_same_members
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_the_cli_options_are_the_configuration_fields():
     the CLI adds only the evaluation's and the job's own."""
     import dataclasses
 
-    from cache.cli_options import flat_fields
+    from runtime.cli_options import flat_fields
     from training.config import SweepConfig
 
     params = {p.name: p for p in train_sweep.main.params}

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import generate_activations
 from cache.models import load_model
-from cache.store import ActivationStore
+from store.zarr_store import ActivationStore
 from tests.conftest import OTHER_TOKENIZER_NAME, TINY_NAME, TWIN_NAME, fail_at_call, gen_args
 
 HOOKS = ("blocks.1.hook_resid_post", "blocks.2.hook_mlp_out")

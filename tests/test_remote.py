@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 import generate_activations
 import train_sweep
-from cache.location import location
-from cache.store import ActivationStore, StoreError
+from runtime.location import location
+from store.zarr_store import ActivationStore, StoreError
 from tests.conftest import free_port, gen_args
 from tests.test_cache import assert_identical_stores, store_digest
 
@@ -142,7 +142,7 @@ def test_s3_without_its_client_names_the_extra_to_install(text_dir, tmp_path, mo
 
 def test_object_store_locks_use_a_conditional_put(s3_env):
     """On S3 (moto's server), the second of two writers is refused by the If-None-Match: * put."""
-    from cache.lock import LockError, OutputLock
+    from runtime.lock import LockError, OutputLock
 
     with OutputLock("s3://acts/locks/run", "first"):
         with pytest.raises(LockError, match="being written by pid"):

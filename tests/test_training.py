@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cache.store import ActivationStore, RowBlock, SourceInfo
-from cache.stream import ActivationStream, StreamConfig
+from store.zarr_store import ActivationStore, RowBlock, SourceInfo
+from store.stream import ActivationStream, StreamConfig
 from training.dictionary import Dictionary
 from training.members import MemberConfig
 from training.ensemble import BatchedAdam, Ensemble

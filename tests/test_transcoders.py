@@ -196,7 +196,7 @@ def _sweep(store, out, *extra):
 
 
 def test_the_store_records_each_sources_layer_and_kind_with_the_norm_scale_beside_the_mlp_input(mlp_store):
-    from cache.store import ActivationStore
+    from store.zarr_store import ActivationStore
 
     store = ActivationStore.open(mlp_store)
     kinds = {(s.layer, s.kind): s for s in store.sources}
@@ -287,7 +287,7 @@ def test_a_clt_over_non_consecutive_layers_is_refused(mlp_store, tmp_path):
 
 def test_targets_of_different_widths_are_refused(tmp_path):
     """A CLT writes one width at every layer: a store whose MLP outputs differ is refused."""
-    from cache.store import ActivationStore, RowBlock, SourceInfo
+    from store.zarr_store import ActivationStore, RowBlock, SourceInfo
 
     n, per_seq = 400, 4
     sources = [SourceInfo(f"blocks.{layer}.{hook}", "m", f"blocks.{layer}.{hook}", d, layer, kind)

@@ -1,5 +1,5 @@
 """A sweep's configuration, stated once: small frozen dataclasses with a docstring under each field.
-train_sweep.py generates its options, defaults and help from these fields (cache/cli_options.py
+train_sweep.py generates its options, defaults and help from these fields (runtime/cli_options.py
 `dataclass_options`), and sweep_config.json records them flat, as the CLI names them.
 
     SweepConfig
@@ -282,7 +282,7 @@ class SweepConfig:
     on a GPU whichever a timed step finds faster]."""
 
     def __post_init__(self):
-        from cache.devices import check_device
+        from runtime.devices import check_device
 
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint_every must be positive, got {self.checkpoint_every}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cache.disk import writing
+from runtime.disk import writing
 from formats import circuit_tracer
 from formats.crosscoder import save_crosscoder
 from formats.saelens import saelens_architecture, saelens_cfg, save_saelens

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from cache.distributed import Processes, share
+from runtime.distributed import Processes, share
 
 SINGLE_CHECKPOINT = "checkpoint.pt"
 _GROUP_CHECKPOINT = re.compile(r"checkpoint\.group-(\d+)-of-(\d+)\.step-(\d+)\.pt$")

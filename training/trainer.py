@@ -31,12 +31,12 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from cache.disk import check_free, writing
-from cache.distributed import Processes
-from cache.location import location
-from cache.lock import LockError, OutputLock
-from cache.store import ActivationStore, StoreError, json_normal
-from cache.stream import ActivationStream, StreamConfig
+from runtime.disk import check_free, writing
+from runtime.distributed import Processes
+from runtime.location import location
+from runtime.lock import LockError, OutputLock
+from store.zarr_store import ActivationStore, StoreError, json_normal
+from store.stream import ActivationStream, StreamConfig
 from training import memory, rundir
 from training.config import RUNTIME_FIELDS, SweepConfig
 from training.ensemble import Ensemble, group_size, matmul_precision

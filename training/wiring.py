@@ -9,15 +9,15 @@
                                                                  writing the MLP outputs of that layer and later ones
 A sweep's grid of knobs is trained for every wiring (so `--transcoder --layers all --sweep k=16,32`
 trains a transcoder per layer and k, all in one ensemble). The store says which sources are MLP
-inputs and outputs: each source records its layer and kind (cache/models.py HOOK_KINDS);
+inputs and outputs: each source records its layer and kind (store/hooks.py HOOK_KINDS);
 `mlp_in_normalized` (what the MLP reads after its norm) is preferred as the input, then `mlp_in`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cache.models import parse_layers
-from cache.store import ActivationStore, SourceInfo, StoreError
+from store.hooks import parse_layers
+from store.zarr_store import ActivationStore, SourceInfo, StoreError
 from training.members import ARCHS
 
 INPUT_KINDS = ("mlp_in_normalized", "mlp_in")  # an MLP's input, in order of preference

@@ -25,9 +25,9 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from cache.disk import writing
-from cache.models import hook_kind
-from cache.stream import ActivationStream, StreamConfig
+from runtime.disk import writing
+from store.hooks import hook_kind
+from store.stream import ActivationStream, StreamConfig
 from evaluation.browser.collect import LatentRecorder
 
 RESIDUAL_WRITERS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")  # a decoder direction W_U can read

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from cache.location import Location, location
+from runtime.location import Location, location
 
 
 class LockError(ValueError):

@@ -12,18 +12,18 @@ that use them.
   * `verify`: all of it for every chunk (generate_activations.py --verify).
 Every failure is one line naming the file, what is wrong and what to do. Stores written before
 checksums (format 1) get the presence, size and value checks only.
+
+Each function takes the store (store/zarr_store.py's ActivationStore) and uses its file methods
+(read_file, write_file, chunk_keys, file_sizes, ...): the store calls in here, never the reverse.
 """
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import google_crc32c
 
-from cache.errors import StoreError
-
-if TYPE_CHECKING:
-    from cache.store import ActivationStore
+from store.errors import StoreError
 
 MANIFEST = "manifest.json"
 BLOCK_MANIFESTS = "manifest.blocks"
@@ -39,7 +39,7 @@ def crc32c(data: bytes) -> int:
     return google_crc32c.value(data)
 
 
-def block_checksums(store: "ActivationStore", rows: tuple[int, int], sequences: tuple[int, int]) -> dict[str, list[int]]:
+def block_checksums(store, rows: tuple[int, int], sequences: tuple[int, int]) -> dict[str, list[int]]:
     """Size and crc32c of every chunk file a block touched (rows [a, b) of the row arrays,
     sequences [c, d)): the `chunks` of its record."""
     entries = {}
@@ -51,7 +51,7 @@ def block_checksums(store: "ActivationStore", rows: tuple[int, int], sequences: 
     return entries
 
 
-def write_manifest(store: "ActivationStore", records: dict[int, dict]) -> None:
+def write_manifest(store, records: dict[int, dict]) -> None:
     """Merge the block records' checksums, keep the chunks the trimmed arrays still have,
     checksum again any chunk no block or more than one block recorded (a store written before
     blocks aligned with chunks), write manifest.json, drop the block records."""
@@ -73,7 +73,7 @@ def write_manifest(store: "ActivationStore", records: dict[int, dict]) -> None:
     store.remove_files(BLOCK_MANIFESTS)
 
 
-def read_manifest(store: "ActivationStore") -> dict[str, tuple[int, int]]:
+def read_manifest(store) -> dict[str, tuple[int, int]]:
     data = store.read_file(MANIFEST)
     try:
         content = json.loads(data)
@@ -82,7 +82,7 @@ def read_manifest(store: "ActivationStore") -> dict[str, tuple[int, int]]:
     return {key: (size, crc) for key, (size, crc) in content["chunks"].items()}
 
 
-def checked_bytes(store: "ActivationStore", key: str) -> bytes:
+def checked_bytes(store, key: str) -> bytes:
     """The bytes of one chunk file (through the store's read-through cache, if it has one), after
     checking its size and checksum against the manifest."""
     data = store.read_file(key, cached=True)
@@ -99,14 +99,14 @@ def checked_bytes(store: "ActivationStore", key: str) -> bytes:
     return data
 
 
-def check_files(store: "ActivationStore", arrays: list[str]) -> None:
+def check_files(store, arrays: list[str]) -> None:
     """Presence and size of every chunk file of `arrays` (one listing each); the first problem raises."""
     problem = next(_file_problems(store, arrays), None)
     if problem is not None:
         raise StoreError(problem[1])
 
 
-def verify(store: "ActivationStore", progress: bool = True) -> list[str]:
+def verify(store, progress: bool = True) -> list[str]:
     """Every problem of every chunk file: presence, size, checksum, and finite activations."""
     from tqdm.auto import tqdm
 
@@ -128,7 +128,7 @@ def verify(store: "ActivationStore", progress: bool = True) -> list[str]:
     return problems
 
 
-def _file_problems(store: "ActivationStore", arrays: list[str]) -> Iterator[tuple[str, str]]:
+def _file_problems(store, arrays: list[str]) -> Iterator[tuple[str, str]]:
     """(key, message) of every missing or wrongly sized chunk file of `arrays`."""
     manifest = store.manifest
     for array in arrays:
@@ -147,7 +147,7 @@ def _file_problems(store: "ActivationStore", arrays: list[str]) -> Iterator[tupl
                                                    "(truncated or overwritten)")
 
 
-def _raw_chunk_bytes(store: "ActivationStore", array: str) -> int | None:
+def _raw_chunk_bytes(store, array: str) -> int | None:
     """Byte size of an uncompressed activation chunk (None for the compressed int arrays)."""
     if not array.startswith("acts/"):
         return None
@@ -155,11 +155,11 @@ def _raw_chunk_bytes(store: "ActivationStore", array: str) -> int | None:
     return int(arr.chunks[0] * arr.chunks[1] * arr.dtype.itemsize)
 
 
-def _chunk_length(store: "ActivationStore", array: str) -> int:
+def _chunk_length(store, array: str) -> int:
     return store.group[array].chunks[0]
 
 
-def _ranges(store: "ActivationStore", rows: tuple[int, int], sequences: tuple[int, int]):
+def _ranges(store, rows: tuple[int, int], sequences: tuple[int, int]):
     for array in store.array_names():
         yield array, (sequences if array == "sequences" else rows)
 

@@ -28,8 +28,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cache.background import prefetched
-from cache.store import ActivationStore, StoreError
+from runtime.background import prefetched
+from store.zarr_store import ActivationStore, StoreError
 
 
 @dataclass(frozen=True)

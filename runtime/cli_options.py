@@ -7,8 +7,8 @@ from typing import Callable, TypeVar
 
 import click
 
-from cache.disk import DiskFullError
-from cache.distributed import PeerError
+from runtime.disk import DiskFullError
+from runtime.distributed import PeerError
 
 T = TypeVar("T")
 # Errors that mean "the input is wrong": shown as one line, never as a traceback.
@@ -69,7 +69,7 @@ def took(start: float) -> str:
 def require_store(path: str, storage_options: dict | None = None, cache_dir: str | None = None):
     """The Location of an existing store, or exit with one line: checked before torch, zarr or a
     model is imported, so a wrong --cache answers at once."""
-    from cache.location import location
+    from runtime.location import location
 
     where = run_or_exit(lambda: location(path, storage_options, cache_dir))
     if not run_or_exit(where.holds_store):
@@ -80,7 +80,7 @@ def require_store(path: str, storage_options: dict | None = None, cache_dir: str
 
 def refuse_if_locked(path: str) -> None:
     """Exit with one line, before torch is imported, when another process is writing `path`."""
-    from cache.lock import OutputLock
+    from runtime.lock import OutputLock
 
     run_or_exit(lambda: OutputLock(path, "").refuse_if_held())
 

@@ -11,7 +11,7 @@ code serves local directories and object stores. Layout of `store.zarr/`:
     sequences   int32 [S, ctx]    every token sequence that was run (lets evaluation re-run the model)
     acts/<source>  f16|f32|u16 [N, d]   one array per source; bf16 is stored as its raw uint16 bits
                                   (uncompressed: a chunk file is its rows' raw little-endian bytes)
-    manifest.json                 byte size and crc32c of every chunk file (format 2; cache/integrity.py)
+    manifest.json                 byte size and crc32c of every chunk file (format 2; store/integrity.py)
 
 All row arrays share one row order. Rows are written a block (many whole chunks; sequences'
 chunks aligned with the rows') at a time, already shuffled. A block is done when its record
@@ -21,7 +21,7 @@ disjoint blocks of one store (torchrun) and a rerun redoes exactly the blocks wi
 `complete` is set only after every block has a record and the merged manifest is written, so a
 reader never mistakes a half-written store for a finished one. Reads of activation chunks check
 the chunk's size, checksum and values (no NaN/inf) and name the file when one is wrong. A store
-lives in a local directory or at any fsspec URL (cache/location.py).
+lives in a local directory or at any fsspec URL (runtime/location.py).
 """
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ import numpy as np
 import torch
 import zarr
 
-from cache import integrity
-from cache.errors import StoreError
-from cache.location import Location, location
+from runtime.location import Location, location
+from store import integrity
+from store.errors import StoreError
+from store.hooks import hook_kind
 
 FORMAT_NAME = "sae-sweep-activations"
 FORMAT_VERSION = 2  # 2: manifest.json with every chunk's size and checksum
@@ -59,7 +60,7 @@ class SourceInfo:
     hook: str  # full TransformerLens hook name
     d: int  # activation width
     layer: int | None = None  # the block it belongs to (None: not inside a block)
-    kind: str | None = None  # its kind (cache.models.HOOK_KINDS), e.g. mlp_in_normalized; None if other
+    kind: str | None = None  # its kind (store.hooks.HOOK_KINDS), e.g. mlp_in_normalized; None if other
 
 
 def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
@@ -193,9 +194,7 @@ class ActivationStore:
 
     @property
     def sources(self) -> list[SourceInfo]:
-        from cache.models import hook_kind  # stores written before layer/kind were recorded: derive them
-
-        out = []
+        out = []  # stores written before layer/kind were recorded: derived from the hook name
         for s in self.group.attrs["sources"]:
             layer, kind = hook_kind(s["hook"])
             out.append(SourceInfo(**{"layer": layer, "kind": kind, **s}))

@@ -1,5 +1,5 @@
 """The store's error, in a module of its own so that the store and its integrity checks
-(cache/integrity.py) both raise it without importing each other."""
+(store/integrity.py) both raise it without importing each other."""
 from __future__ import annotations
 
 
