@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cache.models import ModelError, check_same_tokenizer, load_model, n_layers_without_loading, resolve_hooks, stop_layer
+from cache.models import (ModelError, check_same_tokenizer, load_model, loading_record, n_layers_without_loading, resolve_hooks,
+                          stop_layer)
 from cache.text import STDLIB_DOCSTRINGS, TextCount, TextSourceError, iter_documents, token_sequences
 from runtime.background import prefetched
 from runtime.devices import check_device
@@ -530,8 +531,8 @@ def _store_info(cfg: GenerateConfig, members: list[RunModel], prepend_bos: bool,
     model (the one whose tokenizer made the ids); `models` lists every model of the run."""
     tokenizer = members[0].model.tokenizer
     return {
-        **_model_info(members[0]),
-        "models": [{"label": m.label, **_model_info(m)} for m in members],
+        **_model_info(members[0], cfg.model_dtype, prepend_bos),
+        "models": [{"label": m.label, **_model_info(m, cfg.model_dtype, prepend_bos)} for m in members],
         "tokenizer": getattr(tokenizer, "name_or_path", None),
         "bos_token_id": bos_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -544,9 +545,10 @@ def _store_info(cfg: GenerateConfig, members: list[RunModel], prepend_bos: bool,
     }
 
 
-def _model_info(member: RunModel) -> dict:
+def _model_info(member: RunModel, dtype: str, prepend_bos: bool) -> dict:
     model = member.model
     return {
+        "loaded_with": loading_record(model, dtype, prepend_bos),  # what reproduces its activations elsewhere
         "model_name": member.name,
         "model": member.tl_name,  # with model_path: what load_model needs to load it again
         "model_path": member.path,

@@ -24,6 +24,12 @@ from cache.converted import entry_for, is_kept, load_converted, save_converted
 from cache.gguf_file import gguf_read_lean
 from store.hooks import HOOK_KINDS, SCALE_OF, hook_kind, parse_layers
 
+# TransformerLens's weight processing as load_model applies it (from_pretrained's defaults, stated
+# here so that a store records exactly what ran). Where the norm cannot be folded (a local
+# directory whose config TransformerLens keeps unfolded), fold_ln and center_writing_weights are off.
+TL_PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True,
+                 "refactor_factored_attn_matrices": False}
+FOLDED_NORMS = ("LNPre", "RMSPre")  # a model's normalization_type once its norm weights are folded
 DEMO_MODEL_NAME = "google/gemma-3-270m"
 DEMO_LAYER = 6
 
@@ -66,7 +72,7 @@ def load_model(name: str | None, path: str | None, *, device: str, dtype: str = 
         try:
             if name is not None:
                 model = lean(HookedTransformer, hf_model).from_pretrained(
-                    name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+                    name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **TL_PROCESSING
                 )
             else:
                 model = _from_local_dir(lean(HookedTransformer, hf_model), Path(path).expanduser(), hf_model,
@@ -169,12 +175,26 @@ def _from_local_dir(cls, path: Path, hf_model, tokenizer, device: str, dtype: st
         raise ModelError(f"TransformerLens does not support the architecture of {path} ({arch}): {err}") from err
     state_dict = loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=torch_dtype)
     model = cls(cfg, tokenizer, move_to_device=False)
-    folded = cfg.normalization_type in ("LNPre", "RMSPre")  # get_pretrained_model_config decides foldability
-    model.load_and_process_state_dict(
-        state_dict, fold_ln=folded, center_writing_weights=folded, center_unembed=True, fold_value_biases=True
-    )
+    processing = _processing(folded=cfg.normalization_type in FOLDED_NORMS)  # get_pretrained_model_config decides
+    model.load_and_process_state_dict(state_dict, **processing)
     model.move_model_modules_to_device()
     return model
+
+
+def _processing(folded: bool) -> dict:
+    """TL_PROCESSING, with the norm folding and the centring of writing weights off where the
+    norm is not folded."""
+    return {**TL_PROCESSING, **({} if folded else {"fold_ln": False, "center_writing_weights": False})}
+
+
+def loading_record(model, dtype: str, prepend_bos: bool) -> dict:
+    """How the SAELens ecosystem loads `model` (as load_model built it) so that it computes the
+    activations stored from it: `sae_lens.load_model.load_model(model_class_name, name,
+    model_from_pretrained_kwargs=…)`, i.e. `HookedTransformer.from_pretrained_no_processing(name,
+    **kwargs)`; `from_pretrained(name, **kwargs)` gives the same model."""
+    kwargs = {**_processing(folded=model.cfg.normalization_type in FOLDED_NORMS), "dtype": dtype,
+              "default_prepend_bos": prepend_bos}
+    return {"model_class_name": "HookedTransformer", "model_from_pretrained_kwargs": kwargs}
 
 
 @contextlib.contextmanager

@@ -37,8 +37,10 @@ def saelens_architecture(activation: str, transcoder: bool = False, skip: bool =
 
 def saelens_cfg(*, architecture: str, d_in: int, d_sae: int, metadata: dict, apply_b_dec_to_input: bool,
                 d_out: int | None = None, k: int | None = None) -> dict:
-    """cfg.json contents. `metadata`: model_name, hook_name (hook_name_out for transcoders),
-    context_size, prepend_bos, dataset_path, seqpos_slice, exclude_special_tokens, and our record."""
+    """cfg.json contents. `metadata`: model_name, model_class_name and model_from_pretrained_kwargs
+    (how the model is loaded to compute the activations trained on), hook_name (hook_name_out for
+    transcoders), context_size, prepend_bos, dataset_path, seqpos_slice, exclude_special_tokens,
+    and our record."""
     cfg = {
         "architecture": architecture,
         "d_in": d_in,
@@ -48,8 +50,7 @@ def saelens_cfg(*, architecture: str, d_in: int, d_sae: int, metadata: dict, app
         "apply_b_dec_to_input": apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "hook_head_index": None,
-                     "model_from_pretrained_kwargs": {}, **metadata},
+        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "hook_head_index": None, **metadata},
     }
     if d_out is not None:
         cfg["d_out"] = d_out

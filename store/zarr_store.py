@@ -49,6 +49,11 @@ _NUMPY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.floa
 STORAGE_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Largest finite magnitude of each storage dtype: a value above it would be stored as inf.
 STORAGE_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38}
+# How stores written before each model's loading was recorded (info["models"][i]["loaded_with"])
+# loaded their models: TransformerLens's from_pretrained with its default weight processing.
+LEGACY_LOADING = {"model_class_name": "HookedTransformer",
+                  "model_from_pretrained_kwargs": {"fold_ln": True, "center_writing_weights": True, "center_unembed": True,
+                                                   "fold_value_biases": True, "refactor_factored_attn_matrices": False}}
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,19 @@ class ActivationStore:
     @property
     def info(self) -> dict[str, Any]:
         return self.group.attrs["info"]
+
+    def loaded_with(self, source: str) -> dict[str, Any]:
+        """How to load the model that `source` came from so that it computes the stored values:
+        {"model_class_name", "model_from_pretrained_kwargs"} as SAELens's load_model takes them
+        (the weight processing, dtype and BOS default the cache ran with)."""
+        label = source.split("/", 1)[0] if "/" in source else None
+        models = self.info.get("models") or [self.info]
+        model = next((m for m in models if m.get("label") == label), models[0])
+        if "loaded_with" in model:
+            return model["loaded_with"]
+        kwargs = {**LEGACY_LOADING["model_from_pretrained_kwargs"], "dtype": self.identity.get("model_dtype", "float32"),
+                  "default_prepend_bos": self.info["prepend_bos"]}
+        return {**LEGACY_LOADING, "model_from_pretrained_kwargs": kwargs}
 
     def norm_scale(self, source: str) -> float:
         """Normalisation factor s = E‖x‖ / √d over every stored row of `source`."""

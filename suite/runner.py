@@ -32,7 +32,7 @@ from suite import connections, evaluate, report
 from suite.finetune import FinetuneSettings, finetune
 from suite.model import Suite, SuiteLayout
 from training import rundir
-from training.export import ExportContext, export_member, save_transcoder_set
+from training.export import ExportContext, export_member, save_transcoder_set, store_sources
 from training.config import SweepConfig
 from training.trainer import train_sweep
 
@@ -234,7 +234,7 @@ def _export(store: ActivationStore, stream: ActivationStream, suite: Suite, inde
     if (out / "connections").exists():
         return
     ctx = ExportContext(info={**store.info, "context_length": store.attrs["context_length"]},
-                        sources={s.name: {"model": s.model, "hook": s.hook, "d": s.d, "layer": s.layer} for s in store.sources},
+                        sources=store_sources(store),
                         scales=dict(zip(stream.sources, stream.scales)), calibration_rows=stream.sample(8192))
     L = suite.layout.n_layers
     for layer in range(L):

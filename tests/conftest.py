@@ -1,5 +1,6 @@
 """Offline fixtures: a tiny randomly initialised GPT-NeoX saved as `EleutherAI/pythia-70m` in a
-temporary Hugging Face cache, a tokenizer trained on the spot, and small text files. For paired
+temporary Hugging Face cache, a tokenizer trained on the spot, and small text files; a tiny
+Qwen2 as `Qwen/Qwen2-0.5B` (RMSNorm). For paired
 (base/chat) stores two more: `pythia-160m`, the same tokenizer with other random weights (a
 stand-in chat model), and `pythia-410m`, with a tokenizer trained to another vocabulary.
 
@@ -21,6 +22,7 @@ TINY_D = 32
 TWIN_NAME = "pythia-160m"  # EleutherAI/pythia-160m: the tiny model's tokenizer, other weights
 TRAINED_NAME = "pythia-14m"  # EleutherAI/pythia-14m: the tiny model trained briefly on the corpus (its MLPs matter)
 OTHER_TOKENIZER_NAME = "pythia-410m"  # EleutherAI/pythia-410m: a different tokenizer
+RMS_NAME = "Qwen/Qwen2-0.5B"  # a tiny random Qwen2 (RMSNorm, gated MLP) under a TransformerLens name
 WORDS = (
     "sparse dictionary feature latent activation model layer token residual stream decoder encoder "
     "the a of and to in is that it for on with as was by this be are from at or an which"
@@ -66,6 +68,24 @@ def save_tiny_model(directory: Path, tokenizer, *, seed: int, d_model: int = TIN
     tokenizer.save_pretrained(directory)
 
 
+def save_tiny_qwen2(directory: Path, tokenizer, *, seed: int) -> None:
+    """A randomly initialised Qwen2 (RMSNorm with random gains, so that folding them matters)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=TINY_D, intermediate_size=64, num_hidden_layers=TINY_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                         bos_token_id=0, eos_token_id=0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
 def _hub_snapshot(root: Path, repo_id: str) -> Path:
     """An empty snapshot folder laid out as the Hugging Face cache does: models--ORG--NAME/..."""
     repo = root / "hub" / f"models--{repo_id.replace('/', '--')}"
@@ -88,6 +108,7 @@ def pytest_configure(config):
     save_tiny_model(_hub_snapshot(root, "EleutherAI/pythia-70m"), tokenizer, seed=0)
     save_tiny_model(_hub_snapshot(root, "EleutherAI/pythia-160m"), tokenizer, seed=1)
     save_tiny_model(_hub_snapshot(root, "EleutherAI/pythia-410m"), _train_tokenizer(vocab_size=300, corpus_seed=7), seed=2)
+    save_tiny_qwen2(_hub_snapshot(root, RMS_NAME), tokenizer, seed=4)
     _hub_snapshot(root, "EleutherAI/pythia-14m")  # filled on first use by the trained_model fixture
 
 
@@ -227,7 +248,9 @@ def export_for_test(ensemble, e: int, directory: Path, scale: float | list[float
         ensemble.dictionary.calibrate_thresholds_(calibration_rows)  # as the trainer does before exporting
     names = list(dict.fromkeys([*member.input_names(), *member.target_names()]))
     scales = scale if isinstance(scale, (list, tuple)) else [scale] * len(names)
-    ctx = ExportContext(info=TEST_STORE_INFO, sources={n: {"model": "m", "hook": f"blocks.0.hook_{n}", "d": 0} for n in names},
+    loaded_with = {"model_class_name": "HookedTransformer", "model_from_pretrained_kwargs": {}}
+    ctx = ExportContext(info=TEST_STORE_INFO, sources={n: {"model": "m", "hook": f"blocks.0.hook_{n}", "d": 0, "loaded_with": loaded_with}
+                                                       for n in names},
                         scales=dict(zip(names, scales)), calibration_rows=calibration_rows)
     return export_member(directory, ensemble.dictionary, e, ctx)
 

@@ -38,7 +38,7 @@ class ExportContext:
     info: dict
     """The store's info (model, BOS, dataset, ...) and context_length."""
     sources: dict[str, dict]
-    """Source name → {"model", "hook", "d"}."""
+    """Source name → {"model", "hook", "d", "layer", "loaded_with"} (`store_sources`)."""
     scales: dict[str, float]
     """Source name → normalisation factor folded into the weights."""
     exclude_tokens: tuple[int, ...] = ()
@@ -47,6 +47,13 @@ class ExportContext:
     """Normalised batch rows [N, C] for calibrating TopK thresholds (None: no TopK member needs them)."""
     precision: str = "fp32"
     """The matmul precision it trained at (recorded in each member's config)."""
+
+
+def store_sources(store) -> dict[str, dict]:
+    """What an export says of each source of `store`: its model, hook, width, layer, and how the
+    model is loaded elsewhere to compute the stored values (ActivationStore.loaded_with)."""
+    return {s.name: {"model": s.model, "hook": s.hook, "d": s.d, "layer": s.layer, "loaded_with": store.loaded_with(s.name)}
+            for s in store.sources}
 
 
 def export_member(directory: Path, d: Dictionary, e: int, ctx: ExportContext) -> dict:
@@ -121,7 +128,8 @@ def save_transcoder_set(directory: Path, d: Dictionary, members: dict[int, int],
     tensors = {layer: circuit_tracer_layer(d, e, ctx) for layer, e in sorted(members.items())}
     circuit_tracer.save_transcoder_set(directory, tensors, input_hook=_block_relative(source["hook"]),
                                        output_hook=_block_relative(target["hook"]), model_name=source["model"],
-                                       record={**record, **extras, "layers": layers}, describe=describe)
+                                       record={**record, **extras, "layers": layers, **source["loaded_with"]},
+                                       describe=describe)
     complete = layers == list(range(ctx.info.get("n_layers", len(layers))))
     return {"layers": layers, "loads_in_circuit_tracer": complete, **extras}
 
@@ -143,7 +151,7 @@ def _save_clt(directory: Path, d: Dictionary, e: int, tensors: dict, rule, ctx: 
     extra = {"threshold_calibrated_from": f"topk k={int(d.k[e])}"} if rule.activation == "topk" else {}
     circuit_tracer.save_clt(directory, layers, input_hook=_block_relative(source["hook"]),
                             output_hook=_block_relative(target["hook"]), model_name=source["model"],
-                            record={**record, **extra, "layers": sorted(layers)})
+                            record={**record, **extra, "layers": sorted(layers), **source["loaded_with"]})
     complete = sorted(layers) == list(range(ctx.info.get("n_layers", len(layers))))
     return {"layers": sorted(layers), "loads_in_circuit_tracer": complete, **extra}
 
@@ -169,6 +177,7 @@ def _metadata(member, ctx: ExportContext, record: dict) -> dict:
     info = ctx.info
     metadata = {
         "model_name": source["model"],
+        **source["loaded_with"],  # model_class_name, model_from_pretrained_kwargs
         "hook_name": source["hook"],
         "context_size": info["context_length"],
         "prepend_bos": info["prepend_bos"],
@@ -212,7 +221,7 @@ def _save_crosscoder(directory: Path, member, flat: dict, rule, ctx: ExportConte
 
 
 def _source_entry(name: str, source: dict) -> dict:
-    entry = {"name": name, "model": source["model"], "hook": source["hook"]}
+    entry = {"name": name, "model": source["model"], **source["loaded_with"], "hook": source["hook"]}
     return {**entry, "label": name.split("/", 1)[0]} if "/" in name else entry
 
 
@@ -227,7 +236,7 @@ def export_run(cfg, held: list, parts: list, stream, store, tokens_seen: int, ou
     calibration = stream.sample(CALIBRATION_ROWS) if needs_rows or any(m.spec.activation == "batchtopk" for m in members) else None
     ctx = ExportContext(
         info={**store.info, "context_length": store.attrs["context_length"]},
-        sources={s.name: {"model": s.model, "hook": s.hook, "d": s.d, "layer": s.layer} for s in store.sources},
+        sources=store_sources(store),
         scales=dict(zip(stream.sources, stream.scales)),
         exclude_tokens=parts[0].resolved.exclude_token_ids,
         calibration_rows=calibration if needs_rows else None,
