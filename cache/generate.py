@@ -52,8 +52,8 @@ from runtime.distributed import Processes
 from runtime.location import Location, location
 from runtime.lock import OutputLock
 from store.hooks import HOOK_KINDS, hook_kind, parse_layers
-from store.zarr_store import (STORAGE_DTYPES, STORAGE_MAX, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError,
-                         json_normal, to_storage)
+from store.zarr_store import (STORAGE_DTYPES, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError, json_normal,
+                              shuffled_block, value_fault)
 
 # Fields of GenerateConfig that do not change the stored bytes: they may differ on resume.
 _RUNTIME_FIELDS = ("out", "device", "batch_size", "overwrite", "require_equal_widths", "storage_options", "break_lock")
@@ -496,34 +496,21 @@ def _block_rows(cfg, members: list[RunModel], layout: StoreLayout, batches: Iter
                 norms = torch.linalg.vector_norm(values, dim=1, dtype=torch.float64)
                 norm_sums[src.name] += (norms.sum().item(), norms.square().sum().item(), len(norms))
                 stored[src.name].append(values.to(STORAGE_TORCH_DTYPE[cfg.dtype]).cpu())  # cast early: half the copying
-    seq_start = block_index * layout.seqs_per_block
-    tokens = torch.cat(sequences)  # [S, ctx]
-    n_seqs, ctx = tokens.shape
-    perm = np.random.default_rng([cfg.seed, block_index]).permutation(n_seqs * layout.rows_per_seq)
-    positions = np.broadcast_to(np.arange(ctx, dtype=np.int32)[keep], (n_seqs, layout.rows_per_seq))
-    seq_ids = np.broadcast_to(np.arange(seq_start, seq_start + n_seqs, dtype=np.int32)[:, None], positions.shape)
-    return RowBlock(
-        tokens=tokens[:, keep].numpy().reshape(-1)[perm],
-        positions=positions.reshape(-1)[perm],
-        sequence=seq_ids.reshape(-1)[perm],
-        acts={src.name: to_storage(torch.cat(stored[src.name])[torch.from_numpy(perm)], cfg.dtype) for src in sources},
-        norm_sums={src.name: tuple(norm_sums[src.name]) for src in sources},
-        sequences=tokens.numpy(),
-    )
+    return shuffled_block(seed=cfg.seed, index=block_index, seq_start=block_index * layout.seqs_per_block,
+                          sequences_SC=torch.cat(sequences).numpy(), first_pos=layout.first_pos,
+                          acts={src.name: torch.cat(stored[src.name]) for src in sources},
+                          norm_sums={src.name: tuple(norm_sums[src.name]) for src in sources}, dtype=cfg.dtype)
 
 
 def _check_values(values: torch.Tensor, source: str, dtype: str) -> None:
-    peak = values.abs().amax().item()  # NaN and inf propagate through the max: one pass checks both
-    if not math.isfinite(peak):
-        raise GenerationError(
-            f"{source}: the model produced non-finite activations (NaN/inf); "
-            "check the checkpoint, or run the model in --model_dtype float32"
-        )
-    if peak > STORAGE_MAX[dtype]:
-        raise GenerationError(
-            f"{source}: activations reach {peak:.3g}, beyond the {dtype} maximum {STORAGE_MAX[dtype]:.3g}; "
-            "store them with --dtype bfloat16 or float32 (or --exclude_bos if the outliers are at BOS)"
-        )
+    fault = value_fault(values, dtype)
+    if fault is None:
+        return
+    if fault.startswith("non-finite"):
+        raise GenerationError(f"{source}: the model produced non-finite activations (NaN/inf); "
+                              "check the checkpoint, or run the model in --model_dtype float32")
+    raise GenerationError(f"{source}: activations {fault}; store them with --dtype bfloat16 or float32 "
+                          "(or --exclude_bos if the outliers are at BOS)")
 
 
 def _store_info(cfg: GenerateConfig, members: list[RunModel], prepend_bos: bool, bos_id) -> dict:

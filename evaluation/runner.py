@@ -129,7 +129,10 @@ def _evaluate_run(cfg: EvalConfig) -> list[dict]:
             diff = write_diff_analysis(out / r["dir"], m.config, m.weights, alive_M=density[m.name] > 0)
             r["diff"] = {k: v for k, v in diff.items() if k.startswith(("n_", "frac_")) or k == "relative_norm_mean"}
             r["diff"]["space"] = diff["space"]
-    if cfg.n_sequences > 0:
+    if cfg.n_sequences > 0 and not store.model_recorded:
+        print(f"spliced CE/KL: skipped: store {store.path} records no model to run again (written by write_store); "
+              "its members have reconstruction metrics only")
+    elif cfg.n_sequences > 0:
         summary["eval"] = phases.run("spliced CE/KL on held-out sequences", _downstream_metrics,
                                      cfg, store, summary, members, rows, mean_raw)
     write_summary(out, summary)

@@ -95,6 +95,37 @@ class RowBlock:
     sequences: np.ndarray  # [S_block, ctx] int32, the token sequences this block ran
 
 
+def shuffled_block(*, seed: int, index: int, seq_start: int, sequences_SC: np.ndarray, first_pos: int,
+                   acts: dict[str, torch.Tensor], norm_sums: dict[str, tuple[float, float, int]], dtype: str) -> RowBlock:
+    """Block `index`'s rows in their on-disk order: permuted by a generator seeded by (seed, index),
+    whatever wrote them. `sequences_SC`: the block's token sequences, starting at sequence
+    `seq_start` of the store; `acts`: each source's rows sequence-major, positions `first_pos`… of
+    each sequence ([S·(C − first_pos), d], storage torch dtype)."""
+    n_seqs, ctx = sequences_SC.shape
+    rows_per_seq = ctx - first_pos
+    perm = np.random.default_rng([seed, index]).permutation(n_seqs * rows_per_seq)
+    positions = np.broadcast_to(np.arange(first_pos, ctx, dtype=np.int32), (n_seqs, rows_per_seq))
+    seq_ids = np.broadcast_to(np.arange(seq_start, seq_start + n_seqs, dtype=np.int32)[:, None], (n_seqs, rows_per_seq))
+    return RowBlock(
+        tokens=sequences_SC[:, first_pos:].reshape(-1)[perm].astype(np.int32),
+        positions=positions.reshape(-1)[perm],
+        sequence=seq_ids.reshape(-1)[perm],
+        acts={name: to_storage(values[torch.from_numpy(perm)], dtype) for name, values in acts.items()},
+        norm_sums=norm_sums,
+        sequences=sequences_SC.astype(np.int32),
+    )
+
+
+def value_fault(values: torch.Tensor, dtype: str) -> str | None:
+    """What makes `values` unstorable in `dtype` (non-finite, or beyond its range), or None."""
+    peak = values.abs().amax().item()  # NaN and inf propagate through the max: one pass checks both
+    if not math.isfinite(peak):
+        return "non-finite values (NaN/inf)"
+    if peak > STORAGE_MAX[dtype]:
+        return f"values reach {peak:.3g}, beyond the {dtype} maximum {STORAGE_MAX[dtype]:.3g}"
+    return None
+
+
 class ActivationStore:
     """Open zarr activation store. Create with `create`, open with `open`."""
 
@@ -290,6 +321,18 @@ class ActivationStore:
                   "default_prepend_bos": self.info["prepend_bos"]}
         return {**LEGACY_LOADING, "model_from_pretrained_kwargs": kwargs}
 
+    @property
+    def model_recorded(self) -> bool:
+        """Whether the store names a model that evaluation can load and run again on its
+        sequences (generate_activations.py's stores; not write_store's)."""
+        entry = (self.info.get("models") or [self.info])[0]
+        return bool(entry.get("model") or entry.get("model_path"))
+
+    @property
+    def tokens_recorded(self) -> bool:
+        """Whether each row's token id is known (write_store without tokens records none)."""
+        return self.info.get("has_tokens", True)
+
     def norm_scale(self, source: str) -> float:
         """Normalisation factor s = E‖x‖ / √d over every stored row of `source`."""
         sums = self.group.attrs["norm_sums"][source]
@@ -385,6 +428,20 @@ class ActivationStore:
         norm_sums = {name: list(sums) for name, sums in (block.norm_sums.items() if block else ())}
         record = {"rows": rows, "sequences": sequences, "norm_sums": norm_sums, "chunks": chunks}
         self.write_file(f"{integrity.BLOCK_MANIFESTS}/{index:06d}.json", json.dumps(record).encode())
+
+    def grow(self, n_sequences: int) -> None:
+        """Plan `n_sequences` sequences (more blocks) for a writer that learns its length as it goes
+        (store/write.py); `finish` trims what stays unwritten."""
+        rows_per_seq = self.n_rows // self.group.attrs["n_sequences"]
+        if n_sequences <= self.group.attrs["n_sequences"]:
+            return
+        n_rows = n_sequences * rows_per_seq
+        for name in ROW_ARRAYS:
+            self.group[name].resize((n_rows,))
+        for src in self.sources:
+            self.group[f"acts/{src.name}"].resize((n_rows, src.d))
+        self.group["sequences"].resize((n_sequences, self.group.attrs["context_length"]))
+        self.group.attrs.update({"n_rows": n_rows, "n_sequences": n_sequences})
 
     def _writable(self, array: str) -> zarr.Array:
         """`array` writing every chunk, even one of fill values: a missing chunk file is then damage."""

@@ -81,6 +81,9 @@ def build_browser(cfg: BrowserConfig) -> Path:
     recorders, n_rows = collect(cfg, store, summary, members)
     seconds = time.perf_counter() - started
     model, tokenizer, note = _model(store, cfg.device)
+    if not store.tokens_recorded:
+        note = "; ".join(filter(None, [note, "no token texts in contexts: the store records no token ids (write_store "
+                                             "without tokens), so a context shows only where a latent fires"]))
     data = [MemberData(r, recorders[m.name], _member_logits(m, store, model), _extra(m, store)) for r, m in zip(rows, members)]
     decode = _decoder(tokenizer)
     target = out / ("neuronpedia" if cfg.format == "neuronpedia" else "browser")
@@ -143,6 +146,8 @@ def _model(store, device: str):
     from cache.models import load_model
 
     entry = store.info["models"][0]
+    if not store.model_recorded:
+        return None, None, "no logit effects: the store records no model (written by write_store)"
     try:
         model = load_model(entry["model"], entry["model_path"], device=device, dtype=store.identity.get("model_dtype", "float32"))
         return model, model.tokenizer, None
