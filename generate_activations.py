@@ -36,6 +36,9 @@ from cache.text import STDLIB_DOCSTRINGS
               help=f"TransformerLens model name or alias (pythia-70m, gpt2-small, ...) [default: without --model and "
                    f"--model_path, the embedded demo model {DEMO_MODEL_NAME} (GGUF), layer {DEMO_LAYER}].")
 @click.option("--model_path", default=None, help="Local Hugging Face directory or .gguf file (with --model naming its architecture).")
+@click.option("--backend", type=click.Choice(["auto", "transformer_lens", "transformers"]), default="auto",
+              help="How the model runs: transformer_lens, transformers (AutoModelForCausalLM; hooks are module paths such as "
+                   "model.layers.2), or auto: TransformerLens where it knows the architecture, transformers otherwise.")
 @click.option("--paired_model", default=None, help="Second model run on the same tokens (same tokenizer), e.g. the chat fine-tune of --model.")
 @click.option("--paired_model_path", default=None, help="Local Hugging Face directory or .gguf file of the paired model.")
 @click.option("--labels", cls=SpaceSeparated, type=str, default=("base", "chat"), help="Source-name prefixes of --model and --paired_model: base/<hook>, chat/<hook>.")

@@ -42,8 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cache.models import (ModelError, check_same_tokenizer, load_model, loading_record, n_layers_without_loading, resolve_hooks,
-                          stop_layer)
+from cache.models import ModelError, check_same_tokenizer, load_for_caching, n_layers_without_loading
 from cache.text import STDLIB_DOCSTRINGS, TextCount, TextSourceError, iter_documents, token_sequences
 from runtime.background import prefetched
 from runtime.devices import check_device
@@ -74,6 +73,9 @@ class GenerateConfig:
     """TransformerLens model name or alias (pythia-70m, gpt2-small, google/gemma-3-270m, ...)."""
     model_path: str | None = None
     """Local Hugging Face directory or .gguf file; with a .gguf, `model` names its architecture."""
+    backend: str = "auto"
+    """How the model runs: transformer_lens, transformers (AutoModelForCausalLM, hooks are module paths such as
+    model.layers.2), or auto: TransformerLens where it knows the architecture, transformers otherwise."""
     paired_model: str | None = None
     """Second model (e.g. the chat fine-tune of `model`) run on the same tokens; same tokenizer."""
     paired_model_path: str | None = None
@@ -161,8 +163,9 @@ class GenerateConfig:
 
     def identity(self) -> dict:
         """The fields that determine the store's contents (one hook kind written as a string, as
-        stores written before several kinds existed record it)."""
-        skip = _RUNTIME_FIELDS + (() if self.paired else _PAIRED_FIELDS)
+        stores written before several kinds existed record it; the backend when chosen, so that
+        stores written before there was a choice resume)."""
+        skip = _RUNTIME_FIELDS + (() if self.paired else _PAIRED_FIELDS) + (("backend",) if self.backend == "auto" else ())
         identity = {k: v for k, v in asdict(self).items() if k not in skip}
         if len(self.hook) == 1:
             identity["hook"] = self.hook[0]
@@ -174,10 +177,11 @@ class RunModel:
     """One model of the run and the sources it writes."""
 
     label: str | None  # prefix of its source names; None in an unpaired run (plain hook names)
-    name: str  # display name: the TransformerLens name, else the checkpoint's file/folder name
-    tl_name: str | None  # the TransformerLens name it was loaded by (--model), if any
+    name: str  # display name and exports' model_name: the TransformerLens name, the checkpoint's file/folder
+    # name, or, through transformers, what AutoModelForCausalLM loads it by (a hub name or an absolute path)
+    tl_name: str | None  # the name it was loaded by (--model: TransformerLens's, or a hub name), if any
     path: str | None
-    model: Any  # HookedTransformer
+    model: Any  # cache.models.TLModel | cache.hf_models.HFModel
     sources: tuple[SourceInfo, ...]
 
     @property
@@ -285,7 +289,7 @@ def _generate(cfg: GenerateConfig, existing: ActivationStore | None, processes: 
     resumed = existing is not None
     members = _load_members(cfg)
     model = members[0].model  # its tokenizer makes the token ids every model is fed
-    prepend_bos = model.cfg.default_prepend_bos if cfg.prepend_bos is None else cfg.prepend_bos
+    prepend_bos = model.default_prepend_bos if cfg.prepend_bos is None else cfg.prepend_bos
     bos_id = model.tokenizer.bos_token_id if prepend_bos else None
     if prepend_bos and bos_id is None:
         raise ModelError("the tokenizer has no BOS token: pass --no_prepend_bos")
@@ -373,15 +377,14 @@ def _load_members(cfg: GenerateConfig) -> list[RunModel]:
     labels = cfg.labels if cfg.paired else (None,)
     members = []
     for label, (name, path) in zip(labels, specs):
-        model = load_model(name, path, device=cfg.device, dtype=cfg.model_dtype)
-        hooks = resolve_hooks(model, cfg.layers, cfg.hook, cfg.hooks)
-        model_name = name or Path(path).name
+        model = load_for_caching(cfg.backend, name, path, device=cfg.device, dtype=cfg.model_dtype)
+        hooks = model.resolve_hooks(cfg.layers, cfg.hook, cfg.hooks)
         sources = tuple(
-            SourceInfo(name=f"{label}/{h}" if label else h, model=model_name, hook=h, d=d, layer=hook_kind(h)[0],
-                       kind=hook_kind(h)[1])
+            SourceInfo(name=f"{label}/{h}" if label else h, model=model.name, hook=h, d=d, layer=model.hook_kind(h)[0],
+                       kind=model.hook_kind(h)[1])
             for h, d in _hook_widths(model, hooks).items()
         )
-        members.append(RunModel(label, model_name, name, path, model, sources))
+        members.append(RunModel(label, model.name, name, path, model, sources))
     if cfg.paired:
         first, second = members
         check_same_tokenizer(first.model.tokenizer, second.model.tokenizer, (first.name, second.name))
@@ -401,22 +404,8 @@ def _check_equal_widths(first: RunModel, second: RunModel) -> None:
 
 def _hook_widths(model, hooks: list[str]) -> dict[str, int]:
     """Width of each hook's activation per token (heads flattened), from a two-token forward."""
-    acts = record_hooks(model, torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device), hooks)
+    acts = model.record(torch.zeros((1, 2), dtype=torch.long), hooks)
     return {h: a.shape[-1] for h, a in acts.items()}
-
-
-def record_hooks(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-    """One forward pass, stopped after the deepest needed block.  -> hook: [batch·ctx, d] float32"""
-    saved: dict[str, torch.Tensor] = {}
-
-    def save(act: torch.Tensor, hook) -> None:
-        saved[hook.name] = act.reshape(act.shape[0] * act.shape[1], -1).float()
-
-    with torch.inference_mode():
-        model.run_with_hooks(
-            tokens, fwd_hooks=[(h, save) for h in hooks], stop_at_layer=stop_layer(hooks), return_type=None
-        )
-    return saved
 
 
 def _write_blocks(cfg, members: list[RunModel], layout: StoreLayout, store: ActivationStore, sequences: Iterator,
@@ -489,7 +478,7 @@ def _block_rows(cfg, members: list[RunModel], layout: StoreLayout, batches: Iter
     for batch in batches:  # [b, ctx]
         sequences.append(batch)
         for member in members:
-            acts = record_hooks(member.model, batch.to(member.model.cfg.device), member.hooks)
+            acts = member.model.record(batch, member.hooks)
             for src in member.sources:
                 values = acts[src.hook].reshape(*batch.shape, -1)[:, keep].reshape(-1, src.d)  # [b·kept, d] fp32
                 _check_values(values, src.name, cfg.dtype)
@@ -535,12 +524,13 @@ def _store_info(cfg: GenerateConfig, members: list[RunModel], prepend_bos: bool,
 def _model_info(member: RunModel, dtype: str, prepend_bos: bool) -> dict:
     model = member.model
     return {
-        "loaded_with": loading_record(model, dtype, prepend_bos),  # what reproduces its activations elsewhere
+        "loaded_with": model.loading_record(dtype, prepend_bos),  # what reproduces its activations elsewhere
+        "backend": model.backend,
         "model_name": member.name,
         "model": member.tl_name,  # with model_path: what load_model needs to load it again
         "model_path": member.path,
-        "n_layers": model.cfg.n_layers,
-        "d_model": model.cfg.d_model,
-        "d_vocab": model.cfg.d_vocab,
-        "n_parameters": sum(p.numel() for p in model.parameters()),  # what evaluation's memory estimate needs
+        "n_layers": model.n_layers,
+        "d_model": model.d_model,
+        "d_vocab": model.d_vocab,
+        "n_parameters": model.n_parameters,  # what evaluation's memory estimate needs
     }

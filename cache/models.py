@@ -18,11 +18,16 @@ import json
 import logging
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cache.converted import entry_for, is_kept, load_converted, save_converted
 from cache.gguf_file import gguf_read_lean
 from store.hooks import HOOK_KINDS, SCALE_OF, hook_kind, parse_layers
+
+if TYPE_CHECKING:
+    import torch
 
 # TransformerLens's weight processing as load_model applies it (from_pretrained's defaults, stated
 # here so that a store records exactly what ran). Where the norm cannot be folded (a local
@@ -296,6 +301,101 @@ def n_layers_without_loading(name: str | None, path: str | None) -> int | None:
             if isinstance(values.get(key), int):
                 return values[key]
     return None
+
+
+def record_hooks(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """One forward pass of a HookedTransformer, stopped after the deepest needed block.
+    → hook: [batch·ctx, d] float32"""
+    import torch
+
+    saved: dict[str, torch.Tensor] = {}
+
+    def save(act: torch.Tensor, hook) -> None:
+        saved[hook.name] = act.reshape(act.shape[0] * act.shape[1], -1).float()
+
+    with torch.inference_mode():
+        model.run_with_hooks(
+            tokens, fwd_hooks=[(h, save) for h in hooks], stop_at_layer=stop_layer(hooks), return_type=None
+        )
+    return saved
+
+
+@dataclass
+class TLModel:
+    """A HookedTransformer with what stage 1 needs of it; the same face as cache/hf_models.py's
+    HFModel, so that generate.py runs either backend."""
+
+    name: str
+    model: Any  # HookedTransformer
+    backend = "transformer_lens"
+
+    @staticmethod
+    def hook_kind(hook: str) -> tuple[int | None, str | None]:
+        return hook_kind(hook)
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def device(self):
+        return self.model.cfg.device
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.cfg.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.model.cfg.d_model
+
+    @property
+    def d_vocab(self) -> int:
+        return self.model.cfg.d_vocab
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def default_prepend_bos(self) -> bool:
+        return self.model.cfg.default_prepend_bos
+
+    def loading_record(self, dtype: str, prepend_bos: bool) -> dict:
+        return loading_record(self.model, dtype, prepend_bos)
+
+    def resolve_hooks(self, layers: tuple, kinds: tuple[str, ...], hooks: tuple[str, ...]) -> list[str]:
+        return resolve_hooks(self.model, layers, kinds, hooks)
+
+    def record(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+        return record_hooks(self.model, tokens.to(self.device), hooks)
+
+
+BACKENDS = ("auto", "transformer_lens", "transformers")
+
+
+def load_for_caching(backend: str, name: str | None, path: str | None, *, device: str, dtype: str):
+    """The model stage 1 runs: TransformerLens (`transformer_lens`), transformers'
+    AutoModelForCausalLM (`transformers`), or, with `auto`, TransformerLens where it knows the
+    architecture and transformers otherwise.  → TLModel | HFModel"""
+    from cache.hf_models import knows_architecture, load_hf_model
+
+    if backend not in BACKENDS:
+        raise ModelError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "transformers" or backend == "auto" and not knows_architecture(name, path):
+        return load_hf_model(name, path, device=device, dtype=dtype)
+    return TLModel(name or Path(path).name, load_model(name, path, device=device, dtype=dtype))
+
+
+def load_for_evaluation(entry: dict, *, device: str, dtype: str):
+    """A store's model (an entry of its info["models"]) as stage 1 ran it, through the backend it
+    recorded (stores written before there was a choice: TransformerLens).  → TLModel | HFModel"""
+    if entry.get("backend") == "transformers":
+        from cache.hf_models import load_hf_model
+
+        path = entry["model_path"]
+        return load_hf_model(None if path else entry["model"], path, device=device, dtype=dtype)
+    return TLModel(entry["model_name"], load_model(entry["model"], entry["model_path"], device=device, dtype=dtype))
 
 
 def stop_layer(hooks: list[str]) -> int | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +38,7 @@ from evaluation.metrics import MetricAccumulator
 from evaluation.model_diff import write_diff_analysis
 from evaluation.plots import plot_sweep
 from evaluation.report import write_report
-from evaluation.splice import Splice, recovered, single, spliced_losses
+from evaluation.splice import Splice, recovered, single, spliced_losses, spliced_losses_hf
 from formats import load_any
 from formats.saelens import save_density
 from training.rundir import write_summary
@@ -234,7 +235,7 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[LoadedMem
                         mean_raw: dict[str, torch.Tensor]) -> dict:
     """Spliced CE/KL of every member at each of its targets into `rows` (per target where it
     writes several, their mean at the top level); return the clean and ablation baselines."""
-    from cache.models import load_model  # the models are needed only here
+    from cache.models import load_for_evaluation  # the models are needed only here
 
     start = summary["store"]["eval_sequence_start"]  # sequences from here on are held out whole
     stop = min(start + cfg.n_sequences, store.attrs["n_sequences"])
@@ -245,7 +246,7 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[LoadedMem
     models = {}
     for entry in entries.values():
         if entry["label"] not in models:
-            models[entry["label"]] = load_model(entry["model"], entry["model_path"], device=cfg.device, dtype=dtype)
+            models[entry["label"]] = load_for_evaluation(entry, device=cfg.device, dtype=dtype)
     first_pos = 1 if store.info["exclude_bos"] else 0
     exclude = tuple(summary.get("resolved", {}).get("exclude_token_ids", ()))
     # a crosscoder reconstructs each source from all of them: record their clean activations first
@@ -268,9 +269,11 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[LoadedMem
         splices.update(_replacement_splices(clts, store, mean_raw))
     losses, clean_ce = {}, {}
     for label, splices in by_model.items():
-        result = spliced_losses(models[label], sequences, splices, first_pos=first_pos, exclude_tokens=exclude,
-                                batch_size=cfg.batch_size, desc=f"CE/KL, {len(splices)} splices"
-                                + (f" of {label}" if len(by_model) > 1 else ""))
+        model = models[label]
+        run = (partial(spliced_losses_hf, model) if model.backend == "transformers" else
+               partial(spliced_losses, model.model))
+        result = run(sequences, splices, first_pos=first_pos, exclude_tokens=exclude, batch_size=cfg.batch_size,
+                     desc=f"CE/KL, {len(splices)} splices" + (f" of {label}" if len(by_model) > 1 else ""))
         clean_ce[label] = result.pop("clean")["ce"]
         losses.update(result)
     baselines, results = {}, {m.name: {} for m in members}
@@ -370,8 +373,6 @@ def _clean_activations(models: dict, store, sources: list[str], sequences: torch
                        batch_size: int) -> dict[str, torch.Tensor]:
     """The clean activation of every source on `sequences`, from one forward pass per model and
     batch for all of that model's hooks (a layer stack is one model).  → source: [N, T, d]"""
-    from cache.generate import record_hooks
-
     N, T = sequences.shape
     recorded = {}
     for label, model in models.items():
@@ -379,8 +380,7 @@ def _clean_activations(models: dict, store, sources: list[str], sequences: torch
         if not mine:
             continue
         hooks = [store.source(s).hook for s in mine]
-        parts = [record_hooks(model, sequences[i: i + batch_size].to(model.cfg.device), hooks)
-                 for i in range(0, N, batch_size)]
+        parts = [model.record(sequences[i: i + batch_size], hooks) for i in range(0, N, batch_size)]
         recorded.update({s: torch.cat([part[h] for part in parts]).view(N, T, -1) for s, h in zip(mine, hooks)})
     return recorded
 

@@ -107,6 +107,58 @@ def spliced_losses(model, sequences: torch.Tensor, splices: dict[str, Splice], *
     return out
 
 
+def spliced_losses_hf(model, sequences: torch.Tensor, splices: dict[str, Splice], *, first_pos: int = 0,
+                      exclude_tokens: tuple[int, ...] = (), batch_size: int = 8,
+                      desc: str | None = None) -> dict[str, dict[str, float]]:
+    """`spliced_losses` for a model run through transformers (cache/hf_models.py's HFModel), whose
+    hooks are module paths: one whole forward per splice and batch, with PyTorch forward hooks
+    doing what the TransformerLens hooks do (a module's output, its first element when a tuple),
+    and the losses from the model's own logits.  sequences [N, T] token ids"""
+    sums = {name: torch.zeros(2, dtype=torch.float64) for name in ["clean", *splices]}
+    n_tokens = 0
+    with torch.inference_mode(), tqdm(total=-(-len(sequences) // batch_size) * len(splices), desc=desc, unit="splice",
+                                      leave=False, disable=desc is None) as bar:
+        for first in range(0, len(sequences), batch_size):
+            tokens = sequences[first: first + batch_size].to(model.device)
+            batch = slice(first, first + len(tokens))
+            clean_rows = (torch.isin(tokens[:, first_pos:], torch.tensor(exclude_tokens, device=tokens.device))
+                          .reshape(-1, 1) if exclude_tokens else None)
+            targets = tokens[:, 1:]
+            n_tokens += targets.numel()
+            clean_lp = _log_probs(model, tokens, [])
+            sums["clean"][0] += -clean_lp.gather(-1, targets.unsqueeze(-1)).double().sum().cpu()
+            for name, splice in splices.items():
+                lp = _log_probs(model, tokens, _stacked_hooks([splice], len(tokens), first_pos, batch, clean_rows))
+                sums[name][0] += -lp.gather(-1, targets.unsqueeze(-1)).double().sum().cpu()
+                sums[name][1] += (clean_lp.exp() * (clean_lp - lp)).double().sum().cpu()  # KL(clean ‖ spliced)
+                bar.update(1)
+    out = {"clean": {"ce": sums["clean"][0].item() / n_tokens}}
+    out.update({name: {"ce": sums[name][0].item() / n_tokens, "kl": sums[name][1].item() / n_tokens} for name in splices})
+    return out
+
+
+def _log_probs(model, tokens: torch.Tensor, hooks: list) -> torch.Tensor:
+    """Log-probabilities of the next token at every predicting position, with `hooks` ((module
+    path, TransformerLens-style hook_fn(act, hook) → replacement or None)) on module outputs.
+    → [b, T − 1, V] float32"""
+    def on_output(fn):
+        def hook(module, args, output):
+            act = output[0] if isinstance(output, tuple) else output
+            new = fn(act, None)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    handles = [model.model.get_submodule(path).register_forward_hook(on_output(fn)) for path, fn in hooks]
+    try:
+        logits = model.model(input_ids=tokens, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
 def recovered(ce_spliced: float, ce_clean: float, ce_ablated: float) -> float:
     """Fraction of the ablation's loss increase that the reconstruction gives back."""
     gap = ce_ablated - ce_clean

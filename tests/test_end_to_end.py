@@ -166,10 +166,10 @@ def test_existing_store_with_another_config_is_refused(small_store, text_dir):
 
 @pytest.mark.parametrize("values, fragments", [(float("nan"), ["non-finite"]), (1e6, ["beyond the float16 maximum", "--dtype"])])
 def test_bad_activations_are_refused_and_the_store_stays_incomplete(tmp_path, text_dir, monkeypatch, values, fragments):
-    import cache.generate as gen
+    from cache.models import TLModel
 
-    original = gen.record_hooks
-    monkeypatch.setattr(gen, "record_hooks", lambda *a: {k: torch.full_like(v, values) for k, v in original(*a).items()})
+    original = TLModel.record
+    monkeypatch.setattr(TLModel, "record", lambda *a: {k: torch.full_like(v, values) for k, v in original(*a).items()})
     out = tmp_path / "bad"
     assert_one_line_error(CliRunner().invoke(generate_activations.main, gen_args(out, text_dir)), *fragments)
     assert _store_state(out) in (None, False)

@@ -155,10 +155,10 @@ def test_empty_or_too_short_text_is_one_line_and_leaves_no_store(tmp_path, conte
 
 
 def test_refused_float16_overflow_leaves_nothing_so_the_suggested_retry_runs(tmp_path, text_dir, monkeypatch):
-    import cache.generate as gen
+    from cache.models import TLModel
 
-    original = gen.record_hooks
-    monkeypatch.setattr(gen, "record_hooks", lambda *a: {k: v * 0 + 1e6 for k, v in original(*a).items()})
+    original = TLModel.record
+    monkeypatch.setattr(TLModel, "record", lambda *a: {k: v * 0 + 1e6 for k, v in original(*a).items()})
     out = tmp_path / "store"
     refused = CliRunner().invoke(generate_activations.main, gen_args(out, text_dir))
     assert_one_line_error(refused, "beyond the float16 maximum", "--dtype bfloat16")
@@ -190,7 +190,7 @@ def test_hooks_with_the_default_model_add_no_default_layer(monkeypatch, tmp_path
 def test_layers_out_of_range_are_refused_before_the_model_loads(tmp_path, text_dir, tiny_model_dir, monkeypatch):
     import cache.generate as gen
 
-    monkeypatch.setattr(gen, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(gen, "load_for_caching", lambda *a, **k: pytest.fail("the model was loaded"))
     args = gen_args(tmp_path / "x", text_dir, **{"--layers": "9"})
     args[args.index("--model") + 1] = "pythia-70m"
     result = CliRunner().invoke(generate_activations.main, args + ["--model_path", str(tiny_model_dir)])

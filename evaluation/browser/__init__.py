@@ -148,6 +148,11 @@ def _model(store, device: str):
     entry = store.info["models"][0]
     if not store.model_recorded:
         return None, None, "no logit effects: the store records no model (written by write_store)"
+    if entry.get("backend") == "transformers":
+        from transformers import AutoTokenizer
+
+        return (None, AutoTokenizer.from_pretrained(entry["model_path"] or entry["model"]),
+                "no logit effects: not yet for stores cached through transformers (module-path hooks)")
     try:
         model = load_model(entry["model"], entry["model_path"], device=device, dtype=store.identity.get("model_dtype", "float32"))
         return model, model.tokenizer, None
