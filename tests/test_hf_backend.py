@@ -203,3 +203,30 @@ def test_spliced_losses_through_module_hooks_equal_transformer_lens_spliced_loss
         for key, value in theirs[name].items():
             assert ours[name][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
     assert ours["zero"]["kl"] > 1e-4 and ours["from_input"]["kl"] > 1e-4  # the splices change the (random) model
+
+
+def test_a_base_chat_pair_runs_through_transformers_on_identical_tokens(tokenizer, text_dir, tmp_path):
+    """Paired models keep their guarantees through transformers: row-aligned sources named by
+    label and module path, each model's rows its own hidden states on the same tokens."""
+    import transformers
+
+    base = _save(tmp_path / "base", "llama", tokenizer)
+    chat = tmp_path / "chat"
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)  # another model with the same tokenizer
+    model.save_pretrained(chat)
+    tokenizer.save_pretrained(chat)
+    store = generate(GenerateConfig(out=str(tmp_path / "store"), dataset=str(text_dir), model_path=str(base),
+                                    paired_model_path=str(chat), backend="transformers", layers=(1,), context_length=16,
+                                    n_tokens=800, chunk_mb=0.01, chunks_per_block=3, batch_size=8))
+    assert [s.name for s in store.sources] == ["base/model.layers.1", "chat/model.layers.1"]
+    tokens = torch.from_numpy(store.read_sequences(0, 1)).long()
+    sequence, positions = store.read_column("sequence"), store.read_column("positions")
+    rows = np.flatnonzero(sequence == 0)
+    for label, directory in (("base", base), ("chat", chat)):
+        with torch.no_grad():
+            hidden = load_hf_model(None, str(directory), device="cpu").model(input_ids=tokens, output_hidden_states=True)
+        stored = store.read_rows(f"{label}/model.layers.1", 0, store.n_rows)[torch.from_numpy(rows)].float()
+        torch.testing.assert_close(stored, hidden.hidden_states[2][0, positions[rows]], rtol=2e-3, atol=2e-3)
