@@ -42,11 +42,10 @@ from runtime.location import Location, location
 from runtime.lock import OutputLock
 from store.errors import StoreError
 from store.hooks import hook_kind
-from store.zarr_store import (STORAGE_DTYPES, STORAGE_TORCH_DTYPE, ActivationStore, SourceInfo, json_normal, shuffled_block,
-                              value_fault)
+from store.zarr_store import (NO_TOKEN, STORAGE_DTYPES, STORAGE_TORCH_DTYPE, ActivationStore, SourceInfo, json_normal,
+                              shuffled_block, value_fault)
 
 RESERVED = ("tokens",)
-NO_TOKEN = -1  # the token id of a row whose token is not known
 
 
 class BatchError(ValueError):

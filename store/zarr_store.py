@@ -49,6 +49,7 @@ _NUMPY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.floa
 STORAGE_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Largest finite magnitude of each storage dtype: a value above it would be stored as inf.
 STORAGE_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38}
+NO_TOKEN = -1  # the token id of a row whose token is not known (store/write.py without tokens)
 # How stores written before each model's loading was recorded (info["models"][i]["loaded_with"])
 # loaded their models: TransformerLens's from_pretrained with its default weight processing.
 LEGACY_LOADING = {"model_class_name": "HookedTransformer",

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from runtime.disk import writing
 from store.hooks import hook_kind
 from store.stream import ActivationStream, StreamConfig
+from store.zarr_store import NO_TOKEN
 from evaluation.browser.collect import LatentRecorder
 
 RESIDUAL_WRITERS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")  # a decoder direction W_U can read
@@ -197,8 +198,9 @@ def _extra(member, store) -> dict:
 
 
 def _decoder(tokenizer):
-    """token id → its text (cached); `#id` without a tokenizer."""
-    cache: dict[int, str] = {}
+    """token id → its text (cached); `#id` without a tokenizer; `·` for a row whose token was not
+    recorded (NO_TOKEN)."""
+    cache: dict[int, str] = {NO_TOKEN: "·"}
 
     def decode(token: int) -> str:
         if token not in cache:
