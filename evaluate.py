@@ -6,16 +6,18 @@
 Held-out reconstruction metrics (L0, MSE, FVU, explained variance, cosine, L2 ratio, dead and
 dense fractions, per-latent density), the spliced CE/KL with zero- and mean-ablation baselines,
 plots and report.md. train_sweep.py runs the same at the end of training unless --no_eval.
+The evaluation's options are generated from evaluation/config.py's fields.
 """
 from __future__ import annotations
 
 import click
 
-from runtime.cli_options import SpaceSeparated, run_or_exit, storage_options_option, took
+from runtime.cli_options import SpaceSeparated, dataclass_options, run_or_exit, took
+from evaluation.config import EvalConfig
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--run_dir", default=None, help="Output directory of train_sweep.py.")
+@dataclass_options(EvalConfig, optional=("run_dir",))
 @click.option("--compare", "compare", cls=SpaceSeparated, type=str, default=(),
               help="Instead: several finished run directories, drawn in one set of plots and one table (--out).")
 @click.option("--out", default=None, help="With --compare: where compare.md, compare.csv and the plots go.")
@@ -26,12 +28,6 @@ from runtime.cli_options import SpaceSeparated, run_or_exit, storage_options_opt
 @click.option("--browser_format", type=click.Choice(["site", "neuronpedia"]), default="site",
               help="site: browser/ (static pages); neuronpedia: neuronpedia/<member>/batch-N.json for its upload.")
 @click.option("--serve", is_flag=True, help="After writing the browser, serve it on http://127.0.0.1:8000 (Ctrl-C stops).")
-@click.option("--n_sequences", type=int, default=64, help="Held-out sequences for spliced CE/KL (0 skips it).")
-@click.option("--batch_size", type=int, default=8, help="Sequences per model forward pass.")
-@click.option("--row_batch_size", type=int, default=2048, help="Held-out rows per batch for reconstruction metrics.")
-@click.option("--device", default="cpu", help="Device for the model and the dictionaries.")
-@storage_options_option("The run's store")
-@click.option("--cache_dir", default=None, help="A store at a URL: keep a local copy of every chunk read in this directory.")
 def main(compare: tuple[str, ...], out: str | None, force: bool, browser: bool, browser_rows: int | None,
          browser_format: str, serve: bool, **options) -> None:
     """Evaluate every member of a sweep and write report.md; or compare several sweeps."""
@@ -50,7 +46,7 @@ def main(compare: tuple[str, ...], out: str | None, force: bool, browser: bool, 
 
     from runtime.location import parse_storage_options
     from evaluation.report import format_table
-    from evaluation.runner import EvalConfig, evaluate_run
+    from evaluation.runner import evaluate_run
 
     options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
     rows = run_or_exit(lambda: evaluate_run(EvalConfig(**options)))

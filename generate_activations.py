@@ -15,57 +15,20 @@ second model that shares the tokenizer on the same tokens, writing `base/<hook>`
 With no --model and no --model_path it runs the embedded demo: Gemma-3-270M (GGUF, from the
 `demo` extra) over the Python standard library's docstrings, layer 6 unless --layers/--hooks say
 otherwise. Rerunning the same command resumes an interrupted store; a complete one is left as it
-is. Heavy imports wait until the options are parsed, so --help answers at once.
+is. Options are generated from cache/config.py's fields. Heavy imports wait until the options are
+parsed, so --help answers at once.
 """
 from __future__ import annotations
 
 import click
 
-from runtime.cli_options import (
-    COUNT, SpaceSeparated, dist_timeout_option, refuse_if_locked, require_store, run_or_exit,
-    storage_options_option, took)
+from runtime.cli_options import dataclass_options, dist_timeout_option, refuse_if_locked, require_store, run_or_exit, took
+from cache.config import GenerateConfig
 from cache.models import DEMO_LAYER, DEMO_MODEL_NAME
-from store.hooks import HOOK_KINDS
-from cache.text import STDLIB_DOCSTRINGS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--out", default="caches/demo",
-              help="Where the zarr store goes (or the one to check with --verify): a directory, or a URL such as s3://bucket/prefix.")
-@click.option("--model", default=None,
-              help=f"TransformerLens model name or alias (pythia-70m, gpt2-small, ...) [default: without --model and "
-                   f"--model_path, the embedded demo model {DEMO_MODEL_NAME} (GGUF), layer {DEMO_LAYER}].")
-@click.option("--model_path", default=None, help="Local Hugging Face directory or .gguf file (with --model naming its architecture).")
-@click.option("--backend", type=click.Choice(["auto", "transformer_lens", "transformers"]), default="auto",
-              help="How the model runs: transformer_lens, transformers (AutoModelForCausalLM; hooks are module paths such as "
-                   "model.layers.2), or auto: TransformerLens where it knows the architecture, transformers otherwise.")
-@click.option("--paired_model", default=None, help="Second model run on the same tokens (same tokenizer), e.g. the chat fine-tune of --model.")
-@click.option("--paired_model_path", default=None, help="Local Hugging Face directory or .gguf file of the paired model.")
-@click.option("--labels", cls=SpaceSeparated, type=str, default=("base", "chat"), help="Source-name prefixes of --model and --paired_model: base/<hook>, chat/<hook>.")
-@click.option("--require_equal_widths", is_flag=True, help="Refuse a pair whose activation widths differ (crosscoders need them equal).")
-@click.option("--layers", cls=SpaceSeparated, type=str,
-              help="Layers to cache, e.g. --layers 2 3, or --layers all.")
-@click.option("--hook", cls=SpaceSeparated, type=str, default=("resid_post",),
-              help=f"Hook kinds cached at each of --layers (several: --hook mlp_in_normalized mlp_out): {', '.join(HOOK_KINDS)}.")
-@click.option("--hooks", cls=SpaceSeparated, type=str, help="Full hook names, e.g. --hooks blocks.2.hook_resid_post.")
-@click.option("--dataset", default=STDLIB_DOCSTRINGS, help="HF dataset name, local .txt/.jsonl/.parquet file or folder, or stdlib-docstrings.")
-@click.option("--text_column", default="text", help="Column with the text in record datasets.")
-@click.option("--split", default="train", help="Split of a HF dataset.")
-@click.option("--context_length", type=int, default=128, help="Tokens per sequence, BOS included.")
-@click.option("--prepend_bos/--no_prepend_bos", default=None, help="Start each sequence with BOS [default: the model's default].")
-@click.option("--exclude_bos/--include_bos", default=True, help="Store no rows for the BOS position.")
-@click.option("--n_tokens", type=COUNT, default=2_000_000, help="Rows (tokens) to store, rounded up to whole chunks.")
-@click.option("--n_chunks", type=int, default=None, help="Store exactly this many chunks instead of --n_tokens.")
-@click.option("--chunk_mb", type=float, default=8.0, help="Target chunk size in MB (whole sequences per chunk).")
-@click.option("--chunks_per_block", type=int, default=16, help="Chunks shuffled together before writing (on-disk mixing window).")
-@click.option("--batch_size", type=int, default=32, help="Sequences per forward pass.")
-@click.option("--device", default="cpu", help="Device of the model (cpu, cuda, cuda:1, mps).")
-@click.option("--model_dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", help="Dtype the model runs in.")
-@click.option("--dtype", default="float16", help="Storage dtype of activations: float16, bfloat16 or float32.")
-@click.option("--seed", type=int, default=0, help="Seed of the row shuffle.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store written with another configuration.")
-@click.option("--break_lock", is_flag=True, help="Take over the store's lock (--out.lock) even when another host holds it.")
-@storage_options_option("--out")
+@dataclass_options(GenerateConfig, off_flags={"exclude_bos": "--include_bos"})
 @dist_timeout_option()
 @click.option("--verify", is_flag=True, help="Check every chunk of the store at --out (presence, size, checksum, finite values) and exit.")
 def main(verify: bool, dist_timeout: float, **options) -> None:
@@ -87,15 +50,13 @@ def main(verify: bool, dist_timeout: float, **options) -> None:
         return
     refuse_if_locked(options["out"])  # before torch is imported
     from runtime.distributed import join, leave
-    from cache.generate import GenerateConfig, generate
+    from cache.generate import generate
     from cache.models import default_gguf_path
 
     if options["model"] is None and options["model_path"] is None:
         demo_path = str(run_or_exit(default_gguf_path))
         no_hooks = not options["layers"] and not options["hooks"]
         options.update(model=DEMO_MODEL_NAME, model_path=demo_path, layers=(str(DEMO_LAYER),) if no_hooks else options["layers"])
-    for key in ("layers", "hooks", "labels", "hook"):
-        options[key] = tuple(options[key] or ())
     if not options["layers"] and not options["hooks"]:
         raise click.UsageError("choose what to cache: --layers 2 [--hook resid_post] or --hooks blocks.2.hook_resid_post")
     cfg = run_or_exit(lambda: GenerateConfig(**options))

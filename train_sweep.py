@@ -50,7 +50,8 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, browser: boo
     from runtime.distributed import join, leave
     from evaluation.report import format_table
     from evaluation.memory import memory_needed
-    from evaluation.runner import EvalConfig, evaluate_run
+    from evaluation.config import EvalConfig
+    from evaluation.runner import evaluate_run
     from training.parallel import Layout
     from training.tracking import WandbTracker
     from training.trainer import train_sweep

@@ -33,7 +33,8 @@ BACKEND_NAMES = ("transformer_lens", "transformers")
 def _run(backend: str, name: str, out: Path, layer: int, n_tokens: int, context_length: int, batch_size: int,
          chunk_mb: float) -> tuple[float, float, int]:
     """(seconds caching without the load, seconds loading, tokens run through the model) of one generation."""
-    from cache.generate import GenerateConfig, generate
+    from cache.config import GenerateConfig
+    from cache.generate import generate
     from cache.models import load_for_caching
 
     t0 = time.perf_counter()

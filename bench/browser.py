@@ -31,7 +31,8 @@ _CHILD = '''
 import json, sys, time
 sys.path.insert(0, {root!r})
 from evaluation.browser import BrowserConfig, build_browser
-from evaluation.runner import EvalConfig, evaluate_run
+from evaluation.config import EvalConfig
+from evaluation.runner import evaluate_run
 start = time.perf_counter()
 if {what!r} == "metrics":
     evaluate_run(EvalConfig(run_dir={run!r}, n_sequences=0))

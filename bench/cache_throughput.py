@@ -49,7 +49,8 @@ if not __package__:  # run as a file: make the repository's packages importable
 from bench._common import RssPeak, Stopwatch, format_table, mib, track_rss  # noqa: E402
 from bench._fixtures import PYTHIA_70M_SHAPE, TINY_SHAPE, TL_NAME, build_hf_cache, use_offline_hf_home  # noqa: E402
 from runtime.cli_options import SpaceSeparated  # noqa: E402
-from cache.generate import GenerateConfig, generate  # noqa: E402
+from cache.config import GenerateConfig  # noqa: E402
+from cache.generate import generate  # noqa: E402
 from cache.models import load_model, resolve_hooks, stop_layer  # noqa: E402
 from store.zarr_store import STORAGE_DTYPES, ActivationStore  # noqa: E402
 from cache.text import STDLIB_DOCSTRINGS, iter_documents, token_sequences  # noqa: E402

@@ -32,7 +32,8 @@ _CHILD = '''
 import json, sys, time
 sys.path.insert(0, {root!r})
 import evaluation.runner as runner
-from evaluation.runner import EvalConfig, evaluate_run
+from evaluation.config import EvalConfig
+from evaluation.runner import evaluate_run
 
 spent = [0.0]
 new_path = runner.spliced_losses

@@ -193,7 +193,7 @@ def part_d(s: dict, device: torch.device, store: Path) -> list[list]:
 def part_e(s: dict, device: torch.device) -> list[list]:
     from bench._fixtures import PYTHIA_70M_SHAPE, TINY_SHAPE, build_hf_cache
     from bench.cache_throughput import forward_only_rate, measure_generation, model_sequences
-    from cache.generate import GenerateConfig
+    from cache.config import GenerateConfig
     from cache.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,8 @@ import click
 @click.option("--eval_tokens", type=int, default=10_000)
 @click.option("--clt_layers", default="", help="e.g. all, or 0,1,2: train cross-layer transcoders over these layers.")
 def main(cache, arch, lrs, sweep, ratio, batch_size, n_epochs, n_models, eval_tokens, clt_layers):
-    from evaluation.runner import EvalConfig, evaluate_run
+    from evaluation.config import EvalConfig
+    from evaluation.runner import evaluate_run
     from training.config import SweepConfig
     from training.trainer import train_sweep
 

@@ -33,143 +33,32 @@ from __future__ import annotations
 
 import math
 from contextlib import closing, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import chain, groupby, islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, get_args
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cache.config import GenerateConfig, StorageDtype
 from cache.models import ModelError, check_same_tokenizer, load_for_caching, n_layers_without_loading
-from cache.text import STDLIB_DOCSTRINGS, TextCount, TextSourceError, iter_documents, token_sequences
+from cache.text import TextCount, TextSourceError, iter_documents, token_sequences
 from runtime.background import prefetched
-from runtime.devices import check_device
 from runtime.disk import check_free, writing
 from runtime.distributed import Processes
-from runtime.location import Location, location
+from runtime.location import Location
 from runtime.lock import OutputLock
-from store.hooks import HOOK_KINDS, hook_kind, parse_layers
+from store.hooks import hook_kind, parse_layers
 from store.zarr_store import (STORAGE_DTYPES, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError, json_normal,
                               shuffled_block, value_fault)
 
-# Fields of GenerateConfig that do not change the stored bytes: they may differ on resume.
-_RUNTIME_FIELDS = ("out", "device", "batch_size", "overwrite", "require_equal_widths", "storage_options", "break_lock")
-# Fields that only mean something for a paired run: left out of an unpaired store's identity,
-# so stores written before pairing existed still resume.
-_PAIRED_FIELDS = ("paired_model", "paired_model_path", "labels")
+assert get_args(StorageDtype) == STORAGE_DTYPES, "StorageDtype must list STORAGE_DTYPES"
 
 
 class GenerationError(ValueError):
     """Activations that cannot be stored as asked (non-finite, or overflowing the storage dtype)."""
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    out: str
-    """Where to write the zarr store: a local directory, or an fsspec URL (s3://bucket/prefix)."""
-    model: str | None = None
-    """TransformerLens model name or alias (pythia-70m, gpt2-small, google/gemma-3-270m, ...)."""
-    model_path: str | None = None
-    """Local Hugging Face directory or .gguf file; with a .gguf, `model` names its architecture."""
-    backend: str = "auto"
-    """How the model runs: transformer_lens, transformers (AutoModelForCausalLM, hooks are module paths such as
-    model.layers.2), or auto: TransformerLens where it knows the architecture, transformers otherwise."""
-    paired_model: str | None = None
-    """Second model (e.g. the chat fine-tune of `model`) run on the same tokens; same tokenizer."""
-    paired_model_path: str | None = None
-    """Local HF directory or .gguf of the paired model, as `model_path`."""
-    labels: tuple[str, ...] = ("base", "chat")
-    """Source-name prefixes of the first and the paired model (`base/<hook>`); paired runs only."""
-    require_equal_widths: bool = False
-    """Refuse a pair whose activation widths differ (a crosscoder needs them equal)."""
-    layers: tuple[int | str, ...] = ()
-    """Layers whose hooks to cache, or ("all",)."""
-    hook: tuple[str, ...] = ("resid_post",)
-    """Hook kinds cached at each of `layers`: store.hooks.HOOK_KINDS (mlp_in_normalized brings its norm's scale)."""
-    hooks: tuple[str, ...] = ()
-    """Full TransformerLens hook names, in addition to `layers`."""
-    dataset: str = STDLIB_DOCSTRINGS
-    """HF dataset name (streamed), local .txt/.jsonl/.parquet file or folder, or stdlib-docstrings."""
-    text_column: str = "text"
-    """Column holding the text in record datasets."""
-    split: str = "train"
-    """Split of a HF dataset."""
-    context_length: int = 128
-    """Tokens per sequence, BOS included."""
-    prepend_bos: bool | None = None
-    """Start every sequence with BOS; None: the model's TransformerLens default."""
-    exclude_bos: bool = True
-    """Store no rows for the BOS position (its activations are outliers that dominate norms)."""
-    n_tokens: int = 2_000_000
-    """Rows to store (rounded up to whole chunks); fewer if the dataset runs out."""
-    n_chunks: int | None = None
-    """Store exactly this many chunks instead of `n_tokens`."""
-    chunk_mb: float = 8.0
-    """Target size of one chunk over all sources, in MB (whole sequences per chunk)."""
-    chunks_per_block: int = 16
-    """Chunks shuffled together before writing (the on-disk mixing window)."""
-    batch_size: int = 32
-    """Sequences per forward pass."""
-    device: str = "cpu"
-    """Device of the model."""
-    model_dtype: str = "float32"
-    """Dtype the model runs in."""
-    dtype: str = "float16"
-    """Storage dtype of activations: float16, bfloat16 or float32."""
-    seed: int = 0
-    """Seed of the row shuffle."""
-    overwrite: bool = False
-    """Replace an existing store written with another configuration."""
-    storage_options: dict = field(default_factory=dict)
-    """Options of the remote filesystem of `out` (credentials and endpoint otherwise come from the environment)."""
-    break_lock: bool = False
-    """Take over the lock on `out` even when another host holds it (runtime/lock.py)."""
-
-    def __post_init__(self):
-        if self.dtype not in STORAGE_DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
-        object.__setattr__(self, "hook", (self.hook,) if isinstance(self.hook, str) else tuple(self.hook))
-        unknown = [k for k in self.hook if k not in HOOK_KINDS]
-        if unknown or not self.hook:
-            raise ValueError(f"unknown --hook {unknown[0] if unknown else ''!r}; choose from: {', '.join(HOOK_KINDS)}")
-        layers = tuple(int(x) if str(x).lstrip("-").isdigit() else str(x).lower() for x in self.layers)
-        if any(x != "all" and not isinstance(x, int) for x in layers) or ("all" in layers and len(layers) > 1):
-            raise ValueError(f"--layers {' '.join(map(str, self.layers))}: give layer numbers, or all")
-        object.__setattr__(self, "layers", layers)
-        for name, value in (("context_length", self.context_length), ("n_tokens", self.n_tokens),
-                            ("batch_size", self.batch_size), ("chunks_per_block", self.chunks_per_block)):
-            if value < 1:
-                raise ValueError(f"--{name} must be positive, got {value}")
-        if self.context_length < 2:
-            raise ValueError("--context_length must be at least 2")
-        if self.n_chunks is not None and self.n_chunks < 1:
-            raise ValueError(f"--n_chunks must be positive, got {self.n_chunks}")
-        check_device(self.device)
-        if self.chunk_mb <= 0:
-            raise ValueError(f"--chunk_mb must be positive, got {self.chunk_mb}")
-        labels = tuple(self.labels)
-        if len(labels) != 2 or len(set(labels)) != 2 or not all(labels) or any("/" in x for x in labels):
-            raise ValueError(f"--labels {','.join(labels)}: give two different names without '/', e.g. --labels base,chat")
-
-    @property
-    def where(self) -> Location:
-        return location(self.out, self.storage_options)
-
-    @property
-    def paired(self) -> bool:
-        return self.paired_model is not None or self.paired_model_path is not None
-
-    def identity(self) -> dict:
-        """The fields that determine the store's contents (one hook kind written as a string, as
-        stores written before several kinds existed record it; the backend when chosen, so that
-        stores written before there was a choice resume)."""
-        skip = _RUNTIME_FIELDS + (() if self.paired else _PAIRED_FIELDS) + (("backend",) if self.backend == "auto" else ())
-        identity = {k: v for k, v in asdict(self).items() if k not in skip}
-        if len(self.hook) == 1:
-            identity["hook"] = self.hook[0]
-        return identity
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from evaluation.splice import CHUNK_ELEMENTS, STACK_SEQUENCES
 
 if TYPE_CHECKING:
     from store.zarr_store import ActivationStore
-    from evaluation.runner import EvalConfig
+    from evaluation.config import EvalConfig
 
 MODEL_LOAD_FACTOR = 2.0  # peak RSS of loading a model ÷ its float32 weights (1.9 measured on the demo model)
 ACTIVATION_FLOATS = 32  # floats per position per stacked sequence alive in a spliced pass (block intermediates)

@@ -29,11 +29,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from runtime.devices import check_device
 from runtime.disk import writing
 from runtime.location import location
 from store.zarr_store import ActivationStore, StoreError
 from store.stream import ActivationStream, StreamConfig
+from evaluation.config import EvalConfig
 from evaluation.metrics import MetricAccumulator
 from evaluation.model_diff import write_diff_analysis
 from evaluation.plots import plot_sweep
@@ -45,29 +45,6 @@ from training.rundir import write_summary
 
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # raw inputs [B, I] → (f [B, F], ŷ [B, O])
 _PER_TARGET_METRICS = ("mse", "fvu", "explained_variance", "cosine", "l2_ratio")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    run_dir: str
-    """A directory written by train_sweep.py."""
-    n_sequences: int = 64
-    """Held-out sequences for the spliced CE/KL (0: skip; it loads the model)."""
-    batch_size: int = 8
-    """Sequences per forward pass of the model."""
-    row_batch_size: int = 2048
-    """Held-out rows per batch for reconstruction metrics."""
-    device: str = "cpu"
-    """Device for the model and the dictionaries."""
-    storage_options: dict = field(default_factory=dict, hash=False)
-    """A store at a URL: options of its fsspec filesystem."""
-    cache_dir: str | None = None
-    """A store at a URL: local read-through copy of the chunks read."""
-
-    def __post_init__(self):
-        if self.n_sequences < 0 or self.batch_size < 1 or self.row_batch_size < 1:
-            raise ValueError("n_sequences must be ≥ 0, batch sizes positive")
-        check_device(self.device)
 
 
 @dataclass(frozen=True)

@@ -100,14 +100,6 @@ class Count(click.ParamType):
 COUNT = Count()
 
 
-def storage_options_option(what: str):
-    """--storage_options: JSON options of a store's fsspec filesystem."""
-    return click.option("--storage_options", default=None,
-                        help=f"{what} at a URL (s3://…): JSON options of its fsspec filesystem, e.g. "
-                             "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' [default: credentials and endpoint from "
-                             "the environment, AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …].")
-
-
 def dist_timeout_option():
     """--dist_timeout: how long a rank waits for the others under torchrun."""
     return click.option("--dist_timeout", type=float, default=300.0,
@@ -148,38 +140,45 @@ def flat_fields(cls) -> list[tuple[object, object, str]]:
 
 
 def dataclass_options(cls, aliases: dict[str, tuple[str, ...]] | None = None, whole_words: tuple[str, ...] = (),
-                      extra_choices: dict[str, tuple[str, ...]] | None = None):
+                      extra_choices: dict[str, tuple[str, ...]] | None = None, off_flags: dict[str, str] | None = None,
+                      optional: tuple[str, ...] = ()):
     """click options for every (flattened) field of dataclass `cls`: its name, its default, its
     docstring as help, a type from its annotation (numbers, strings, flags, choices of a
     Literal, several values for a tuple). `aliases`: more option names of a field;
     `whole_words`: tuple fields whose values are not split at commas; `extra_choices`: values a
-    choice accepts beyond its Literal (mapped by the CLI). A dict field takes JSON."""
+    choice accepts beyond its Literal (mapped by the CLI). A dict field takes JSON. A flag whose
+    default is True or None also gets an off switch: --no_<name>, or its name in
+    `off_flags`. A field without a default is a required option, unless it is in `optional`
+    (the command checks it itself, as it may run without it: it is then None)."""
     import dataclasses
     import typing
 
-    aliases, extra_choices = aliases or {}, extra_choices or {}
+    aliases, extra_choices, off_flags = aliases or {}, extra_choices or {}, off_flags or {}
 
     def option(f, kind, help_text):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        given = {"default": default} if default is not dataclasses.MISSING else {"required": f.name not in optional}
+        default = given.get("default")
         names = [f"--{f.name}", *aliases.get(f.name, ())]
         args = typing.get_args(kind)
-        optional = type(None) in args
-        base = next((a for a in args if a is not type(None)), kind) if optional else kind
+        nullable = type(None) in args
+        base = next((a for a in args if a is not type(None)), kind) if nullable else kind
         if typing.get_origin(base) is tuple:
             inner = typing.get_args(base)[0]
             choices = typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else None
             value_type = click.Choice([*choices, *extra_choices.get(f.name, ())]) if choices else str
             return click.option(*names, f.name, cls=SpaceSeparated, split_commas=f.name not in whole_words,
-                                type=value_type, default=default, show_default=bool(default), help=help_text)
+                                type=value_type, **given, show_default=bool(default), help=help_text)
         if base is bool:
-            return click.option(*names, f.name, is_flag=True, default=default, help=help_text)
+            if default is not False:
+                names[0] += "/" + off_flags.get(f.name, f"--no_{f.name}")
+            return click.option(*names, f.name, is_flag=True, **given, help=help_text)
         if base is dict:
             return click.option(*names, f.name, type=str, default=None, help=help_text)
         if typing.get_origin(base) is typing.Literal:
-            return click.option(*names, f.name, type=click.Choice(typing.get_args(base)), default=default, help=help_text)
+            return click.option(*names, f.name, type=click.Choice(typing.get_args(base)), **given, help=help_text)
         value_type = COUNT if base is int else base
-        return click.option(*names, f.name, type=value_type, default=default, show_default=default is not None,
-                            help=help_text)
+        return click.option(*names, f.name, type=value_type, **given, show_default=default is not None, help=help_text)
 
     def decorate(function):
         for f, kind, help_text in reversed(flat_fields(cls)):

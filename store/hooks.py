@@ -5,6 +5,7 @@ wires dictionaries by them; only stage 1 (cache/models.py) needs a model to reso
 from __future__ import annotations
 
 import re
+from typing import Literal, get_args
 
 # Hook kinds: `--layers L --hook KIND` caches blocks.L.<suffix>. mlp_in_normalized is what the MLP
 # reads after its LayerNorm/RMSNorm (TransformerLens folds the norm's weights into the MLP), and
@@ -20,6 +21,9 @@ HOOK_KINDS = {
     "mlp_in_scale": "ln2.hook_scale",
     "mlp_post": "mlp.hook_post",
 }
+HookKind = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_in", "mlp_in_normalized", "mlp_in_scale",
+                   "mlp_post"]  # the keys of HOOK_KINDS as a type: generate_activations.py's --hook choices
+assert tuple(HOOK_KINDS) == get_args(HookKind), "HookKind must list HOOK_KINDS"
 SCALE_OF = {"mlp_in_normalized": "mlp_in_scale"}  # kinds cached with their norm's scale beside them
 
 

@@ -20,27 +20,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from suite.config import FinetuneSettings
 from suite.model import Suite, active_latents
 from training.ensemble import BatchedAdam
 from training.schedules import Schedule
 
 CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    c: float = 1.0
-    """Weight of the pruned-MSE term."""
-    n_connections: int = 100
-    """Connections per transcoder latent (the first C of the index)."""
-    lr: float = 1e-4
-    """Adam learning rate."""
-    steps: int = 100
-    """Fine-tuning steps."""
-
-    @property
-    def name(self) -> str:
-        return f"c_{self.c:g}_C_{self.n_connections}_lr_{self.lr:g}"
 
 
 @dataclass

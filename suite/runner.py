@@ -14,22 +14,21 @@ scale) and mlp_out: generate_activations.py --layers all --hook attn_out mlp_in_
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from runtime.devices import check_device
 from runtime.disk import writing
 from runtime.lock import OutputLock
-from store.zarr_store import ActivationStore, StoreError, json_normal
+from store.zarr_store import ActivationStore, StoreError
 from store.stream import ActivationStream, StreamConfig
 from formats.saelens import load_saelens
 from suite import connections, evaluate, report
-from suite.finetune import FinetuneSettings, finetune
+from suite.config import FinetuneSettings, SuiteConfig
+from suite.finetune import finetune
 from suite.model import Suite, SuiteLayout
 from training import rundir
 from training.export import ExportContext, export_member, save_transcoder_set, store_sources
@@ -38,75 +37,6 @@ from training.trainer import train_sweep
 
 
 CONFIG, SUMMARY = "suite_config.json", "suite.json"
-
-
-@dataclass(frozen=True)
-class SuiteConfig:
-    cache: str
-    """A complete store with attn_out, mlp_in_normalized and mlp_out at every layer."""
-    output_dir: str
-    """Directory of the suite's stages."""
-    k: int = 32
-    """Active latents per row of every module (TopK)."""
-    ratio: float = 8.0
-    """Latents per module = ratio × d_model (unless d_sae)."""
-    d_sae: int | None = None
-    """Latents per module."""
-    connections: int = 100
-    """C: upstream latents each transcoder latent keeps."""
-    c: float = 1.0
-    """Weight of the pruned-MSE term in fine-tuning."""
-    lr: float = 1e-4
-    """Fine-tuning learning rate (training uses the TopK recipe's)."""
-    sweep: tuple[str, ...] = ()
-    """Fine-tuning settings as a grid: c=…, connections=…, lr=… (values comma-separated)."""
-    train_epochs: int = 1
-    """Passes over the store's training rows when training the modules."""
-    connection_tokens: int = 1_000_000
-    """Rows over which connection scores are averaged (at most one pass over the training rows)."""
-    finetune_tokens: int = 1_000_000
-    """Rows of fine-tuning per setting."""
-    batch_size: int = 4096
-    """Rows per step."""
-    eval_tokens: int = 50_000
-    """Rows of whole sequences held out for evaluation."""
-    eval_sequences: int = 64
-    """Held-out sequences for the CE/KL of the spliced suite (0: skip)."""
-    eval_batch_size: int = 8
-    """Sequences per forward pass in evaluation."""
-    device: str = "cpu"
-    seed: int = 0
-    overwrite: bool = False
-    """Replace an output directory that holds another suite (the old one is moved aside)."""
-    break_lock: bool = False
-    """Take over the output directory's lock even when another host holds it (runtime/lock.py)."""
-
-    def __post_init__(self):
-        for name in ("k", "connections", "train_epochs", "connection_tokens", "finetune_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.c < 0 or self.lr <= 0 or self.ratio <= 0:
-            raise ValueError("--c must be ≥ 0, --lr and --ratio positive")
-        check_device(self.device)
-        self.settings()  # validates --sweep
-
-    def settings(self) -> list[FinetuneSettings]:
-        """The fine-tuning settings: the grid of --sweep over the fixed values."""
-        axes = {"c": [self.c], "connections": [self.connections], "lr": [self.lr]}
-        for spec in self.sweep:
-            name, _, values = spec.partition("=")
-            if name not in axes or not values:
-                raise ValueError(f"--sweep {spec!r}: write c=…, connections=… or lr=… with comma-separated values")
-            kind = int if name == "connections" else float
-            try:
-                axes[name] = [kind(v) for v in values.split(",") if v.strip()]
-            except ValueError:
-                raise ValueError(f"--sweep {spec!r}: values must be numbers") from None
-        steps = math.ceil(self.finetune_tokens / self.batch_size)
-        return [FinetuneSettings(c, C, lr, steps) for c, C, lr in itertools.product(axes["c"], axes["connections"], axes["lr"])]
-
-    def identity(self) -> dict:
-        return json_normal({k: v for k, v in asdict(self).items() if k not in ("output_dir", "device", "overwrite", "break_lock")})
 
 
 def run_suite(cfg: SuiteConfig) -> dict:

@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 
 import generate_activations
-from cache.generate import GenerateConfig, generate
+from cache.config import GenerateConfig
+from cache.generate import generate
 from cache.models import load_model, resolve_hooks, stop_layer
 from store.zarr_store import ActivationStore, from_storage, to_storage
 from cache.text import iter_documents, token_sequences
@@ -299,12 +300,13 @@ def test_the_evaluation_estimate_counts_a_kept_model_once_and_a_converted_one_at
     one still to convert costs MODEL_LOAD_FACTOR × its weights while it loads."""
     from types import SimpleNamespace
 
-    from evaluation import memory, runner
+    from evaluation import memory
+    from evaluation.config import EvalConfig
 
     store = SimpleNamespace(info={"models": [{"model": TINY_NAME, "model_path": "m.gguf", "n_parameters": 10**9}],
                                   "d_model": 64},
                             attrs={"context_length": 16}, identity={"model_dtype": "bfloat16"})
-    cfg = runner.EvalConfig(run_dir="run", n_sequences=8, batch_size=8)
+    cfg = EvalConfig(run_dir="run", n_sequences=8, batch_size=8)
     asked = []
     for kept, load in ((False, memory.MODEL_LOAD_FACTOR * 4e9), (True, 4e9)):
         monkeypatch.setattr(memory, "converted_model_kept",
@@ -312,4 +314,4 @@ def test_the_evaluation_estimate_counts_a_kept_model_once_and_a_converted_one_at
         needed = memory.memory_needed(store, cfg, member_parameters=1000)
         assert needed >= 4000 + load and (kept or needed == 4000 + int(load)), (kept, needed)
     assert asked == ["bfloat16", "bfloat16"]  # the kept entry looked up in the store's model dtype
-    assert memory.memory_needed(store, runner.EvalConfig(run_dir="run", n_sequences=0), 1000) == 4000
+    assert memory.memory_needed(store, EvalConfig(run_dir="run", n_sequences=0), 1000) == 4000

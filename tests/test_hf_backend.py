@@ -13,7 +13,8 @@ import torch
 from click.testing import CliRunner
 
 import train_sweep
-from cache.generate import GenerateConfig, generate
+from cache.config import GenerateConfig
+from cache.generate import generate
 from cache.hf_models import HFModelError, load_hf_model
 from cache.models import load_for_caching
 from store.zarr_store import ActivationStore

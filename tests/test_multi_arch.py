@@ -1,6 +1,5 @@
 """Several architectures in one run: one pass over the store, each architecture its own
-ensemble, every member the same as trained alone; one output; runs compared; a configuration
-stated once (the CLI's options are the dataclass fields)."""
+ensemble, every member the same as trained alone; one output; runs compared."""
 from __future__ import annotations
 
 import json
@@ -130,24 +129,3 @@ def test_runs_of_different_hooks_are_refused_unless_forced(small_store, tmp_path
     forced = CliRunner().invoke(evaluate.main, ["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
                                                 str(tmp_path / "c"), "--force"])
     assert forced.exit_code == 0, forced.output
-
-
-def test_the_cli_options_are_the_configuration_fields():
-    """Generated from the dataclasses: every field has its option with the field's default, and
-    the CLI adds only the evaluation's and the job's own."""
-    import dataclasses
-
-    from runtime.cli_options import flat_fields
-    from training.config import SweepConfig
-
-    params = {p.name: p for p in train_sweep.main.params}
-    fields = {f.name: f for f, _, _ in flat_fields(SweepConfig)}
-    assert set(params) - set(fields) == {"run_eval", "eval_sequences", "eval_batch_size", "browser", "wandb_project",
-                                         "dist_timeout"}
-    assert set(fields) <= set(params)
-    for name, f in fields.items():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        expected = None if isinstance(default, dict) else default
-        got = params[name].default
-        assert (tuple(got) if isinstance(got, (list, tuple)) else got) == expected, name
-        assert params[name].help, f"{name} has no help (a docstring under the field)"

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 import generate_activations
 import train_suite
 from suite import connections
-from suite.finetune import FinetuneSettings, finetune, losses
+from suite.config import FinetuneSettings
+from suite.finetune import finetune, losses
 from suite.model import ConnectionWeights, Suite, SuiteLayout, active_latents
 from tests.conftest import corpus, fail_at_call, gen_args
 from tests.test_end_to_end import assert_one_line_error
