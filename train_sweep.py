@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import click
 
-from runtime.cli_options import dataclass_options, dist_timeout_option, refuse_if_locked, require_store, run_or_exit, took
+from evaluation.config import EvalConfig
+from runtime.cli_options import (dataclass_options, dist_timeout_option, field_docs, refuse_if_locked, require_store, run_or_exit,
+                                 took)
 from training.config import SweepConfig
 
 
@@ -24,8 +26,9 @@ from training.config import SweepConfig
 @dataclass_options(SweepConfig, aliases={"cache": ("--dataset_dir",), "n_models": ("--members",)}, whole_words=("sweep",),
                    extra_choices={"arch": ("clt",)})
 @click.option("--eval/--no_eval", "run_eval", default=True, help="Evaluate the members when training ends.")
-@click.option("--eval_sequences", type=int, default=64, help="Held-out sequences for spliced CE/KL (0 skips it).")
-@click.option("--eval_batch_size", type=int, default=8, help="Sequences per model forward pass in evaluation.")
+@click.option("--eval_sequences", type=int, default=EvalConfig.n_sequences, help=field_docs(EvalConfig)["n_sequences"])
+@click.option("--eval_batch_size", type=int, default=EvalConfig.batch_size,
+              help=field_docs(EvalConfig)["batch_size"].rstrip(".") + " in evaluation.")
 @click.option("--browser", is_flag=True, help="After evaluation, write browser/: a static feature browser of every latent.")
 @click.option("--wandb_project", default=None, help="Log curves and results to this Weights & Biases project (optional).")
 @dist_timeout_option()
@@ -50,7 +53,6 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, browser: boo
     from runtime.distributed import join, leave
     from evaluation.report import format_table
     from evaluation.memory import memory_needed
-    from evaluation.config import EvalConfig
     from evaluation.runner import evaluate_run
     from training.parallel import Layout
     from training.tracking import WandbTracker

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+INFERENCE_RULES = ("relu", "jumprelu")  # what circuit-tracer runs (JumpReLU where thresholds are present)
 TRANSCODER_SET = "transcoder_set"
 CLT = "cross_layer_transcoder"
 RECORD = "sae_sweep.json"

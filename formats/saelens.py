@@ -26,11 +26,26 @@ _TRANSCODER_ARCHITECTURES = {("relu", False): "transcoder", ("relu", True): "ski
                              ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
 
 
+_TENSOR_NAMES = {"gated": {"b_enc": "b_gate"}}  # our tensor → SAELens's, per inference rule where they differ
+
+
+def saelens_has(activation: str, transcoder: bool = False, skip: bool = False) -> bool:
+    """Whether SAELens has an architecture for this inference rule (its transcoders: ReLU and JumpReLU only)."""
+    return (activation, skip) in _TRANSCODER_ARCHITECTURES if transcoder else activation in _SAE_ARCHITECTURES
+
+
+def saelens_tensors(activation: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors under SAELens's names for this inference rule (gated: b_enc is its b_gate)."""
+    names = _TENSOR_NAMES.get(activation, {})
+    return {names.get(name, name): t for name, t in tensors.items()}
+
+
 def saelens_architecture(activation: str, transcoder: bool = False, skip: bool = False) -> str:
     """The SAELens architecture name of an inference rule (relu | topk | jumprelu | gated)."""
+    if not saelens_has(activation, transcoder, skip):
+        raise ValueError(f"SAELens has no {activation} {'transcoder' if transcoder else 'SAE'}; "
+                         "export it as jumprelu (a calibrated threshold)")
     if transcoder:
-        if (activation, skip) not in _TRANSCODER_ARCHITECTURES:
-            raise ValueError(f"SAELens has no {activation} transcoder; export it as jumprelu (a calibrated threshold)")
         return _TRANSCODER_ARCHITECTURES[activation, skip]
     return _SAE_ARCHITECTURES[activation]
 

@@ -234,6 +234,7 @@ def fail_at_call(monkeypatch, owner, name: str, n: int, error: BaseException):
 
 
 TEST_STORE_INFO = {"model_name": "m", "context_length": 8, "prepend_bos": True, "dataset": "d", "exclude_bos": True}
+TEST_LOADED_WITH = {"model_class_name": "HookedTransformer", "model_from_pretrained_kwargs": {}}  # how "m" would load
 
 
 def export_for_test(ensemble, e: int, directory: Path, scale: float | list[float] = 1.0, calibration_rows=None) -> dict:
@@ -248,9 +249,8 @@ def export_for_test(ensemble, e: int, directory: Path, scale: float | list[float
         ensemble.dictionary.calibrate_thresholds_(calibration_rows)  # as the trainer does before exporting
     names = list(dict.fromkeys([*member.input_names(), *member.target_names()]))
     scales = scale if isinstance(scale, (list, tuple)) else [scale] * len(names)
-    loaded_with = {"model_class_name": "HookedTransformer", "model_from_pretrained_kwargs": {}}
-    ctx = ExportContext(info=TEST_STORE_INFO, sources={n: {"model": "m", "hook": f"blocks.0.hook_{n}", "d": 0, "loaded_with": loaded_with}
-                                                       for n in names},
+    ctx = ExportContext(info=TEST_STORE_INFO, sources={n: {"model": "m", "hook": f"blocks.0.hook_{n}", "d": 0,
+                                                           "loaded_with": TEST_LOADED_WITH} for n in names},
                         scales=dict(zip(names, scales)), calibration_rows=calibration_rows)
     return export_member(directory, ensemble.dictionary, e, ctx)
 

@@ -20,7 +20,7 @@ from formats import circuit_tracer
 from training.ensemble import Ensemble
 from training.export import ExportContext, export_member, save_transcoder_set
 from training.members import MemberConfig
-from tests.conftest import TEST_STORE_INFO
+from tests.conftest import TEST_LOADED_WITH, TEST_STORE_INFO
 
 PROBE = Path(__file__).parent / "interop" / "circuit_tracer_probe.py"
 L, D, F = 3, 8, 16
@@ -55,8 +55,10 @@ def _columns() -> dict[str, tuple[int, int]]:
 def _context(scales: dict[str, float], rows=None) -> ExportContext:
     sources = {}
     for layer in range(L):
-        sources[f"in{layer}"] = {"model": "m", "hook": f"blocks.{layer}.ln2.hook_normalized", "d": D, "layer": layer}
-        sources[f"out{layer}"] = {"model": "m", "hook": f"blocks.{layer}.hook_mlp_out", "d": D, "layer": layer}
+        sources[f"in{layer}"] = {"model": "m", "hook": f"blocks.{layer}.ln2.hook_normalized", "d": D, "layer": layer,
+                                 "loaded_with": TEST_LOADED_WITH}
+        sources[f"out{layer}"] = {"model": "m", "hook": f"blocks.{layer}.hook_mlp_out", "d": D, "layer": layer,
+                                  "loaded_with": TEST_LOADED_WITH}
     return ExportContext(info={**TEST_STORE_INFO, "n_layers": L}, sources=sources, scales=scales, calibration_rows=rows)
 
 

@@ -6,8 +6,9 @@ Dimension key: B batch, E members, G encoder groups of a member (a cross-layer t
 layers; 1 elsewhere), U = E·G units (one encoder each), F latents per unit (d_sae), I a unit's
 input width, O the width a member writes (all its targets), C the columns of a stream batch.
 
-Every architecture is the same mechanism with different parameters (the tables ACTIVATIONS,
-PENALTIES, EXTRA_LOSSES and INFERENCE_RULES below, one function each):
+Every architecture is the same mechanism with different parameters: its activation rule (one
+record each in training/rules.py: forward, inference, extra parameters, flags) and the tables
+PENALTIES and EXTRA_LOSSES below, one function each:
 
     pre = (x − b_dec) W_enc + b_enc        (x W_enc + b_enc where `subtract_b_dec` is off)
     f   = activation(pre)                  relu | topk | batchtopk | jumprelu | gated
@@ -70,14 +71,15 @@ renormalised after it. The reconstruction term is averaged over d (λ from a los
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from training.kernels import JumpReLU, Step, TopKEncode, keep_top
+from training.kernels import Step, TopKEncode
 from training.members import MemberConfig
+from training.rules import InferenceRule, rule_of
 
 PENALTY_QUEUE = 10  # recent penalties p-annealing rescales λ against
 
@@ -127,37 +129,7 @@ class LossOutput(NamedTuple):
     stats: Stats
 
 
-# ---------------------------------------------------------------- the tables: one function per rule
-def _act_relu(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
-    return torch.relu(pre_UBF)
-
-
-def _act_topk(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
-    return keep_top(torch.relu(pre_UBF), d.per_unit(d.k_active))
-
-
-def _act_batchtopk(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
-    U, B, F = pre_UBF.shape
-    return keep_top(torch.relu(pre_UBF).reshape(U, 1, B * F), d.per_unit(d.k_active) * B).reshape(U, B, F)
-
-
-def _act_jumprelu(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
-    # the mask again on the output: a masked latent's θ must get no gradient either
-    theta_U1F = d.jump_threshold.view(-1, 1, pre_UBF.shape[-1])
-    return d.masked(JumpReLU.apply(pre_UBF, theta_U1F, d.per_unit(d.bandwidth).view(-1, 1, 1)))
-
-
-def _act_gated(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
-    # π_mag = (x − b_dec)(W_enc ⊙ e^{r_mag}) + b_mag = (π − b_gate) ⊙ e^{r_mag} + b_mag
-    magnitude_UBF = (pre_UBF - d.b_enc.unsqueeze(1)) * d.r_mag.exp().unsqueeze(1) + d.b_mag.unsqueeze(1)
-    return (pre_UBF > 0) * torch.relu(magnitude_UBF)
-
-
-ACTIVATIONS: dict[str, Callable[["Dictionary", torch.Tensor], torch.Tensor]] = {
-    "relu": _act_relu, "topk": _act_topk, "batchtopk": _act_batchtopk, "jumprelu": _act_jumprelu, "gated": _act_gated,
-}
-
-
+# ---------------------------------------------------------------- the penalties: one function each
 def lp_penalty(f_UBF: torch.Tensor, p_U: torch.Tensor) -> torch.Tensor:
     """mean_b Σ_i f_i^p per unit, with f = 0 contributing 0 and no infinite gradient.  → [U]"""
     positive = f_UBF > 0
@@ -200,40 +172,6 @@ PENALTIES = {"none": _pen_none, "l1": _pen_l1, "l1_decoder_norm": _pen_l1_decode
              "lp": _pen_lp, "l0": _pen_l0, "tanh": _pen_tanh}
 
 
-class InferenceRule(NamedTuple):
-    """How an exported member computes f at inference, for the format writers: `activation` is
-    relu | topk | jumprelu | gated; `tensors` what it needs beyond W_enc, b_enc, W_dec, b_dec."""
-
-    activation: str
-    tensors: dict[str, torch.Tensor]
-    k: int | None = None
-
-
-def _infer_relu(d, e, units):
-    return InferenceRule("relu", {})
-
-
-def _infer_topk(d, e, units):
-    return InferenceRule("topk", {}, k=int(d.k[e]))
-
-
-def _infer_batchtopk(d, e, units):
-    F = d.W_enc.shape[-1]
-    return InferenceRule("jumprelu", {"threshold": d.threshold.view(-1)[units].unsqueeze(-1).expand(-1, F).reshape(-1).clone()})
-
-
-def _infer_jumprelu(d, e, units):
-    return InferenceRule("jumprelu", {"threshold": d.jump_threshold[e].clone()})
-
-
-def _infer_gated(d, e, units):
-    return InferenceRule("gated", {"r_mag": d.r_mag[e].clone(), "b_mag": d.b_mag[e].clone()})
-
-
-INFERENCE_RULES = {"relu": _infer_relu, "topk": _infer_topk, "batchtopk": _infer_batchtopk,
-                   "jumprelu": _infer_jumprelu, "gated": _infer_gated}
-
-
 class Dictionary(nn.Module):
     """E sparse dictionaries of one architecture as stacked parameters, as wide as the widest."""
 
@@ -264,14 +202,9 @@ class Dictionary(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(E, self.O))
         if first.skip:
             self.W_skip = nn.Parameter(torch.zeros(E, self.I, self.O))
-        if self.spec.activation == "jumprelu":
-            # θ is trained directly (clamped positive after each step): Adam then moves it by ~lr
-            # per step, on the scale of the normalised activations; a log-parameter would crawl.
-            theta_E = torch.tensor([m.threshold_init for m in members])
-            self.jump_threshold = nn.Parameter(theta_E.unsqueeze(1).repeat(1, G * F))
-        if self.spec.activation == "gated":
-            self.r_mag = nn.Parameter(torch.zeros(E, F))  # magnitude path: W_enc ⊙ exp(r_mag)
-            self.b_mag = nn.Parameter(torch.zeros(E, F))
+        self.rule = rule_of(self.spec)
+        for name, parameter in self.rule.parameters(members, E, G, F).items():  # θ (jumprelu), r_mag, b_mag (gated)
+            setattr(self, name, parameter)
         for knob in ("l1_coeff", "l0_coeff", "k", "bandwidth", "aux_coeff", "p_end", "tanh_c", "preact_coeff"):
             dtype = torch.long if knob == "k" else torch.float32
             self.register_buffer(knob, torch.tensor([getattr(m, knob) for m in members], dtype=dtype))
@@ -364,9 +297,9 @@ class Dictionary(nn.Module):
         silent on held-out rows, the transpose 21.6%); a transcoder's encoder has directions of its
         own (it reads another space)."""
         f, G = member.d_sae, self.G
-        unit_rows = self.spec.unit_norm_decoder or self.spec.activation == "jumprelu"
+        unit_rows = self.spec.unit_norm_decoder or self.rule.unit_rows_at_init
         norm = 1.0 if unit_rows else member.decoder_init_norm
-        transpose_scale = 1.0 if self.spec.activation in ("topk", "batchtopk") else 2 * self.I / f
+        transpose_scale = 1.0 if self.rule.selects_k else 2 * self.I / f
         blocks = 1 if unit_rows else self.n_targets
         for g in range(G):
             width = self.slab_starts[g + 1] - self.slab_starts[g]
@@ -418,7 +351,7 @@ class Dictionary(nn.Module):
 
     def activate(self, pre_UBF: torch.Tensor) -> torch.Tensor:
         """Latent activations from (masked) pre-activations (training-time rule).  → [U, B, F]"""
-        return ACTIVATIONS[self.spec.activation](self, pre_UBF)
+        return self.rule.forward(self, pre_UBF)
 
     def encode(self, x_BC: torch.Tensor) -> torch.Tensor:
         """Latent activations of every unit.  x [B, C] → f [U, B, F]"""
@@ -441,7 +374,7 @@ class Dictionary(nn.Module):
         y_EBO = self.targets(x_BC)
         bias_U1F = self._encoder_bias()
         pre_UBF = None
-        if self.spec.activation == "topk" and self.G == 1 and self.sparse_topk:
+        if self.rule.sparse_decode and self.G == 1 and self.sparse_topk:
             # Sparse path: only the k selected latents are decoded and receive gradients.
             mask = self.width_mask.unsqueeze(1) if self.masked_widths else None
             vals, idx = TopKEncode.apply(self.inputs(x_BC), self._W_enc_units(), bias_U1F, self.k_active, mask)
@@ -609,8 +542,7 @@ class Dictionary(nn.Module):
             for s in range(self.G):
                 W = self.slab(s)
                 W /= W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        if self.spec.activation == "jumprelu":
-            self.jump_threshold.clamp_(min=1e-6)
+        self.rule.after_step(self)
 
     # ---------------------------------------------------------------- export
     @torch.no_grad()
@@ -663,13 +595,12 @@ class Dictionary(nn.Module):
         self.b_dec[e] = tensors["b_dec"] / s_out
         if member.skip:
             self.W_skip[e] = tensors["W_skip"] * s_in.unsqueeze(1) / s_out
-        if "threshold" in tensors and self.spec.activation == "jumprelu":
-            self.jump_threshold[e, :f] = tensors["threshold"]
+        self.rule.load_tensors(self, e, tensors, f)
 
     def inference_rule(self, e: int) -> InferenceRule:
         """Member e's inference rule (activation name and its tensors, at full width)."""
         units = torch.arange(e * self.G, (e + 1) * self.G)
-        return INFERENCE_RULES[self.spec.activation](self, e, units)
+        return self.rule.infer(self, e, units)
 
 
 # ---------------------------------------------------------------- extra losses

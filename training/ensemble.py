@@ -149,9 +149,10 @@ class Ensemble:
     def sync_gradients(self, sync) -> None:
         """Step on slices of each batch, summing gradients over `sync`'s ranks (data-parallel)."""
         spec = self.dictionary.spec
-        if spec.activation == "batchtopk" or spec.penalty == "lp":
+        batch_wide = self.dictionary.rule.batch_wide
+        if batch_wide or spec.penalty == "lp":
             raise ValueError(f"--data_parallel cannot split the batch of {self.members[0].arch}: its "
-                             + ("top-k is over the whole batch" if spec.activation == "batchtopk" else
+                             + ("code of a row depends on the whole batch" if batch_wide else
                                 "p-annealing rescales λ by the batch's penalty")
                              + "; run it ensemble-parallel (without --data_parallel)")
         self.sync = sync

@@ -20,11 +20,13 @@ import torch
 
 from runtime.disk import writing
 from formats import circuit_tracer
+from formats.crosscoder import ARCHITECTURES as CROSSCODER_RULES
 from formats.crosscoder import save_crosscoder
-from formats.saelens import saelens_architecture, saelens_cfg, save_saelens
+from formats.saelens import saelens_architecture, saelens_cfg, saelens_has, save_saelens, saelens_tensors
 from training.dictionary import Dictionary
 from training.members import LOSS_CONVENTION, MemberConfig
 from training.plan import resolved_record
+from training.rules import rule_of
 from training.rundir import write_summary
 from training.sweep import member_name
 
@@ -70,14 +72,13 @@ def export_member(directory: Path, d: Dictionary, e: int, ctx: ExportContext) ->
         _save_crosscoder(directory, member, tensors, rule, ctx, record)
         return {**record, "format": "crosscoder"}
     activation, extra = rule.activation, {}
-    if member.is_transcoder and activation == "topk":
+    if rule.k is not None and not saelens_has(activation, member.is_transcoder, member.skip):  # TopK transcoders
         tensors["threshold"] = calibrate_threshold(d, e, ctx.calibration_rows)
-        activation, extra = "jumprelu", {"threshold_calibrated_from": f"topk k={int(d.k[e])}"}
+        activation, extra = "jumprelu", _calibrated_from(rule.activation, rule.k)
     architecture = saelens_architecture(activation, member.is_transcoder, member.skip)
     if "W_skip" in tensors:
         tensors["W_skip"] = tensors["W_skip"].T.contiguous()  # SAELens: [d_out, d_in]
-    if activation == "gated":
-        tensors["b_gate"] = tensors.pop("b_enc")
+    tensors = saelens_tensors(activation, tensors)
     metadata = _metadata(member, ctx, {**record, **extra})
     cfg = saelens_cfg(architecture=architecture, d_in=member.d_in, d_sae=member.d_sae, metadata=metadata,
                       apply_b_dec_to_input=member.subtract_b_dec,
@@ -124,8 +125,8 @@ def save_transcoder_set(directory: Path, d: Dictionary, members: dict[int, int],
     first = first or d.members[members[min(members)]]
     layers = layers or sorted(members)
     source, target = ctx.sources[first.input_names()[0]], ctx.sources[first.target_names()[0]]
-    extras = {"threshold_calibrated_from": f"topk k={first.k}"} if first.spec.activation == "topk" else {}
     tensors = {layer: circuit_tracer_layer(d, e, ctx) for layer, e in sorted(members.items())}
+    extras = _calibrated_from(rule_of(first.spec).exports_as, first.k)
     circuit_tracer.save_transcoder_set(directory, tensors, input_hook=_block_relative(source["hook"]),
                                        output_hook=_block_relative(target["hook"]), model_name=source["model"],
                                        record={**record, **extras, "layers": layers, **source["loaded_with"]},
@@ -148,7 +149,7 @@ def _save_clt(directory: Path, d: Dictionary, e: int, tensors: dict, rule, ctx: 
         if threshold is not None:
             layers[layer]["threshold"] = threshold[part]
     source, target = ctx.sources[member.input_names()[0]], ctx.sources[member.target_names()[0]]
-    extra = {"threshold_calibrated_from": f"topk k={int(d.k[e])}"} if rule.activation == "topk" else {}
+    extra = _calibrated_from(rule.activation, rule.k)
     circuit_tracer.save_clt(directory, layers, input_hook=_block_relative(source["hook"]),
                             output_hook=_block_relative(target["hook"]), model_name=source["model"],
                             record={**record, **extra, "layers": sorted(layers), **source["loaded_with"]})
@@ -158,10 +159,18 @@ def _save_clt(directory: Path, d: Dictionary, e: int, tensors: dict, rule, ctx: 
 
 def _threshold(d: Dictionary, e: int, rule, tensors: dict, ctx: ExportContext) -> torch.Tensor | None:
     """The JumpReLU threshold an export carries: the member's own (JumpReLU, BatchTopK), one
-    calibrated on store rows (TopK, which circuit-tracer cannot run), or None (ReLU).  → [G·F]"""
-    if rule.activation == "topk":
+    calibrated on store rows (a rule circuit-tracer cannot run: TopK), or None (ReLU).  → [G·F]"""
+    if rule.activation not in circuit_tracer.INFERENCE_RULES:
         return calibrate_threshold(d, e, ctx.calibration_rows)
     return tensors.get("threshold")
+
+
+def _calibrated_from(activation: str, k: int | None) -> dict:
+    """What an export records when it replaced an inference rule that transcoder formats lack
+    (TopK) by a calibrated JumpReLU threshold."""
+    if activation in circuit_tracer.INFERENCE_RULES:
+        return {}
+    return {"threshold_calibrated_from": f"{activation} k={k}"}
 
 
 def _block_relative(hook: str) -> str:
@@ -192,15 +201,12 @@ def _metadata(member, ctx: ExportContext, record: dict) -> dict:
     return metadata
 
 
-_CROSSCODER_RULES = ("relu", "topk", "jumprelu")
-
-
 def _save_crosscoder(directory: Path, member, flat: dict, rule, ctx: ExportContext, record: dict) -> None:
     """The member in formats.crosscoder's layout: W_enc [S, D, F], W_dec [F, S, D], b_dec [S, D]."""
     S, D = member.n_sources, member.d_in
     tensors = {**flat, "W_enc": flat["W_enc"].reshape(S, D, -1), "W_dec": flat["W_dec"].reshape(-1, S, D),
                "b_dec": flat["b_dec"].reshape(S, D)}
-    if rule.activation not in _CROSSCODER_RULES:
+    if rule.activation not in CROSSCODER_RULES:
         raise ValueError(f"the crosscoder format has no {rule.activation} rule")
     info = ctx.info
     config = {
@@ -232,8 +238,9 @@ def export_run(cfg, held: list, parts: list, stream, store, tokens_seen: int, ou
     `seconds`: how long this invocation's training loop ran. BatchTopK and Matryoshka thresholds
     are calibrated on training rows first (Dictionary.calibrate_thresholds_)."""
     members = [m for h in held for m in h.ensemble.members]
-    needs_rows = any(m.is_transcoder and m.spec.activation == "topk" for m in members)
-    calibration = stream.sample(CALIBRATION_ROWS) if needs_rows or any(m.spec.activation == "batchtopk" for m in members) else None
+    needs_rows = any(m.is_transcoder and rule_of(m.spec).exports_as not in circuit_tracer.INFERENCE_RULES for m in members)
+    calibrates = any(rule_of(m.spec).calibrates_at_export for m in members)
+    calibration = stream.sample(CALIBRATION_ROWS) if needs_rows or calibrates else None
     ctx = ExportContext(
         info={**store.info, "context_length": store.attrs["context_length"]},
         sources=store_sources(store),
@@ -246,7 +253,7 @@ def export_run(cfg, held: list, parts: list, stream, store, tokens_seen: int, ou
     distributed = layout.processes.distributed
     for h in held if layout.writes else ():
         dictionary = h.ensemble.dictionary
-        if dictionary.spec.activation == "batchtopk":
+        if dictionary.rule.calibrates_at_export:
             dictionary.calibrate_thresholds_(calibration)
         dead_train_E = dictionary.dead_latents(h.part.resolved.dead_window).sum(-1) / dictionary.width_mask.sum(-1)
         for e, name in enumerate(h.names):
@@ -274,7 +281,7 @@ def export_run(cfg, held: list, parts: list, stream, store, tokens_seen: int, ou
             "train_seconds": seconds,
             "precision": cfg.resolved_precision(),
             "topk_decode": {h.part.arch: "sparse" if h.ensemble.dictionary.sparse_topk else "dense"
-                            for h in held if h.part.members[0].spec.activation == "topk"},
+                            for h in held if h.ensemble.dictionary.rule.sparse_decode},
             "loss_convention": LOSS_CONVENTION,
             "archs": [p.arch for p in parts],
             "swept": parts[0].axes if len(parts) == 1 else {p.arch: p.axes for p in parts},

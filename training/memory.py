@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from training.rules import rule_of
+
 GiB = 2**30
 
 
@@ -67,8 +69,7 @@ def parameter_count(members: list) -> int:
     decoder_columns = m.width_out * m.n_targets * (m.n_targets + 1) // 2 if m.cross_layer else O
     per_member = G * I * F + G * F + F * decoder_columns + O
     per_member += I * O if m.skip else 0
-    per_member += G * F if m.spec.activation == "jumprelu" else 0
-    per_member += 2 * F if m.spec.activation == "gated" else 0
+    per_member += rule_of(m.spec).floats_per_latent(G) * F
     return len(members) * per_member
 
 

@@ -43,6 +43,7 @@ from training.ensemble import Ensemble, group_size, matmul_precision
 from training.export import export_run
 from training.parallel import GradientSync, Layout
 from training.plan import Part, plan_parts, resolved_record
+from training.rules import rule_of
 from training.wiring import Wiring, plan_wirings
 
 RunDirError = rundir.RunDirError
@@ -188,7 +189,7 @@ def _build(cfg: SweepConfig, parts: list[Part], mine: range, columns: dict) -> l
         share = range(max(first, mine.start), min(first + len(part.members), mine.stop))
         if len(share):
             members = [part.members[i - first] for i in share]
-            decode = _topk_decode(cfg, members, columns) if members[0].spec.activation == "topk" else "sparse"
+            decode = _topk_decode(cfg, members, columns) if rule_of(members[0].spec).sparse_decode else "sparse"
             ensemble = Ensemble(members, cfg.device, dead_tokens=part.resolved.dead_window, columns=columns,
                                 precision=cfg.resolved_precision(), compile=cfg.compile, topk_decode=decode)
             held.append(Held(part, ensemble, share, first))
