@@ -5,8 +5,9 @@ scored by SAELens's own `eval_sae_on_synthetic_data` through our exported files;
 trainers train on the same rows, with the same steps, batch, lr and schedule (bench/quality.py's
 plans), and are scored the same way.
 
-    python -m bench.synthetic --quick          # toy size (256 features in d 64), well under a minute
-    python -m bench.synthetic                  # 4,096 features in d 256, both settings, every architecture
+    python -m bench.synthetic --quick          # toy size (256 features in d 64): about a minute on 2 CPU cores
+    python -m bench.synthetic                  # 4,096 features in d 256, 1,000 steps: ~12 min per architecture
+                                               # and setting on 2 CPU cores (at 200 steps nobody leaves the random floor)
 
 Settings: `independent` (features fire independently) and `hierarchy+correlation` (a forest of
 parent → child features, children firing only under their parent, plus a low-rank correlation
@@ -65,7 +66,7 @@ class Size:
 QUICK = Size(num_features=256, hidden_dim=64, steps=150, batch_size=128, eval_samples=4096, max_prob=0.2, min_prob=0.01,
              hierarchy_roots=16, branching=3, correlation_rank=8, k_factors=(1.0, 2.0),
              coeffs={"relu": "0.02,0.06", "gated": "0.02,0.06", "jumprelu": "0.01,0.1"})
-FULL = Size(num_features=4096, hidden_dim=256, steps=200, batch_size=512, eval_samples=20_000, max_prob=0.2, min_prob=0.002,
+FULL = Size(num_features=4096, hidden_dim=256, steps=1000, batch_size=512, eval_samples=20_000, max_prob=0.2, min_prob=0.002,
             hierarchy_roots=128, branching=4, correlation_rank=32, k_factors=(0.5, 1.0, 2.0),
             coeffs={"relu": "0.02,0.04,0.08", "gated": "0.02,0.04,0.08", "jumprelu": "0.01,0.03,0.1"})
 
