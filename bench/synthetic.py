@@ -105,7 +105,8 @@ def write_rows(model, rows: int, out: Path, chunk: int = 8192):
 
 
 def true_l0(model, samples: int) -> float:
-    """Mean number of true features active per row."""
+    """Mean number of true features active per row (on samples of their own: the k swept follow it)."""
+    torch.manual_seed(2)
     return float((model.activation_generator.sample(samples) > 0).sum(-1).float().mean())
 
 
