@@ -100,7 +100,8 @@ def run_ours(cfg, rows_ND: torch.Tensor) -> tuple[list[dict], dict, float]:
         knob = f"λ={coeff:.3g}" if m["arch"] in KNOB else f"k={m['k']}"
         forward = our_forward(Path(cfg.output_dir) / m["dir"], scale)
         results.append({"trainer": "ours", "knob": knob, **score(forward, rows_ND, m["d_sae"]),
-                        "seconds": seconds / len(members), "coeff": coeff, "k": m.get("k")})
+                        "seconds": seconds / len(members), "coeff": coeff, "k": m.get("k"),
+                        "dir": str(Path(cfg.output_dir) / m["dir"])})
     return results, summary["resolved"], seconds
 
 
@@ -229,13 +230,14 @@ def main(archs, references, steps, batch_size, ratio, ks, coeffs, reference_coef
                     if name == "dictionary_learning" and arch == "jumprelu":
                         plan = replace(plan, target_l0=round(next(r["l0"] for r in ours if r["coeff"] == plan.coeff), 1))
                     print(f"{arch}: {label} {plan.knob} …", flush=True)
-                    runs.append(run_reference(label, name, plan, _Replay(stream, resolved["total_steps"], training_batches),
+                    runs.append(run_reference(label, name, plan, Replay(stream, resolved["total_steps"], training_batches),
                                               rows_ND, unit, batch_size))
                 results += runs
                 comparison += ratios(ours, runs)
             text = report(arch, results, comparison)
             print(text, flush=True)
-            everything[arch] = {"results": results, "comparison": comparison, "resolved": resolved,
+            kept = [{k: v for k, v in r.items() if k != "dir"} for r in results]  # member dirs lie in a temporary folder
+            everything[arch] = {"results": kept, "comparison": comparison, "resolved": resolved,
                                 "store": store.path, "held_out_rows": len(rows_ND)}
     if out_json:
         Path(out_json).write_text(json.dumps(everything, indent=2))
@@ -287,7 +289,7 @@ def trainers(wanted: list[str], dl_rows: str, rows_ND: torch.Tensor) -> list[tup
     return out
 
 
-class _Replay:
+class Replay:
     """The batches train_sweep read, afresh on each iteration (each trainer reads them once)."""
 
     def __init__(self, stream, total: int, batches):

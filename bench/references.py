@@ -122,6 +122,19 @@ def train_dictionary_learning(plan: Plan, batches: Iterable[torch.Tensor], unit:
 # ---------------------------------------------------------------- SAELens
 def train_saelens(plan: Plan, batches: Iterable[torch.Tensor], batch_size: int, total_rows: int) -> Forward:
     """`total_rows`: rows in all the batches (its loop counts rows, and an epoch's last batch may be short)."""
+    inference = fit_saelens(plan, batches, batch_size, total_rows)
+
+    @torch.no_grad()
+    def forward(x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = inference.encode(x_BD)
+        return f, inference.decode(f)
+
+    return forward
+
+
+def fit_saelens(plan: Plan, batches: Iterable[torch.Tensor], batch_size: int, total_rows: int):
+    """SAELens's trainer on the batches; → the inference `SAE` it saves, loaded back with
+    `SAE.load_from_disk` (in eval mode, on rows scaled as the batches were)."""
     from sae_lens import SAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -135,14 +148,7 @@ def train_saelens(plan: Plan, batches: Iterable[torch.Tensor], batch_size: int, 
     SAETrainer(cfg, sae, data_provider=iter(batches)).fit()
     with tempfile.TemporaryDirectory() as tmp:
         sae.save_inference_model(tmp)
-        inference = SAE.load_from_disk(tmp, device="cpu").eval()
-
-    @torch.no_grad()
-    def forward(x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = inference.encode(x_BD)
-        return f, inference.decode(f)
-
-    return forward
+        return SAE.load_from_disk(tmp, device="cpu").eval()
 
 
 def _betas(plan: Plan) -> tuple[float, float]:
