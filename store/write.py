@@ -84,10 +84,6 @@ class _Form:
     ctx: int | None  # positions per sequence; None: rows
     tokens: bool
 
-    def describe(self) -> str:
-        shape = "[n, d]" if self.ctx is None else f"[b, {self.ctx}, d]"
-        return f"{', '.join(f'{n} (d={d})' for n, d in self.widths.items())} as {shape}"
-
 
 def write_store(batches: Iterable[Mapping[str, Any]], out: str | Location, *, loaded_with: dict | None = None,
                 overwrite: bool = False, progress: bool = True, **options) -> ActivationStore:
