@@ -26,7 +26,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from runtime.disk import save_tensors
 
 INFERENCE_RULES = ("relu", "jumprelu")  # what circuit-tracer runs (JumpReLU where thresholds are present)
 TRANSCODER_SET = "transcoder_set"
@@ -45,7 +47,7 @@ def save_transcoder_set(directory: str | Path, layers: dict[int, dict[str, torch
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
     for layer, tensors in layers.items():
-        save_file(_contiguous(tensors), directory / f"layer_{layer}.safetensors")
+        save_tensors(_contiguous(tensors), directory / f"layer_{layer}.safetensors")
     return directory
 
 
@@ -58,8 +60,8 @@ def save_clt(directory: str | Path, layers: dict[int, dict[str, torch.Tensor]], 
         encoder = {f"W_enc_{layer}": t["W_enc"], f"b_enc_{layer}": t["b_enc"], f"b_dec_{layer}": t["b_dec"]}
         if "threshold" in t:
             encoder[f"threshold_{layer}"] = t["threshold"]
-        save_file(_contiguous(encoder), directory / f"W_enc_{layer}.safetensors")
-        save_file(_contiguous({f"W_dec_{layer}": t["W_dec"]}), directory / f"W_dec_{layer}.safetensors")
+        save_tensors(_contiguous(encoder), directory / f"W_enc_{layer}.safetensors")
+        save_tensors(_contiguous({f"W_dec_{layer}": t["W_dec"]}), directory / f"W_dec_{layer}.safetensors")
     return directory
 
 

@@ -22,7 +22,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from runtime.disk import save_tensors
 
 CROSSCODER_FORMAT = "sae-sweep-crosscoder"
 CROSSCODER_FORMAT_VERSION = 1
@@ -81,7 +83,7 @@ def save_crosscoder(directory: str | Path, tensors: dict[str, torch.Tensor], con
     _check_config(config, f"save_crosscoder({directory})")
     _check_tensors(config, tensors, f"save_crosscoder({directory})")
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
+    save_tensors({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 

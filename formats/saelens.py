@@ -17,7 +17,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from runtime.disk import save_tensors
 
 # The SAELens config format these files follow (its loader drops `metadata` below 6.0.0).
 SAELENS_FORMAT_VERSION = "6.0.0"
@@ -80,7 +82,7 @@ def save_saelens(directory: str | Path, tensors: dict[str, torch.Tensor], cfg: d
     `tensors` in SAELens names (W_skip already [d_out, d_in])."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, directory / "sae_weights.safetensors")
+    save_tensors({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, directory / "sae_weights.safetensors")
     if density_F is not None:
         save_density(directory, density_F)
     (directory / "cfg.json").write_text(json.dumps(cfg, indent=2))
@@ -90,7 +92,7 @@ def save_saelens(directory: str | Path, tensors: dict[str, torch.Tensor], cfg: d
 def save_density(directory: str | Path, density_F: torch.Tensor) -> None:
     """sparsity.safetensors: tensor `sparsity` = log10 of each latent's firing density."""
     log10_density = torch.log10(density_F.float().cpu().clamp_min(1e-10))
-    save_file({"sparsity": log10_density.contiguous()}, Path(directory) / "sparsity.safetensors")
+    save_tensors({"sparsity": log10_density.contiguous()}, Path(directory) / "sparsity.safetensors")
 
 
 def load_saelens(directory: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import re
 import shutil
 from pathlib import Path
@@ -85,3 +86,23 @@ def free_bytes(path: str | Path) -> int | None:
 
 def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, with the file's permissions following the umask as any other
+    file's would (save_file creates its files 0600: colleagues on a shared cluster could not read
+    an export)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    Path(path).chmod(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where /proc tells it (Linux)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from runtime.disk import save_tensors
 from suite.model import Suite
 
 MEANS = "means.safetensors"
@@ -65,7 +66,7 @@ def accumulate_means(suite: Suite, batches: Callable[[int], Iterator[tuple[torch
             _save_atomic(state, directory / PARTIAL)
     bar.close()
     means = {key: (total / max(state["rows"], 1)).float() for key, total in state["sums"].items()}
-    save_file(means, directory / MEANS)
+    save_tensors(means, directory / MEANS)
     (directory / PARTIAL).unlink(missing_ok=True)
     return means
 
@@ -96,7 +97,7 @@ def save_index(directory: Path, m: int, indices: torch.Tensor, scores: torch.Ten
     path = directory / f"L{m:02d}.safetensors"
     metadata = {"upstream": json.dumps([module_key(u) for u in suite.layout.upstream(m)]), "d_sae": str(suite.d_sae)}
     tmp = path.with_suffix(".tmp")
-    save_file({"indices": indices.contiguous().cpu(), "scores": scores.contiguous().cpu()}, tmp, metadata=metadata)
+    save_tensors({"indices": indices.contiguous().cpu(), "scores": scores.contiguous().cpu()}, tmp, metadata=metadata)
     os.replace(tmp, path)
     return path
 

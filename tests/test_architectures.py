@@ -636,3 +636,22 @@ def test_resampling_is_refused_where_the_architecture_has_its_own_remedy():
         SweepConfig.from_flat(arch="topk", resample_every=100)
     with pytest.raises(ValueError, match="L1 architectures"):
         Ensemble([MemberConfig(d_in=D, d_sae=F, arch="jumprelu")]).resample_dead_(torch.zeros(4, D), 1, 1)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_exported_files_are_as_readable_as_the_umask_makes_any_file(tmp_path, umask, mode):
+    """safetensors creates its files 0600; exports follow the umask as cfg.json does, so a group
+    on a shared cluster can read the weights."""
+    import os
+
+    from formats.saelens import save_density
+
+    ensemble = Ensemble([MemberConfig(d_in=D, d_sae=F, arch="relu")])
+    previous = os.umask(umask)
+    try:
+        export_for_test(ensemble, 0, tmp_path / "m")
+        save_density(tmp_path / "m", torch.rand(F))
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes == {"cfg.json": mode, "sae_weights.safetensors": mode, "sparsity.safetensors": mode}
