@@ -231,3 +231,16 @@ def test_a_base_chat_pair_runs_through_transformers_on_identical_tokens(tokenize
             hidden = load_hf_model(None, str(directory), device="cpu").model(input_ids=tokens, output_hidden_states=True)
         stored = store.read_rows(f"{label}/model.layers.1", 0, store.n_rows)[torch.from_numpy(rows)].float()
         torch.testing.assert_close(stored, hidden.hidden_states[2][0, positions[rows]], rtol=2e-3, atol=2e-3)
+
+
+def test_auto_runs_through_transformers_a_directory_transformer_lens_cannot_convert(tokenizer, tmp_path):
+    """A GPT-2 saved without `n_ctx` (transformers 5 no longer writes it): TransformerLens's config
+    conversion fails on it, so auto loads it through transformers instead of stopping."""
+    import transformers
+
+    directory = _save(tmp_path / "gpt2", "gpt2", tokenizer)
+    config = transformers.AutoConfig.from_pretrained(directory)
+    del config.n_ctx
+    config.save_pretrained(directory)
+    assert load_for_caching("auto", None, str(directory), device="cpu", dtype="float32").backend == "transformers"
+    assert load_for_caching("auto", TINY_NAME, None, device="cpu", dtype="float32").backend == "transformer_lens"
