@@ -52,7 +52,7 @@ from runtime.location import Location
 from runtime.lock import OutputLock
 from store.hooks import hook_kind, parse_layers
 from store.zarr_store import (STORAGE_DTYPES, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError, json_normal,
-                              shuffled_block, value_fault)
+                              norm_sums, shuffled_block, value_fault)
 
 assert get_args(StorageDtype) == STORAGE_DTYPES, "StorageDtype must list STORAGE_DTYPES"
 
@@ -362,7 +362,7 @@ def _block_rows(cfg, members: list[RunModel], layout: StoreLayout, batches: Iter
     sources = [src for member in members for src in member.sources]
     sequences: list[torch.Tensor] = []
     stored: dict[str, list[torch.Tensor]] = {src.name: [] for src in sources}
-    norm_sums = {src.name: np.zeros(3) for src in sources}  # Σ‖x‖, Σ‖x‖², rows
+    sums = {src.name: np.zeros(3) for src in sources}  # Σ‖x‖, Σ‖x‖², rows
     keep = slice(layout.first_pos, None)
     for batch in batches:  # [b, ctx]
         sequences.append(batch)
@@ -371,13 +371,12 @@ def _block_rows(cfg, members: list[RunModel], layout: StoreLayout, batches: Iter
             for src in member.sources:
                 values = acts[src.hook].reshape(*batch.shape, -1)[:, keep].reshape(-1, src.d)  # [b·kept, d] fp32
                 _check_values(values, src.name, cfg.dtype)
-                norms = torch.linalg.vector_norm(values, dim=1, dtype=torch.float64)
-                norm_sums[src.name] += (norms.sum().item(), norms.square().sum().item(), len(norms))
+                sums[src.name] += norm_sums(values)
                 stored[src.name].append(values.to(STORAGE_TORCH_DTYPE[cfg.dtype]).cpu())  # cast early: half the copying
     return shuffled_block(seed=cfg.seed, index=block_index, seq_start=block_index * layout.seqs_per_block,
                           sequences_SC=torch.cat(sequences).numpy(), first_pos=layout.first_pos,
                           acts={src.name: torch.cat(stored[src.name]) for src in sources},
-                          norm_sums={src.name: tuple(norm_sums[src.name]) for src in sources}, dtype=cfg.dtype)
+                          norm_sums={src.name: tuple(sums[src.name]) for src in sources}, dtype=cfg.dtype)
 
 
 def _check_values(values: torch.Tensor, source: str, dtype: str) -> None:

@@ -218,7 +218,7 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[LoadedMem
     stop = min(start + cfg.n_sequences, store.attrs["n_sequences"])
     sequences = torch.from_numpy(store.read_sequences(start, stop)).long()
     targets = list(dict.fromkeys(t for m in members for t in m.targets))
-    entries = {t: _model_entry(store, t) for t in targets}
+    entries = {t: store.model_entry(t) for t in targets}
     dtype = store.identity["model_dtype"]
     models = {}
     for entry in entries.values():
@@ -353,19 +353,10 @@ def _clean_activations(models: dict, store, sources: list[str], sequences: torch
     N, T = sequences.shape
     recorded = {}
     for label, model in models.items():
-        mine = [s for s in sources if _model_entry(store, s)["label"] == label]
+        mine = [s for s in sources if store.model_entry(s)["label"] == label]
         if not mine:
             continue
         hooks = [store.source(s).hook for s in mine]
         parts = [model.record(sequences[i: i + batch_size], hooks) for i in range(0, N, batch_size)]
         recorded.update({s: torch.cat([part[h] for part in parts]).view(N, T, -1) for s, h in zip(mine, hooks)})
     return recorded
-
-
-def _model_entry(store, source: str) -> dict:
-    """How to load the model that wrote `source` (the second model for chat/... in a pair)."""
-    label = source.split("/", 1)[0] if "/" in source else None
-    for entry in store.info["models"]:
-        if entry["label"] == label:
-            return entry
-    raise ValueError(f"store {store.path} does not record the model of {source}")

@@ -77,8 +77,7 @@ def spliced_losses(model, sequences: torch.Tensor, splices: dict[str, Splice], *
         for first in range(0, len(sequences), batch_size):
             tokens = sequences[first: first + batch_size].to(device)
             batch = slice(first, first + len(tokens))
-            clean_rows = (torch.isin(tokens[:, first_pos:], torch.tensor(exclude_tokens, device=device)).reshape(-1, 1)
-                          if exclude_tokens else None)
+            clean_rows = _clean_rows(tokens, first_pos, exclude_tokens)
             embedded = _embed(model, tokens)
             entering: dict[int, torch.Tensor] = {}
             clean_BTD = _run(model, embedded, 0, _recorders(starts, entering))
@@ -101,10 +100,7 @@ def spliced_losses(model, sequences: torch.Tensor, splices: dict[str, Splice], *
                     for name, values in zip(stack, per_splice):
                         sums[name] += values
                     bar.update(len(stack))
-    out = {"clean": {"ce": sums["clean"][0].item() / n_tokens}}
-    for name in splices:
-        out[name] = {"ce": sums[name][0].item() / n_tokens, "kl": sums[name][1].item() / n_tokens}
-    return out
+    return _means(sums, n_tokens)
 
 
 def spliced_losses_hf(model, sequences: torch.Tensor, splices: dict[str, Splice], *, first_pos: int = 0,
@@ -121,8 +117,7 @@ def spliced_losses_hf(model, sequences: torch.Tensor, splices: dict[str, Splice]
         for first in range(0, len(sequences), batch_size):
             tokens = sequences[first: first + batch_size].to(model.device)
             batch = slice(first, first + len(tokens))
-            clean_rows = (torch.isin(tokens[:, first_pos:], torch.tensor(exclude_tokens, device=tokens.device))
-                          .reshape(-1, 1) if exclude_tokens else None)
+            clean_rows = _clean_rows(tokens, first_pos, exclude_tokens)
             targets = tokens[:, 1:]
             n_tokens += targets.numel()
             clean_lp = _log_probs(model, tokens, [])
@@ -132,8 +127,20 @@ def spliced_losses_hf(model, sequences: torch.Tensor, splices: dict[str, Splice]
                 sums[name][0] += -lp.gather(-1, targets.unsqueeze(-1)).double().sum().cpu()
                 sums[name][1] += (clean_lp.exp() * (clean_lp - lp)).double().sum().cpu()  # KL(clean ‖ spliced)
                 bar.update(1)
+    return _means(sums, n_tokens)
+
+
+def _clean_rows(tokens: torch.Tensor, first_pos: int, exclude_tokens: tuple[int, ...]) -> torch.Tensor | None:
+    """Rows (positions from `first_pos` on, batch-major) whose token keeps its clean activation.  → [b·T', 1] | None"""
+    if not exclude_tokens:
+        return None
+    return torch.isin(tokens[:, first_pos:], torch.tensor(exclude_tokens, device=tokens.device)).reshape(-1, 1)
+
+
+def _means(sums: dict[str, torch.Tensor], n_tokens: int) -> dict[str, dict[str, float]]:
+    """Per-token CE (and KL for the splices) from the float64 sums over `n_tokens` predicted tokens."""
     out = {"clean": {"ce": sums["clean"][0].item() / n_tokens}}
-    out.update({name: {"ce": sums[name][0].item() / n_tokens, "kl": sums[name][1].item() / n_tokens} for name in splices})
+    out.update({name: {"ce": s[0].item() / n_tokens, "kl": s[1].item() / n_tokens} for name, s in sums.items() if name != "clean"})
     return out
 
 

@@ -43,7 +43,7 @@ from runtime.lock import OutputLock
 from store.errors import StoreError
 from store.hooks import hook_kind
 from store.zarr_store import (NO_TOKEN, STORAGE_DTYPES, STORAGE_TORCH_DTYPE, ActivationStore, SourceInfo, json_normal,
-                              shuffled_block, value_fault)
+                              norm_sums, shuffled_block, value_fault)
 
 RESERVED = ("tokens",)
 
@@ -220,13 +220,13 @@ def _write_blocks(store: ActivationStore, sequences, form: _Form, cfg: WriteConf
     with tqdm(unit="row", unit_scale=True, desc="writing store", disable=not progress) as bar:
         for index, (tokens, acts) in enumerate(_blocks(sequences, seqs_per_block)):
             store.grow((index + 1) * seqs_per_block)
-            norm_sums = {name: _norm_sums(values) for name, values in acts.items()}
+            sums = {name: tuple(norm_sums(values)) for name, values in acts.items()}
             if index in records:
-                _check_same(records[index], norm_sums, index, store.path)
+                _check_same(records[index], sums, index, store.path)
             else:
                 block = shuffled_block(seed=cfg.seed, index=index, seq_start=index * seqs_per_block, sequences_SC=tokens,
                                        first_pos=0, acts={n: v.to(STORAGE_TORCH_DTYPE[cfg.dtype]) for n, v in acts.items()},
-                                       norm_sums=norm_sums, dtype=cfg.dtype)
+                                       norm_sums=sums, dtype=cfg.dtype)
                 with writing(store.path, f"writing block {index} of the store"):
                     store.write_block(index, block)
             bar.update(len(tokens) * (form.ctx or 1))
@@ -258,12 +258,6 @@ def _take(pending: list, n_seqs: int):
     rest_seqs = len(tokens) - n_seqs
     rest = [(tokens[n_seqs:], {k: v[n_seqs * rows_per_seq:] for k, v in acts.items()})] if rest_seqs else []
     return head, rest, rest_seqs
-
-
-def _norm_sums(values: torch.Tensor) -> tuple[float, float, int]:
-    """(Σ‖x‖, Σ‖x‖², rows) of a block's rows, as generate_activations.py records them."""
-    norms = torch.linalg.vector_norm(values, dim=1, dtype=torch.float64)
-    return norms.sum().item(), norms.square().sum().item(), len(norms)
 
 
 def _check_same(record: dict, norm_sums: dict, index: int, path: str) -> None:

@@ -117,6 +117,13 @@ def shuffled_block(*, seed: int, index: int, seq_start: int, sequences_SC: np.nd
     )
 
 
+def norm_sums(values: torch.Tensor) -> np.ndarray:
+    """(Σ‖x‖, Σ‖x‖², rows) of rows [n, d], in float64: what a block records of each source, summed
+    into the store's normalisation statistic (measured before the storage cast)."""
+    norms = torch.linalg.vector_norm(values, dim=1, dtype=torch.float64)
+    return np.array([norms.sum().item(), norms.square().sum().item(), len(norms)])
+
+
 def value_fault(values: torch.Tensor, dtype: str) -> str | None:
     """What makes `values` unstorable in `dtype` (non-finite, or beyond its range), or None."""
     peak = values.abs().amax().item()  # NaN and inf propagate through the max: one pass checks both
@@ -313,20 +320,30 @@ class ActivationStore:
         """How to load the model that `source` came from so that it computes the stored values:
         {"model_class_name", "model_from_pretrained_kwargs"} as SAELens's load_model takes them
         (the weight processing, dtype and BOS default the cache ran with)."""
-        label = source.split("/", 1)[0] if "/" in source else None
-        models = self.info.get("models") or [self.info]
-        model = next((m for m in models if m.get("label") == label), models[0])
+        model = self.model_entry(source)
         if "loaded_with" in model:
             return model["loaded_with"]
         kwargs = {**LEGACY_LOADING["model_from_pretrained_kwargs"], "dtype": self.identity.get("model_dtype", "float32"),
                   "default_prepend_bos": self.info["prepend_bos"]}
         return {**LEGACY_LOADING, "model_from_pretrained_kwargs": kwargs}
 
+    def model_entry(self, source: str) -> dict[str, Any]:
+        """The info["models"] entry of the model that wrote `source` (by its label: chat/… of a
+        pair is the second model's); a store of one model has one entry, whatever the name."""
+        label = source.split("/", 1)[0] if "/" in source else None
+        models = self.info["models"]
+        found = [m for m in models if m["label"] == label]
+        if found:
+            return found[0]
+        if len(models) == 1:
+            return models[0]
+        raise StoreError(f"store {self.path} does not record the model of {source}")
+
     @property
     def model_recorded(self) -> bool:
         """Whether the store names a model that evaluation can load and run again on its
         sequences (generate_activations.py's stores; not write_store's)."""
-        entry = (self.info.get("models") or [self.info])[0]
+        entry = self.info["models"][0]
         return bool(entry.get("model") or entry.get("model_path"))
 
     @property
