@@ -60,7 +60,8 @@ class LoadedMember:
     weights: dict[str, torch.Tensor] = field(repr=False)
 
     @property
-    def kind(self) -> str:
+    def wiring(self) -> str:
+        """sae | transcoder | clt | crosscoder: how its inputs and targets are wired."""
         if self.inputs != self.targets:
             return "clt" if len(self.inputs) > 1 else "transcoder"
         return "crosscoder" if len(self.inputs) > 1 else "sae"
@@ -103,7 +104,7 @@ def _evaluate_run(cfg: EvalConfig) -> list[dict]:
                                    cfg, store, summary, members, rows)
     for r, m in zip(rows, members):
         save_density(out / r["dir"], density[m.name])
-        if m.kind == "crosscoder":
+        if m.wiring == "crosscoder":
             diff = write_diff_analysis(out / r["dir"], m.config, m.weights, alive_M=density[m.name] > 0)
             r["diff"] = {k: v for k, v in diff.items() if k.startswith(("n_", "frac_")) or k == "relative_norm_mean"}
             r["diff"]["space"] = diff["space"]
@@ -177,7 +178,7 @@ def _reconstruction_metrics(cfg: EvalConfig, store, summary, members: list[Loade
     per_target = [[MetricAccumulator(1, stream.columns[t][1], m.d_sae, cfg.device) for t in m.targets]
                   if len(m.targets) > 1 else [] for m in members]
     sums = {s: torch.zeros(w, dtype=torch.float64, device=cfg.device) for s, w in zip(sources, stream.widths)}
-    layer_l0 = {m.name: torch.zeros(len(m.inputs), dtype=torch.float64, device=cfg.device) for m in members if m.kind == "clt"}
+    layer_l0 = {m.name: torch.zeros(len(m.inputs), dtype=torch.float64, device=cfg.device) for m in members if m.wiring == "clt"}
     n_rows = 0
     batches = tqdm(stream.eval_batches(), total=-(-stream.n_eval // cfg.row_batch_size), unit="batch",
                    desc="held-out rows", leave=False)
@@ -227,10 +228,10 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[LoadedMem
     first_pos = 1 if store.info["exclude_bos"] else 0
     exclude = tuple(summary.get("resolved", {}).get("exclude_token_ids", ()))
     # a crosscoder reconstructs each source from all of them: record their clean activations first
-    stacked = [m for m in members if m.kind == "crosscoder"]
+    stacked = [m for m in members if m.wiring == "crosscoder"]
     clean = _clean_activations(models, store, sorted({s for m in stacked for s in m.inputs}), sequences,
                                 cfg.batch_size) if stacked else {}
-    clts = [(r, m) for r, m in zip(rows, members) if m.kind == "clt"]
+    clts = [(r, m) for r, m in zip(rows, members) if m.wiring == "clt"]
     # every splice of a model in one call: one clean pass per batch serves all targets and members
     by_model: dict[str, dict[tuple[str, str], Splice]] = {}
     for target in targets:
@@ -307,9 +308,9 @@ def _splice(member: LoadedMember, target: str, store, clean: dict[str, torch.Ten
     """How `member` replaces `target`'s hook: its reconstruction of the hook's own rows (SAE), its
     reconstruction from the clean activations of all its sources (crosscoder), or its output from
     its input hook recorded earlier in the same pass (transcoder, CLT)."""
-    if member.kind == "sae":
+    if member.wiring == "sae":
         return single(store.source(target).hook, lambda x, _: member.forward(x)[1])
-    if member.kind == "crosscoder":
+    if member.wiring == "crosscoder":
         width = store.source(target).d
         t = member.targets.index(target)
         acts = [clean[s] for s in member.inputs]  # each [N, T, d]

@@ -131,11 +131,11 @@ def flat_fields(cls) -> list[tuple[object, object, str]]:
 
     hints, docs, out = typing.get_type_hints(cls), field_docs(cls), []
     for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
-            out += flat_fields(kind)
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += flat_fields(hint)
         else:
-            out.append((f, kind, docs.get(f.name, "")))
+            out.append((f, hint, docs.get(f.name, "")))
     return out
 
 
@@ -155,14 +155,14 @@ def dataclass_options(cls, aliases: dict[str, tuple[str, ...]] | None = None, wh
 
     aliases, extra_choices, off_flags = aliases or {}, extra_choices or {}, off_flags or {}
 
-    def option(f, kind, help_text):
+    def option(f, hint, help_text):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         given = {"default": default} if default is not dataclasses.MISSING else {"required": f.name not in optional}
         default = given.get("default")
         names = [f"--{f.name}", *aliases.get(f.name, ())]
-        args = typing.get_args(kind)
+        args = typing.get_args(hint)
         nullable = type(None) in args
-        base = next((a for a in args if a is not type(None)), kind) if nullable else kind
+        base = next((a for a in args if a is not type(None)), hint) if nullable else hint
         if typing.get_origin(base) is tuple:
             inner = typing.get_args(base)[0]
             choices = typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else None
@@ -181,8 +181,8 @@ def dataclass_options(cls, aliases: dict[str, tuple[str, ...]] | None = None, wh
         return click.option(*names, f.name, type=value_type, **given, show_default=default is not None, help=help_text)
 
     def decorate(function):
-        for f, kind, help_text in reversed(flat_fields(cls)):
-            function = option(f, kind, help_text)(function)
+        for f, hint, help_text in reversed(flat_fields(cls)):
+            function = option(f, hint, help_text)(function)
         return function
 
     return decorate

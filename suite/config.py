@@ -89,9 +89,9 @@ class SuiteConfig:
             name, _, values = spec.partition("=")
             if name not in axes or not values:
                 raise ValueError(f"--sweep {spec!r}: write c=…, connections=… or lr=… with comma-separated values")
-            kind = int if name == "connections" else float
+            cast = int if name == "connections" else float
             try:
-                axes[name] = [kind(v) for v in values.split(",") if v.strip()]
+                axes[name] = [cast(v) for v in values.split(",") if v.strip()]
             except ValueError:
                 raise ValueError(f"--sweep {spec!r}: values must be numbers") from None
         steps = math.ceil(self.finetune_tokens / self.batch_size)

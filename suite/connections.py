@@ -32,8 +32,8 @@ PARTIAL = "means.partial.pt"
 
 
 def module_key(module: tuple[str, int]) -> str:
-    kind, layer = module
-    return f"{kind}{layer:02d}"
+    part, layer = module
+    return f"{part}{layer:02d}"
 
 
 @torch.no_grad()

@@ -122,8 +122,8 @@ class Suite(torch.nn.Module):
     # ---------------------------------------------------------------- raw-unit views
     def decoder(self, module: tuple[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_dec [F, d], b_dec [d]) of an upstream module in raw residual units."""
-        kind, layer = module
-        d, s = (self.attn, self.attn_scale[layer]) if kind == "attn" else (self.mlp, self.out_scale[layer])
+        part, layer = module
+        d, s = (self.attn, self.attn_scale[layer]) if part == "attn" else (self.mlp, self.out_scale[layer])
         return d.W_dec[layer] * s, d.b_dec[layer] * s
 
     def encoder(self, m: int) -> torch.Tensor:
@@ -138,20 +138,20 @@ class Suite(torch.nn.Module):
         return x_BC[:, start] * self.sigma_scale[m]
 
     # ---------------------------------------------------------------- one module on raw activations
-    def encode(self, kind: str, layer: int, x_raw_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, part: str, layer: int, x_raw_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A module's TopK latents on raw activations of its input (what its ensemble computes on
         the normalised ones).  → (values [B, k], indices [B, k])"""
-        d = self.attn if kind == "attn" else self.mlp
-        scale = self.attn_scale[layer] if kind == "attn" else self.in_scale[layer]
+        d = self.attn if part == "attn" else self.mlp
+        scale = self.attn_scale[layer] if part == "attn" else self.in_scale[layer]
         bias = d.b_enc[layer] - (d.b_dec[layer] @ d.W_enc[layer] if d.subtract_b_dec else 0)
         pre = torch.relu((x_raw_BD / scale) @ d.W_enc[layer] + bias)
         values, index = pre.topk(int(d.k[layer]), dim=-1)
         return values, index
 
-    def decode(self, kind: str, layer: int, values_BK: torch.Tensor, index_BK: torch.Tensor) -> torch.Tensor:
+    def decode(self, part: str, layer: int, values_BK: torch.Tensor, index_BK: torch.Tensor) -> torch.Tensor:
         """A module's output in raw units from its active latents.  → [B, d]"""
-        d = self.attn if kind == "attn" else self.mlp
-        scale = self.attn_scale[layer] if kind == "attn" else self.out_scale[layer]
+        d = self.attn if part == "attn" else self.mlp
+        scale = self.attn_scale[layer] if part == "attn" else self.out_scale[layer]
         y = F_.embedding_bag(index_BK, d.W_dec[layer], per_sample_weights=values_BK, mode="sum") + d.b_dec[layer]
         return y * scale
 

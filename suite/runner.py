@@ -97,11 +97,11 @@ def suite_layout(store: ActivationStore) -> SuiteLayout:
 
 
 def _train(cfg: SuiteConfig, out: Path, part: str) -> list[dict]:
-    """One train_sweep run (all layers' modules of one kind in one ensemble), or its finished rows."""
-    kind = {"kind": "attn_out"} if part == "attn" else {"transcoder": True}
+    """One train_sweep run (all layers' modules of one part in one ensemble), or its finished rows."""
+    wiring = {"kind": "attn_out"} if part == "attn" else {"transcoder": True}
     sweep = SweepConfig.from_flat(cache=cfg.cache, output_dir=str(out), arch="topk", k=cfg.k, ratio=cfg.ratio,
                                   d_sae=cfg.d_sae, layers=("all",), batch_size=cfg.batch_size, n_epochs=cfg.train_epochs,
-                                  eval_tokens=cfg.eval_tokens, device=cfg.device, seed=cfg.seed, **kind)
+                                  eval_tokens=cfg.eval_tokens, device=cfg.device, seed=cfg.seed, **wiring)
     return train_sweep(sweep)
 
 

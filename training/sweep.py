@@ -41,8 +41,8 @@ def parse_values(values: str) -> list[float]:
     match = re.fullmatch(r"\s*(logspace|linspace)\(([^,]+),([^,]+),([^,]+)\)\s*", values)
     try:
         if match:
-            kind, a, b, n = match.groups()
-            numbers = [float(v) for v in (np.logspace if kind == "logspace" else np.linspace)(float(a), float(b), int(n))]
+            spacing, a, b, n = match.groups()
+            numbers = [float(v) for v in (np.logspace if spacing == "logspace" else np.linspace)(float(a), float(b), int(n))]
         else:
             numbers = [float(v) for v in values.split(",") if v.strip()]
     except ValueError:

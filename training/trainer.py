@@ -237,8 +237,8 @@ def _claim(layout: Layout, out: Path, identity: dict, overwrite: bool, lock: Out
             verdict = ("claimed", rundir.claim(out, identity, overwrite, _default_identity()))
         except (RunDirError, LockError) as err:
             verdict = ("refused", str(err))
-    kind, value = layout.processes.all_gather(verdict, "claiming the output directory")[0]
-    if kind == "refused":
+    outcome, value = layout.processes.all_gather(verdict, "claiming the output directory")[0]
+    if outcome == "refused":
         raise RunDirError(value)
     return value
 
@@ -250,8 +250,8 @@ def _check_widths(store: ActivationStore, wirings: list[Wiring]) -> None:
         for role, names in (("inputs", wiring.inputs), ("targets", wiring.targets)):
             widths = {n: store.source(n).d for n in names}
             if len(set(widths.values())) > 1:
-                kind = "a crosscoder" if not wiring.targets else "a cross-layer transcoder"
-                raise StoreError(f"the {role} of {kind} must have one width; got {widths} "
+                what = "a crosscoder" if not wiring.targets else "a cross-layer transcoder"
+                raise StoreError(f"the {role} of {what} must have one width; got {widths} "
                                  "(cache pairs with --require_equal_widths)")
 
 

@@ -166,7 +166,7 @@ def _member_logits(member, store, model) -> tuple | None:
     """Top and bottom 10 tokens of W_dec[i] · W_U per latent, for decoders that write where the
     unembedding reads (the residual stream and what adds to it); through the final norm: centred
     for a LayerNorm model (its scale is positive and leaves the ranking as it is)."""
-    if model is None or "W_dec" not in member.weights or len(member.targets) > 1 and member.kind != "crosscoder":
+    if model is None or "W_dec" not in member.weights or len(member.targets) > 1 and member.wiring != "crosscoder":
         return None
     if hook_kind(store.source(member.targets[0]).hook)[1] not in RESIDUAL_WRITERS:
         return None
@@ -185,13 +185,13 @@ def _member_logits(member, store, model) -> tuple | None:
 
 def _extra(member, store) -> dict:
     """Crosscoders: each source's decoder norm per latent and the relative norm r; transcoders: their hooks."""
-    if member.kind == "crosscoder":
+    if member.wiring == "crosscoder":
         norms = member.weights["W_dec"].float().norm(dim=-1)  # [F, S]
         out = {"sources": member.inputs, "norms": norms}
         if norms.shape[1] == 2:
             out["r"] = norms[:, 1] / norms.sum(-1).clamp_min(1e-12)
         return out
-    if member.kind in ("transcoder", "clt"):
+    if member.wiring in ("transcoder", "clt"):
         return {"input_hooks": [store.source(s).hook for s in member.inputs],
                 "output_hooks": [store.source(s).hook for s in member.targets]}
     return {}
