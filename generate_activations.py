@@ -49,8 +49,7 @@ def main(verify: bool, dist_timeout: float, **options) -> None:
         run_or_exit(lambda: _verify(options["out"], options["storage_options"]))
         return
     refuse_if_locked(options["out"])  # before torch is imported
-    from runtime.distributed import join, leave
-    from cache.generate import generate
+    from cache.model_config import check_layers
     from cache.models import default_gguf_path
 
     if options["model"] is None and options["model_path"] is None:
@@ -60,6 +59,10 @@ def main(verify: bool, dist_timeout: float, **options) -> None:
     if not options["layers"] and not options["hooks"]:
         raise click.UsageError("choose what to cache: --layers 2 [--hook resid_post] or --hooks blocks.2.hook_resid_post")
     cfg = run_or_exit(lambda: GenerateConfig(**options))
+    run_or_exit(lambda: check_layers(cfg))  # from the model's config, before torch and the weights load
+    from runtime.distributed import join, leave
+    from cache.generate import generate
+
     processes = run_or_exit(lambda: join(dist_timeout))
     store = run_or_exit(lambda: generate(cfg, processes))
     leave(processes)

@@ -43,14 +43,15 @@ import torch
 from tqdm.auto import tqdm
 
 from cache.config import GenerateConfig, StorageDtype
-from cache.models import ModelError, check_same_tokenizer, load_for_caching, n_layers_without_loading
+from cache.model_config import check_layers
+from cache.models import ModelError, check_same_tokenizer, load_for_caching
 from cache.text import TextCount, TextSourceError, iter_documents, token_sequences
 from runtime.background import prefetched
 from runtime.disk import check_free, writing
 from runtime.distributed import Processes
 from runtime.location import Location
 from runtime.lock import OutputLock
-from store.hooks import hook_kind, parse_layers
+
 from store.zarr_store import (STORAGE_DTYPES, STORAGE_TORCH_DTYPE, ActivationStore, RowBlock, SourceInfo, StoreError, json_normal,
                               norm_sums, shuffled_block, value_fault)
 
@@ -145,14 +146,7 @@ def _generate_locked(cfg: GenerateConfig, processes: Processes) -> ActivationSto
 def _preflight(cfg: GenerateConfig) -> None:
     """Checks that need no model: layer numbers against the checkpoint's config, and a dataset that
     yields a document."""
-    n_layers = n_layers_without_loading(cfg.model, cfg.model_path)
-    if n_layers is not None:
-        if cfg.layers:
-            parse_layers(cfg.layers, n_layers)
-        for hook in cfg.hooks:
-            layer, _ = hook_kind(hook)
-            if layer is not None and layer >= n_layers:
-                raise ModelError(f"{hook}: layer {layer} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
+    check_layers(cfg)
     if next(iter_documents(cfg.dataset, cfg.text_column, cfg.split), None) is None:
         raise TextSourceError(f"dataset {cfg.dataset!r} holds no documents (no non-empty {cfg.text_column!r} text)")
 

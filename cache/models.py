@@ -277,32 +277,6 @@ def _missing_hook_message(model, hook: str) -> str:
     return f"unknown hook {hook} for this model; hook names look like: {examples}, ..."
 
 
-def n_layers_without_loading(name: str | None, path: str | None) -> int | None:
-    """The model's number of blocks from its config alone (a local config.json or a GGUF header),
-    so a bad --layers costs a second; None where only loading the model can tell."""
-    if path is None:
-        return None
-    path_ = Path(path).expanduser()
-    if path_.suffix == ".gguf" and path_.is_file():
-        try:
-            from gguf import GGUFReader
-
-            reader = GGUFReader(str(path_))
-            for key, field in reader.fields.items():
-                if key.endswith(".block_count"):
-                    return int(field.parts[field.data[0]][0])
-        except Exception:  # an unreadable header: the full load will say what is wrong
-            return None
-        return None
-    config = path_ / "config.json"
-    if config.is_file():
-        values = json.loads(config.read_text())
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(values.get(key), int):
-                return values[key]
-    return None
-
-
 def record_hooks(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
     """One forward pass of a HookedTransformer, stopped after the deepest needed block.
     → hook: [batch·ctx, d] float32"""

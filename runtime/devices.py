@@ -1,11 +1,14 @@
 """Check a device string before any work starts, so a typo or a missing GPU is one clear line."""
 from __future__ import annotations
 
-import torch
-
 
 def check_device(device: str) -> str:
-    """Return `device` if torch can use it here; raise ValueError saying what to use instead."""
+    """Return `device` if torch can use it here; raise ValueError saying what to use instead.
+    The CPU needs no check, and no torch import (the CLIs' quick refusals stay quick)."""
+    if device == "cpu":
+        return device
+    import torch
+
     try:
         parsed = torch.device(device)
     except RuntimeError:

@@ -214,8 +214,12 @@ print("HEAVY", sorted(m for m in ("torch", "zarr", "transformer_lens") if m in s
     ("evaluate.py", ["--run_dir", "no/such/run"]),
     ("generate_activations.py", ["--verify", "--out", "no/such/store"]),
     ("train_suite.py", ["--cache", "no/such/store", "--output_dir", "no/such/run"]),
-], ids=["missing-store", "unknown-flag", "missing-run", "verify-missing", "suite-missing-store"])
+    ("generate_activations.py", ["--model", "pythia-70m", "--layers", "9"]),  # a hub name in the local HF cache
+    ("generate_activations.py", ["--layers", "99"]),  # the embedded demo model: its GGUF header
+], ids=["missing-store", "unknown-flag", "missing-run", "verify-missing", "suite-missing-store", "cached-hub-layer",
+        "demo-gguf-layer"])
 def test_wrong_input_that_needs_no_model_is_answered_before_torch_is_imported(script, args, tmp_path):
+    """Also a layer out of range, from the model's config alone (issue: 70 s to refuse --layers 99)."""
     import subprocess
     import sys
     from pathlib import Path
