@@ -44,7 +44,7 @@ KNOB = {"relu": "l1", "gated": "l1", "jumprelu": "l0_coeff"}
 DEFAULT_COEFFS = {"relu": "1e-4,4.6e-4,2.2e-3", "gated": "1e-4,4.6e-4,2.2e-3", "jumprelu": "1e-4,4.6e-4,2.2e-3"}
 REFERENCES = ("dictionary_learning", "saelens", "sparsify")
 SUPPORTS = {"dictionary_learning": {"topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"},
-            "saelens": {"topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"},
+            "saelens": {"topk", "abstopk", "batchtopk", "matryoshka", "matching_pursuit", "relu", "jumprelu", "gated"},
             "sparsify": {"topk"}}
 
 
@@ -175,7 +175,8 @@ def report(arch: str, results: list[dict], comparison: list[dict]) -> str:
 @click.command()
 @click.option("--cache", required=True, help="A complete activation store (one source).")
 @click.option("--arch", "archs", cls=SpaceSeparated, default=("topk", "batchtopk", "relu", "jumprelu", "gated"),
-              type=click.Choice(["topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"]), show_default=True)
+              type=click.Choice(["topk", "abstopk", "batchtopk", "matryoshka", "matching_pursuit", "relu", "jumprelu", "gated"]),
+              show_default=True)
 @click.option("--references", default=",".join(REFERENCES), show_default=True, help="Comma-separated reference trainers.")
 @click.option("--steps", type=int, default=400, show_default=True, help="Training steps, shared by every trainer.")
 @click.option("--batch_size", type=int, default=1024, show_default=True)

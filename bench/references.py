@@ -37,11 +37,14 @@ import torch
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x [B, d] → (f [B, F], x̂ [B, d])
 
 
+K_ARCHS = ("topk", "abstopk", "batchtopk", "matryoshka", "matching_pursuit")  # the sparsity knob is k
+
+
 @dataclass(frozen=True)
 class Plan:
     """One dictionary to train, as every trainer is told it."""
 
-    arch: str  # topk | batchtopk | matryoshka | relu | jumprelu | gated (our names)
+    arch: str  # topk | abstopk | batchtopk | matryoshka | matching_pursuit | relu | jumprelu | gated (our names)
     d: int
     d_sae: int
     steps: int
@@ -50,7 +53,8 @@ class Plan:
     lr_decay_start: int  # step from which the lr decays linearly to 0 (steps: no decay)
     sparsity_warmup_steps: int
     threshold_start_step: int
-    k: int = 32
+    k: int = 32  # matching_pursuit: its most steps
+    residual_threshold: float = 1e-2  # matching_pursuit
     coeff: float = 0.0  # our sparsity coefficient (mean-over-d convention), for relu | jumprelu | gated
     target_l0: float | None = None  # dictionary_learning's JumpReLU knob, in place of coeff
     group_fractions: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
@@ -58,7 +62,7 @@ class Plan:
 
     @property
     def knob(self) -> str:
-        if self.arch in ("topk", "batchtopk", "matryoshka"):
+        if self.arch in K_ARCHS:
             return f"k={self.k}"
         return f"target_l0={self.target_l0:g}" if self.target_l0 is not None else f"λ={self.coeff:.3g}"
 
@@ -165,6 +169,11 @@ def _saelens_training_sae(plan: Plan):
     warm = plan.sparsity_warmup_steps
     if plan.arch == "topk":
         return sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(k=plan.k, **base))
+    if plan.arch == "abstopk":
+        return sae_lens.AbsTopKTrainingSAE(sae_lens.AbsTopKTrainingSAEConfig(k=plan.k, **base))
+    if plan.arch == "matching_pursuit":
+        return sae_lens.MatchingPursuitTrainingSAE(sae_lens.MatchingPursuitTrainingSAEConfig(
+            max_iterations=plan.k, residual_threshold=plan.residual_threshold, **base))
     if plan.arch == "batchtopk":
         return sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(k=plan.k, **base))
     if plan.arch == "matryoshka":

@@ -34,7 +34,7 @@ class MetricAccumulator:
         self.sum_x_D += x.sum(0)
         self.sum_x_sq += x.pow(2).sum()
         self.sse_E += (x_hat - x).pow(2).sum(dim=(1, 2))
-        active_EBF = f_EBF > 0
+        active_EBF = f_EBF != 0  # signed codes (abstopk) are active below 0 too
         self.l0_E += active_EBF.sum(dim=(1, 2)).double()
         self.fires_EF += active_EBF.sum(dim=1).double()
         x_norm_B = x.norm(dim=-1).clamp_min(1e-12)

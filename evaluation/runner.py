@@ -190,7 +190,7 @@ def _reconstruction_metrics(cfg: EvalConfig, store, summary, members: list[Loade
         for (m, in_cols, out_cols, s_out), acc, accs in zip(plan, overall, per_target):
             f_BF, y_hat_BO = m.forward(raw_BC[:, in_cols])
             if m.name in layer_l0:  # a CLT's L0 per layer: its features are [L, F] side by side
-                layer_l0[m.name] += (f_BF.view(len(f_BF), len(m.inputs), -1) > 0).sum(dim=(0, 2)).double()
+                layer_l0[m.name] += (f_BF.view(len(f_BF), len(m.inputs), -1) != 0).sum(dim=(0, 2)).double()
             y_BO, y_hat_BO = raw_BC[:, out_cols] / s_out, y_hat_BO / s_out
             acc.update(y_BO, y_hat_BO.unsqueeze(0), f_BF.unsqueeze(0))
             for t, block in enumerate(accs):

@@ -24,6 +24,8 @@ PLANTED = {
     "relu": dict(l1_coeff=3e-2, lr=3e-3),
     "relu_april": dict(l1_coeff=3e-2, lr=3e-3),
     "topk": dict(k=3, lr=3e-3),
+    "abstopk": dict(k=3, lr=3e-3),
+    "matching_pursuit": dict(k=3, lr=3e-3),
     "batchtopk": dict(k=3, lr=3e-3),
     "jumprelu": dict(l0_coeff=3e-3, lr=3e-3, bandwidth=0.05, threshold_init=0.1),
     "jumprelu_tanh": dict(l0_coeff=3e-3, lr=3e-3, bandwidth=0.05, threshold_init=0.1),
@@ -70,8 +72,7 @@ def test_each_architecture_recovers_planted_directions_at_a_sensible_l0(arch):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_member_of_any_architecture_equals_it_trained_alone(arch):
     g = torch.Generator().manual_seed(2)
-    knob = {"relu": "l1_coeff", "relu_april": "l1_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k",
-            "jumprelu": "l0_coeff", "jumprelu_tanh": "l0_coeff", "gated": "l1_coeff", "panneal": "l1_coeff", "crosscoder": "l1_coeff"}[arch]
+    knob = ARCHS[arch].coefficient or "k"  # its sparsity knob
     values = {"l1_coeff": [1e-3, 1e-2, 3e-2], "k": [2, 4, 8], "l0_coeff": [1e-3, 1e-2, 3e-2]}[knob]
     configs = [MemberConfig(d_in=D, d_sae=F, arch=arch, lr=3e-3, seed=e, threshold_init=0.1, bandwidth=0.05,
                             grad_clip=0.05 if e == 0 else None, **{knob: v}) for e, v in enumerate(values)]
@@ -242,19 +243,38 @@ def test_sweep_axes_parse_and_form_a_grid():
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_each_architecture_gets_its_own_default_sparsity_axis(arch):
     """The λ shorthand sweeps each architecture's own coefficient; the TopK family, which has
-    none, gets the k axis 20 … 640 up to its width (and refuses the shorthand with the fix)."""
-    from training.plan import DEFAULT_K_AXIS, grid_axes
+    none, gets its k axis (20 … 640; matching pursuit's steps 8 … 64) up to its width (and refuses
+    the shorthand with the fix)."""
+    from training.plan import grid_axes
 
     field = next((f for f in ("l1_coeff", "l0_coeff") if f in ARCHS[arch].knobs), None)
     if field is None:
         with pytest.raises(ValueError, match="sweep k instead"):
             SweepConfig.from_flat(arch=arch, l1_min=-3, l1_max=-1, n_models=3)
-        assert grid_axes(SweepConfig.from_flat(arch=arch), arch, 100) == {"k": [20, 40, 80]}
-        assert grid_axes(SweepConfig.from_flat(arch=arch), arch, 5000) == {"k": list(DEFAULT_K_AXIS)}
+        k_axis = ARCHS[arch].k_axis
+        assert grid_axes(SweepConfig.from_flat(arch=arch), arch, 40) == {"k": [k for k in k_axis if k <= 40]}
+        assert grid_axes(SweepConfig.from_flat(arch=arch), arch, 5000) == {"k": list(k_axis)}
         assert grid_axes(SweepConfig.from_flat(arch=arch, k=32), arch, 100) == {}
     else:
         axes = grid_axes(SweepConfig.from_flat(arch=arch, l1_min=-3, l1_max=-1, n_models=3), arch, 100)
         assert list(axes) == [field] and axes[field] == pytest.approx([1e-3, 1e-2, 1e-1])
+
+
+def test_n_models_sets_every_architectures_default_axis_length_or_is_refused_where_it_sets_none():
+    from training.plan import grid_axes
+
+    cfg = SweepConfig.from_flat(arch=("relu", "topk", "matching_pursuit"), n_models=3)
+    assert [round(v, 6) for v in grid_axes(cfg, "relu", 5000)["l1_coeff"]] == [1e-4, 1e-3, 1e-2]
+    assert grid_axes(cfg, "topk", 5000) == {"k": [20, 113, 640]}  # geometric over the default 20 … 640
+    assert grid_axes(cfg, "matching_pursuit", 5000) == {"k": [8, 23, 64]}
+    assert grid_axes(SweepConfig.from_flat(arch="topk", n_models=6), "topk", 5000) == {"k": [20, 40, 80, 160, 320, 640]}
+    assert grid_axes(SweepConfig.from_flat(arch="topk", n_models=4), "topk", 100) == {"k": [20, 34, 58, 100]}
+    mixed = SweepConfig.from_flat(arch=("relu", "topk"), n_models=2, k=32)  # topk's k is fixed: relu's axis only
+    assert grid_axes(mixed, "topk", 5000) == {} and len(grid_axes(mixed, "relu", 5000)["l1_coeff"]) == 2
+    with pytest.raises(ValueError, match="drop --n_models"):
+        SweepConfig.from_flat(arch="topk", n_models=3, k=32)
+    with pytest.raises(ValueError, match="drop --n_models"):
+        SweepConfig.from_flat(arch=("relu", "topk"), n_models=3, l1_coeff=1e-3, sweep=("k=8,16",))
 
 
 def test_axes_scoped_to_one_architecture_and_shared_ones():
@@ -298,6 +318,29 @@ def test_cli_sweeps_k_for_topk_and_names_members_by_knob(small_store, tmp_path):
     assert cfg["architecture"] == "topk" and cfg["k"] == 8
     bad = CliRunner().invoke(train_sweep.main, args[:-2] + ["--sweep", "l1=1e-3", "--output_dir", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "topk does not use l1_coeff" in bad.output
+
+
+def test_cli_trains_abstopk_and_matching_pursuit_in_one_run_and_saelens_loads_every_member(small_store, tmp_path):
+    """The two rules SAELens added run through the whole CLI path (several architectures in one
+    pass, held-out evaluation from the exported files) and load in SAELens as what they are."""
+    import json
+
+    from sae_lens import SAE
+
+    out = tmp_path / "new"
+    args = ["--cache", str(small_store), "--source", "blocks.1.hook_resid_post", "--output_dir", str(out),
+            "--arch", "abstopk", "matching_pursuit", "--sweep", "k=2,6", "--ratio", "2", "--batch_size", "64",
+            "--lr", "1e-2", "--eval_tokens", "400", "--eval_sequences", "2"]
+    result = CliRunner().invoke(train_sweep.main, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "sweep.json").read_text())["members"]
+    assert [(r["arch"], r["k"]) for r in rows] == [("abstopk", 2), ("abstopk", 6), ("matching_pursuit", 2), ("matching_pursuit", 6)]
+    for r in rows:
+        assert r["l0"] <= r["k"] + 1e-6 and (r["arch"] == "matching_pursuit" or r["l0"] == pytest.approx(r["k"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sae = SAE.load_from_disk(out / r["dir"])
+        assert sae.cfg.architecture() == r["arch"] and getattr(sae.cfg, "k", None) in (None, r["k"])
 
 
 KILL_CASES = {

@@ -106,15 +106,19 @@ class GridConfig:
     l1_max: float | None = None
     """log10 of the largest one [default: -2]."""
     n_models: int | None = None
-    """Members of the shorthand sweep, log-spaced between the bounds [default: 8]. The shorthand applies to every
-    architecture with a sparsity coefficient when one of its flags is given, or when nothing else sets it."""
+    """Members of each architecture along its default sparsity axis: λ log-spaced between --l1_min and --l1_max
+    (architectures with a coefficient), or k spaced geometrically over the default k range (the TopK family,
+    matching_pursuit) [default: 8 λs; the k axis 20 … 640]. It applies to every architecture whose axis nothing else
+    sets (--k, --l1_coeff, --sweep), and is refused where it applies to none."""
     l1_coeff: float | None = None
     """A fixed L1 coefficient (relu, relu_april, gated, panneal, crosscoder)."""
     l0_coeff: float | None = None
     """A fixed L0 coefficient (jumprelu) or tanh coefficient (jumprelu_tanh)."""
     k: int | None = None
-    """Active latents per row (topk, batchtopk, matryoshka) [default: the axis k = 20, 40, 80, 160, 320, 640
-    (up to d_sae), unless --sweep sets k]."""
+    """Active latents per row (topk, abstopk, batchtopk, matryoshka), or the most pursuit steps (matching_pursuit)
+    [default: the axis k = 20, 40, 80, 160, 320, 640 (matching_pursuit: 8, 16, 32, 64), up to d_sae, unless --sweep sets k]."""
+    residual_threshold: float = 1e-2
+    """matching_pursuit: a row's pursuit stops once its residual norm is below this (normalised units, rows of norm ≈ √d)."""
     bandwidth: float | None = None
     """JumpReLU straight-through bandwidth [default: 1e-3·√d, the reference's 1e-3 on unit-norm² activations]."""
     threshold_init: float | None = None
@@ -175,6 +179,14 @@ class GridConfig:
     def shorthand_asked(self) -> bool:
         return any(v is not None for v in (self.l1_min, self.l1_max, self.n_models))
 
+    def _n_models_applies(self, arch: str) -> bool:
+        """Whether --n_models sets `arch`'s axis: its coefficient's or its k's, where nothing else does."""
+        knob = ARCHS[arch].coefficient or ("k" if "k" in ARCHS[arch].knobs else None)
+        if knob is None:
+            return False
+        fixed = self.k if knob == "k" else getattr(self, knob)
+        return fixed is None and not any(parse_axis(axis)[0] == knob for axis in self.axes_for(arch))
+
     def _check_coefficients(self) -> None:
         """A fixed coefficient, and the shorthand, must belong to some architecture of the run, and
         the shorthand may not fight a fixed coefficient or a --sweep axis over the same one."""
@@ -190,12 +202,15 @@ class GridConfig:
                 raise ValueError(f"--sweep {axis}: none of {' '.join(self.arch)} uses it")
         if not self.shorthand_asked:
             return
-        if coefficients == {None}:
-            raise ValueError(f"--l1_min/--l1_max/--n_models sweep a sparsity coefficient, and {' '.join(self.arch)} "
-                             "has none: sweep k instead, e.g. --sweep k=16,32,64")
+        if coefficients == {None} and (self.l1_min is not None or self.l1_max is not None):
+            raise ValueError(f"--l1_min/--l1_max bound a sparsity coefficient, and {' '.join(self.arch)} "
+                             "has none: sweep k instead, e.g. --sweep k=16,32,64, or set how many k with --n_models")
+        if self.n_models is not None and not any(self._n_models_applies(a) for a in self.arch):
+            raise ValueError(f"--n_models sets the length of a default sparsity axis, and every axis of {' '.join(self.arch)} "
+                             "is set otherwise (--k, --l1_coeff/--l0_coeff or --sweep): drop --n_models")
         for arch in self.arch:
             coefficient = ARCHS[arch].coefficient
-            if coefficient is None:
+            if coefficient is None or (self.l1_min is None and self.l1_max is None and not self._n_models_applies(arch)):
                 continue
             swept = any(parse_axis(axis)[0] == coefficient for axis in self.axes_for(arch))
             if swept or getattr(self, coefficient) is not None:

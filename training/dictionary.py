@@ -102,14 +102,14 @@ class Codes(NamedTuple):
     def fired(self, n_latents: int) -> torch.Tensor:
         """Latents that fired on at least one row.  → [U, F] bool"""
         if self.dense is not None:
-            return (self.dense > 0).any(dim=1)
+            return (self.dense != 0).any(dim=1)
         fires = torch.zeros(len(self.values), n_latents, dtype=self.values.dtype, device=self.values.device)
-        return fires.scatter_add_(-1, self.index.flatten(1), (self.values > 0).flatten(1).to(self.values.dtype)) > 0
+        return fires.scatter_add_(-1, self.index.flatten(1), (self.values != 0).flatten(1).to(self.values.dtype)) > 0
 
     def l0(self) -> torch.Tensor:
         """Active latents per row, averaged over the batch.  → [U]"""
         active = self.dense if self.dense is not None else self.values
-        return (active > 0).sum(-1).float().mean(-1)
+        return (active != 0).sum(-1).float().mean(-1)
 
     def to_dense(self, n_latents: int) -> torch.Tensor:
         """The activations as a dense tensor (differentiable in the kept values).  → [U, B, F]"""
@@ -123,7 +123,7 @@ class LossOutput(NamedTuple):
     total: torch.Tensor  # [E] the loss each member minimises
     mse: torch.Tensor  # [E] mean over batch and d of (ŷ − y)², over everything the member writes
     sparsity: torch.Tensor  # [E] the penalty before its coefficient (L1, L0, tanh or 0)
-    l0: torch.Tensor  # [E] mean over batch of #{f_i > 0} (over all its layers for a CLT)
+    l0: torch.Tensor  # [E] mean over batch of #{f_i ≠ 0} (over all its layers for a CLT)
     codes: Codes  # the latent activations: dense [U, B, F], or only the k active ones (topk)
     x_hat: torch.Tensor  # [E, B, O]
     stats: Stats
@@ -205,7 +205,8 @@ class Dictionary(nn.Module):
         self.rule = rule_of(self.spec)
         for name, parameter in self.rule.parameters(members, E, G, F).items():  # θ (jumprelu), r_mag, b_mag (gated)
             setattr(self, name, parameter)
-        for knob in ("l1_coeff", "l0_coeff", "k", "bandwidth", "aux_coeff", "p_end", "tanh_c", "preact_coeff"):
+        for knob in ("l1_coeff", "l0_coeff", "k", "bandwidth", "aux_coeff", "p_end", "tanh_c", "preact_coeff",
+                     "residual_threshold"):
             dtype = torch.long if knob == "k" else torch.float32
             self.register_buffer(knob, torch.tensor([getattr(m, knob) for m in members], dtype=dtype))
         self.register_buffer("sparsity_scale", torch.ones(E))  # schedule factor, set by the trainer
@@ -306,6 +307,8 @@ class Dictionary(nn.Module):
             W_dec_fW = init_decoder(f, width, member.seed + 7919 * g, n_blocks=blocks if G == 1 else 1) * norm
             self.slab(g)[e, :f] = W_dec_fW
             rows = slice(g * self.I, (g + 1) * self.I)
+            if self.rule.tied_encoder:  # the decoder is the encoder: W_enc stays unused
+                continue
             if not member.is_transcoder:
                 self.W_enc[e, rows, :f] = W_dec_fW.T * (transpose_scale if unit_rows else 1.0)
             else:
@@ -355,6 +358,8 @@ class Dictionary(nn.Module):
 
     def encode(self, x_BC: torch.Tensor) -> torch.Tensor:
         """Latent activations of every unit.  x [B, C] → f [U, B, F]"""
+        if self.rule.encode is not None:
+            return self.rule.encode(self, x_BC)
         return self.activate(self.pre_activation(x_BC))
 
     def decode(self, f_UBF: torch.Tensor, x_BC: torch.Tensor | None = None) -> torch.Tensor:
@@ -383,10 +388,13 @@ class Dictionary(nn.Module):
             x_hat_EBO = self.full(self._decode_sparse(vals, idx) + self._skip(x_BC))
             mse_E = recon_E = (x_hat_EBO - y_EBO).pow(2).mean(dim=(1, 2))
         else:
-            x_UBI = self.inputs(x_BC)
-            W_UIF = self._W_enc_units()
-            pre_UBF = self.full(self.masked(torch.baddbmm(bias_U1F, x_UBI.expand(len(W_UIF), -1, -1), W_UIF)))
-            codes = Codes(self.activate(pre_UBF))
+            if self.rule.encode is not None:
+                codes = Codes(self.full(self.rule.encode(self, x_BC)))
+            else:
+                x_UBI = self.inputs(x_BC)
+                W_UIF = self._W_enc_units()
+                pre_UBF = self.full(self.masked(torch.baddbmm(bias_U1F, x_UBI.expand(len(W_UIF), -1, -1), W_UIF)))
+                codes = Codes(self.activate(pre_UBF))
             x_hat_EBO, prefix_mse_PE = self._decode_prefixes(codes.dense, x_BC, y_EBO)
             mse_E = prefix_mse_PE[-1]
             # the mean over prefixes (one prefix, all latents, unless nested); Σ_m MSE_m for a CLT
@@ -554,7 +562,9 @@ class Dictionary(nn.Module):
 
         The pre-activation is invariant: (x_raw − s·b_dec)(W_enc / s) + b_enc equals the
         normalised one (likewise without b_dec), so thresholds and k carry over unchanged,
-        and the reconstruction scales by s_out.
+        and the reconstruction scales by s_out. A tied encoder (matching pursuit) keeps its
+        unit-norm decoder rows and takes the scale in its codes instead (f_raw = s·f), so it has
+        no W_enc or b_enc of its own.
         """
         member = self.members[e]
         f, F = member.d_sae, self.W_enc.shape[-1]
@@ -564,12 +574,12 @@ class Dictionary(nn.Module):
         s_slab = torch.cat([s_out[self.target_start(g): self.target_start(g) + self.slab_starts[g + 1] - self.slab_starts[g]]
                             for g in range(self.G)])
         latents = (torch.arange(self.G).unsqueeze(1) * F + torch.arange(f)).flatten()  # its latents in every group
-        tensors = {
-            "W_enc": (self.W_enc[e, :, :f] / s_in.unsqueeze(1)).contiguous(),
-            "b_enc": self.b_enc[e, latents].clone(),
-            "W_dec": (self.W_dec[e, :f] * s_slab).contiguous(),
-            "b_dec": self.b_dec[e] * s_out,
-        }
+        tensors = {"b_dec": self.b_dec[e] * s_out}
+        if self.rule.tied_encoder:
+            tensors["W_dec"] = self.W_dec[e, :f].clone()
+        else:
+            tensors.update(W_enc=(self.W_enc[e, :, :f] / s_in.unsqueeze(1)).contiguous(), b_enc=self.b_enc[e, latents].clone(),
+                           W_dec=(self.W_dec[e, :f] * s_slab).contiguous())
         if member.skip:
             tensors["W_skip"] = (self.W_skip[e] * s_out / s_in.unsqueeze(1)).contiguous()
         rule = self.inference_rule(e)
@@ -589,9 +599,12 @@ class Dictionary(nn.Module):
         s_in = _per_column(in_scale, self.I, self.W_enc)
         s_out = s_in if out_scale is None and not member.is_transcoder else _per_column(
             in_scale if out_scale is None else out_scale, self.O, self.W_enc)
-        self.W_enc[e, :, :f] = tensors["W_enc"] * s_in.unsqueeze(1)
-        self.b_enc[e, :f] = tensors["b_enc"]
-        self.W_dec[e, :f] = tensors["W_dec"] / s_out
+        if self.rule.tied_encoder:
+            self.W_dec[e, :f] = tensors["W_dec"]
+        else:
+            self.W_enc[e, :, :f] = tensors["W_enc"] * s_in.unsqueeze(1)
+            self.b_enc[e, :f] = tensors["b_enc"]
+            self.W_dec[e, :f] = tensors["W_dec"] / s_out
         self.b_dec[e] = tensors["b_dec"] / s_out
         if member.skip:
             self.W_skip[e] = tensors["W_skip"] * s_in.unsqueeze(1) / s_out
@@ -606,7 +619,7 @@ class Dictionary(nn.Module):
 # ---------------------------------------------------------------- extra losses
 def aux_k_loss(d: Dictionary, x_BC, y_EBO, x_hat_EBO, pre_UBF) -> torch.Tensor:
     """α · AuxK (Gao et al. 2024, A.2): reconstruct the residual y − ŷ from the top-k_aux
-    pre-activations among dead latents, normalised by the residual's variance. Only the dead
+    pre-activations among dead latents (by magnitude, signed, for a signed rule), normalised by the residual's variance. Only the dead
     latents' encoder columns are computed.  → [E]"""
     dead_UF = d.dead_latents(d.aux_dead_tokens).view(-1, d.W_enc.shape[-1])
     x_UBI, W_UIF, bias_U1F = d.inputs(x_BC), d._W_enc_units(), d._encoder_bias()
@@ -620,7 +633,11 @@ def aux_k_loss(d: Dictionary, x_BC, y_EBO, x_hat_EBO, pre_UBF) -> torch.Tensor:
             if len(cols) == 0:
                 continue
             pre_dead = d.full(torch.addmm(bias_U1F[u, 0, cols], x_UBI[u if len(x_UBI) > 1 else 0], W_UIF[u][:, cols]))  # [B, n_dead]
-            vals, pos = torch.relu(pre_dead).topk(min(d.aux_k, len(cols)), dim=-1)
+            if d.rule.signed:  # by |pre|, signs kept, as the rule selects
+                pos = pre_dead.abs().topk(min(d.aux_k, len(cols)), dim=-1).indices
+                vals = pre_dead.gather(-1, pos)
+            else:
+                vals, pos = torch.relu(pre_dead).topk(min(d.aux_k, len(cols)), dim=-1)
             part = F_.embedding_bag(cols[pos], d.slab(g)[e], per_sample_weights=vals, mode="sum")
             part = F_.pad(part, (d.target_start(g), 0))
             estimate_BO = part if estimate_BO is None else estimate_BO + part

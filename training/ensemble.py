@@ -177,7 +177,8 @@ class Ensemble:
             leaves = {n: p[group].detach().requires_grad_() for n, p in params.items()}
             with self._autocast():
                 out = self._forward({**leaves, **{n: b[group] for n, b in buffers.items()}}, x_BC)
-            grads = torch.autograd.grad(out.total.sum(), list(leaves.values()))
+            # a tied encoder (matching pursuit) leaves W_enc, b_enc out of the loss: zero gradient
+            grads = torch.autograd.grad(out.total.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True)
             for p, g in zip(params.values(), grads):
                 p.grad[group] = g
             outputs.append(StepOutput(out.total.detach(), out.mse.detach(), out.sparsity.detach(), out.l0.detach()))

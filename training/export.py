@@ -80,9 +80,10 @@ def export_member(directory: Path, d: Dictionary, e: int, ctx: ExportContext) ->
         tensors["W_skip"] = tensors["W_skip"].T.contiguous()  # SAELens: [d_out, d_in]
     tensors = saelens_tensors(activation, tensors)
     metadata = _metadata(member, ctx, {**record, **extra})
+    settings = {} if rule.residual_threshold is None else {"residual_threshold": rule.residual_threshold * in_scales[0]}
     cfg = saelens_cfg(architecture=architecture, d_in=member.d_in, d_sae=member.d_sae, metadata=metadata,
                       apply_b_dec_to_input=member.subtract_b_dec,
-                      d_out=member.width_out if member.is_transcoder else None, k=rule.k)
+                      d_out=member.width_out if member.is_transcoder else None, k=rule.k, settings=settings)
     save_saelens(directory, tensors, cfg)
     return {**record, **extra, "format": "saelens", "saelens_architecture": architecture}
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import torch
 
 
-def keep_top(values_UBN: torch.Tensor, k_U: torch.Tensor) -> torch.Tensor:
-    """Keep the k_u largest entries of each row of unit u, zero the rest.  → [U, B, N]
+def keep_top(values_UBN: torch.Tensor, k_U: torch.Tensor, score_UBN: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the entries of each row of unit u with the k_u largest scores (default: the values
+    themselves; AbsTopK ranks by |value|), zero the rest.  → [U, B, N]
 
     One topk at the largest k, then a rank mask per unit: units may differ in k."""
     k_max = int(k_U.max())
-    top_values, top_index = values_UBN.topk(k_max, dim=-1, sorted=True)
+    top_index = (values_UBN if score_UBN is None else score_UBN).topk(k_max, dim=-1, sorted=True).indices
     rank_mask = torch.arange(k_max, device=values_UBN.device) < k_U.view(-1, 1, 1)
-    return torch.zeros_like(values_UBN).scatter(-1, top_index, top_values * rank_mask)
+    return torch.zeros_like(values_UBN).scatter(-1, top_index, values_UBN.gather(-1, top_index) * rank_mask)
 
 
 class TopKEncode(torch.autograd.Function):

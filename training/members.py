@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
 LOSS_CONVENTION = "mse_mean_over_d+penalty_sum_over_latents_mean_over_batch"
-ArchName = Literal["relu", "relu_april", "topk", "batchtopk", "jumprelu", "jumprelu_tanh", "matryoshka", "gated",
-                   "panneal", "crosscoder"]  # the keys of ARCHS (asserted below)
+ArchName = Literal["relu", "relu_april", "topk", "abstopk", "batchtopk", "jumprelu", "jumprelu_tanh", "matryoshka",
+                   "gated", "panneal", "crosscoder", "matching_pursuit"]  # the keys of ARCHS (asserted below)
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class Arch:
     extra_losses: tuple[str, ...] = ()  # keys of EXTRA_LOSSES
     nested: bool = False  # reconstruction loss averaged over nested prefixes of the latents (Matryoshka)
     reads_every_source: bool = False  # without --sources, it reads every source of the store (a crosscoder)
+    k_axis: tuple[int, ...] = (20, 40, 80, 160, 320, 640)  # the default axis of k where k is a knob: the L0 range
+    # frontiers are compared on (matching pursuit's k is its steps, each a full encoder product: a shorter one)
 
     @property
     def coefficient(self) -> str | None:
@@ -94,6 +96,7 @@ ARCHS = {
     "relu": Arch("relu", "l1", True, True, ("l1_coeff", *_COMMON), _L1, betas=(0.9, 0.99)),
     "relu_april": Arch("relu", "l1_decoder_norm", False, False, ("l1_coeff", "decoder_init_norm", *_COMMON), _APRIL),
     "topk": Arch("topk", "none", True, True, _TOPK, _GAO, extra_losses=("auxk",)),
+    "abstopk": Arch("abstopk", "none", True, True, _TOPK, _GAO, extra_losses=("auxk",)),
     "batchtopk": Arch("batchtopk", "none", True, True, _TOPK, _GAO, extra_losses=("auxk",)),
     "jumprelu": Arch("jumprelu", "l0", False, False, _JUMP_KNOBS, _JUMP, betas=(0.0, 0.999), extra_losses=("preact",)),
     "jumprelu_tanh": Arch("jumprelu", "tanh", False, False,
@@ -110,9 +113,12 @@ ARCHS = {
     "panneal": Arch("relu", "lp", True, True, ("l1_coeff", "p_end", *_COMMON), _L1),
     "crosscoder": Arch("relu", "l1_decoder_norm", False, False, ("l1_coeff", "decoder_init_norm", *_COMMON), _APRIL,
                        reads_every_source=True),
+    "matching_pursuit": Arch("matching_pursuit", "none", True, True, ("k", "residual_threshold", *_COMMON), _GAO,
+                             k_axis=(8, 16, 32, 64)),
 }
 assert tuple(ARCHS) == get_args(ArchName), "ArchName must list ARCHS"
 CLT_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")  # what a cross-layer transcoder may use
+SAE_ONLY = ("abstopk", "matching_pursuit")  # rules with no transcoder or crosscoder form in SAELens or circuit-tracer
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,11 @@ class MemberConfig:
     l0_coeff: float = 0.0
     """λ of the L0 penalty (jumprelu) or of the tanh penalty (jumprelu_tanh)."""
     k: int = 32
-    """Active latents per row (topk), or per row on average over the batch (batchtopk)."""
+    """Active latents per row (topk, abstopk), or per row on average over the batch (batchtopk), or the
+    most pursuit steps per row (matching_pursuit)."""
+    residual_threshold: float = 1e-2
+    """matching_pursuit: a row stops once its residual norm is below this (normalised units, where rows
+    have norm ≈ √d; exported in raw units). SAELens's default."""
     bandwidth: float = 1e-3
     """Rectangle-kernel width ε of the JumpReLU straight-through estimator."""
     threshold_init: float = 1e-3
@@ -182,7 +192,7 @@ class MemberConfig:
         if self.inputs and len(self.inputs) != self.n_sources:
             raise ValueError(f"{len(self.inputs)} input names for n_sources={self.n_sources}")
         self._check_wiring()
-        for name in ("l1_coeff", "l0_coeff", "aux_coeff", "preact_coeff"):
+        for name in ("l1_coeff", "l0_coeff", "aux_coeff", "preact_coeff", "residual_threshold"):
             value = getattr(self, name)
             if value < 0 or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
@@ -200,6 +210,9 @@ class MemberConfig:
 
     def _check_wiring(self) -> None:
         spec = self.spec
+        if spec.activation in SAE_ONLY and (self.is_transcoder or self.n_sources > 1):
+            raise ValueError(f"{self.arch} is for SAEs only (one source, reconstructed): SAELens has no transcoder or "
+                             "crosscoder form of it; use topk or jumprelu")
         if self.n_sources > 1 and spec.activation == "gated" and not self.cross_layer:
             raise ValueError("gated has no multi-source (crosscoder) form; use crosscoder, batchtopk, topk or jumprelu")
         if self.skip and (not self.is_transcoder or self.cross_layer):

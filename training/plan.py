@@ -16,11 +16,10 @@ from dataclasses import dataclass, field, replace
 from training.config import SHORTHAND_DEFAULTS, SweepConfig
 from training.members import ARCHS, MemberConfig
 from training.schedules import Schedule, short_run_note
-from training.sweep import build_members, member_name, parse_axis, shorthand_axis
+from training.sweep import build_members, k_axis, member_name, parse_axis, shorthand_axis
 from training.wiring import Wiring
 
 REFERENCE_THRESHOLD = 1e-3  # JumpReLU θ₀ and ε on activations of unit mean squared norm (Rajamanoharan et al. 2024)
-DEFAULT_K_AXIS = (20, 40, 80, 160, 320, 640)  # the TopK family's default axis: the L0 range frontiers are compared on
 
 
 @dataclass(frozen=True)
@@ -92,11 +91,11 @@ def grid_axes(cfg: SweepConfig, arch: str, d_sae: int) -> dict[str, list[float]]
     spec, grid = ARCHS[arch], cfg.grid
     axes = dict(parse_axis(axis) for axis in grid.axes_for(arch))
     coefficient = spec.coefficient
-    if coefficient and coefficient not in axes and (grid.shorthand_asked or getattr(grid, coefficient) is None):
+    if coefficient and coefficient not in axes and getattr(grid, coefficient) is None:
         lo, hi, n = (v if v is not None else d for v, d in zip((grid.l1_min, grid.l1_max, grid.n_models), SHORTHAND_DEFAULTS))
         axes = {**shorthand_axis(spec.knobs, lo, hi, n), **axes}
     if "k" in spec.knobs and "k" not in axes and grid.k is None:
-        axes = {"k": [k for k in DEFAULT_K_AXIS if k <= d_sae] or [d_sae], **axes}
+        axes = {"k": k_axis(spec.k_axis, grid.n_models, d_sae), **axes}
     return axes
 
 
@@ -130,7 +129,8 @@ def _members(cfg: SweepConfig, arch: str, resolved: Resolved, wirings: list[Wiri
     for wiring in wirings:
         base = MemberConfig(d_in=d_in, d_sae=resolved.d_sae, arch=arch, n_sources=len(wiring.inputs), inputs=wiring.inputs,
                             targets=wiring.targets, d_out=d_out if wiring.targets else None, cross_layer=wiring.cross_layer,
-                            skip=cfg.wiring.skip, k=min(grid.k or DEFAULT_K_AXIS[1], resolved.d_sae),
+                            skip=cfg.wiring.skip, k=min(grid.k or spec.k_axis[1], resolved.d_sae),
+                            residual_threshold=grid.residual_threshold,
                             bandwidth=resolved.bandwidth, threshold_init=resolved.threshold_init, p_end=grid.p_end,
                             decoder_init_norm=grid.decoder_init_norm, lr=resolved.lr, grad_clip=resolved.grad_clip,
                             seed=grid.seed, **fixed)

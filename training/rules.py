@@ -4,7 +4,8 @@ instead of branching on its name. A new rule is a new record (and its architectu
 training/members.py's registry).
 
 A record holds:
-  * `forward(d, pre [U, B, F]) → f [U, B, F]`: the training activation;
+  * `forward(d, pre [U, B, F]) → f [U, B, F]`: the training activation; or, for a rule whose
+    codes are no function of one pre-activation (matching pursuit), `encode(d, x [B, C]) → f`;
   * `infer(d, e, units) → InferenceRule`: how an exported member computes f (relu | topk |
     jumprelu | gated, the rules the formats know) and the tensors it needs;
   * `parameters(members, E, G, F) → {name: tensor}`: trained parameters beyond W_enc, b_enc,
@@ -15,7 +16,11 @@ A record holds:
     `unit_rows_at_init` (decoder rows start unit-norm whatever the architecture's norm),
     `batch_wide` (a row's code depends on the other rows of its batch: no data-parallel split),
     `calibrates_at_export` (its inference threshold is calibrated on training rows at the end),
-    `sparse_decode` (may decode only its k active latents);
+    `sparse_decode` (may decode only its k active latents), `signed` (codes may be negative: a
+    latent is active where f ≠ 0), `tied_encoder` (the encoder is the decoder: W_enc and b_enc
+    are neither trained nor exported, decoder rows stay unit-norm in raw units, and the
+    normalisation folds into the codes). Which rules have no transcoder or crosscoder form is
+    training/members.py's SAE_ONLY (checked before torch loads);
   * `exports_as`: the inference rule an export carries (what the formats know: relu | topk |
     jumprelu | gated; batchtopk exports as jumprelu with its calibrated threshold). Where a
     format lacks it (SAELens's and circuit-tracer's transcoders have no topk), the export
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import torch
 from torch import nn
 
+from formats.saelens import matching_pursuit
 from training.kernels import JumpReLU, keep_top
 
 if TYPE_CHECKING:
@@ -42,6 +48,7 @@ class InferenceRule(NamedTuple):
     activation: str
     tensors: dict[str, torch.Tensor]
     k: int | None = None
+    residual_threshold: float | None = None  # matching pursuit: stop a row below this residual norm (raw units)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,9 @@ class ActivationRule:
     batch_wide: bool = False
     calibrates_at_export: bool = False
     sparse_decode: bool = False
+    signed: bool = False
+    tied_encoder: bool = False
+    encode: Callable[["Dictionary", torch.Tensor], torch.Tensor] | None = None
     exports_as: str = ""  # the inference rule `infer` gives (relu | topk | jumprelu | gated); default: its name
 
     def __post_init__(self):
@@ -81,6 +91,15 @@ def _topk(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
 
 def _infer_topk(d: "Dictionary", e: int, units: torch.Tensor) -> InferenceRule:
     return InferenceRule("topk", {}, k=int(d.k[e]))
+
+
+def _abstopk(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
+    # AbsTopK (arXiv 2510.00404): the k largest |pre|, their signs kept, no ReLU
+    return keep_top(pre_UBF, d.per_unit(d.k_active), pre_UBF.abs())
+
+
+def _infer_abstopk(d: "Dictionary", e: int, units: torch.Tensor) -> InferenceRule:
+    return InferenceRule("abstopk", {}, k=int(d.k[e]))
 
 
 def _batchtopk(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
@@ -136,14 +155,33 @@ def _gated_parameters(members: list, E: int, G: int, F: int) -> dict[str, torch.
     return {"r_mag": nn.Parameter(torch.zeros(E, F)), "b_mag": nn.Parameter(torch.zeros(E, F))}
 
 
+# ---------------------------------------------------------------- matching pursuit
+def _matching_pursuit(d: "Dictionary", x_BC: torch.Tensor) -> torch.Tensor:
+    # the pursuit runs on x − b_dec in normalised units; the decoder rows are kept unit-norm
+    x_UBI = d.inputs(x_BC) - d.b_dec.unsqueeze(1)
+    mask_U1F = d.width_mask.unsqueeze(1) if d.masked_widths else None
+    return matching_pursuit(x_UBI, d.W_dec, d.k_active, d.residual_threshold, mask_U1F)
+
+
+def _no_pre_activation(d: "Dictionary", pre_UBF: torch.Tensor) -> torch.Tensor:
+    raise TypeError("matching pursuit codes come from the input (ActivationRule.encode), not one pre-activation")
+
+
+def _infer_matching_pursuit(d: "Dictionary", e: int, units: torch.Tensor) -> InferenceRule:
+    return InferenceRule("matching_pursuit", {}, k=int(d.k[e]), residual_threshold=float(d.residual_threshold[e]))
+
+
 RULES: dict[str, ActivationRule] = {
     "relu": ActivationRule("relu", _relu, _infer_relu),
     "topk": ActivationRule("topk", _topk, _infer_topk, selects_k=True, sparse_decode=True),
+    "abstopk": ActivationRule("abstopk", _abstopk, _infer_abstopk, selects_k=True, signed=True),
     "batchtopk": ActivationRule("batchtopk", _batchtopk, _infer_batchtopk, selects_k=True, batch_wide=True,
                                 calibrates_at_export=True, exports_as="jumprelu"),
     "jumprelu": ActivationRule("jumprelu", _jumprelu, _infer_jumprelu, _jumprelu_parameters, lambda G: G,
                                _jumprelu_after_step, _jumprelu_load, unit_rows_at_init=True),
     "gated": ActivationRule("gated", _gated, _infer_gated, _gated_parameters, lambda G: 2),
+    "matching_pursuit": ActivationRule("matching_pursuit", _no_pre_activation, _infer_matching_pursuit,
+                                       tied_encoder=True, encode=_matching_pursuit),
 }
 
 

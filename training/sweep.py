@@ -22,7 +22,8 @@ from training.members import MemberConfig
 AXES = {"l1": "l1_coeff", "l1_coeff": "l1_coeff", "l0": "l0_coeff", "l0_coeff": "l0_coeff", "k": "k",
         "lr": "lr", "seed": "seed", "bandwidth": "bandwidth", "aux_coeff": "aux_coeff", "d_sae": "d_sae",
         "width": "d_sae", "p_end": "p_end", "threshold_init": "threshold_init",
-        "decoder_init_norm": "decoder_init_norm", "grad_clip": "grad_clip", "preact_coeff": "preact_coeff"}
+        "decoder_init_norm": "decoder_init_norm", "grad_clip": "grad_clip", "preact_coeff": "preact_coeff",
+        "residual_threshold": "residual_threshold"}
 _INT_FIELDS = {"k", "seed", "d_sae"}
 _SHORT = {"l1_coeff": "l1", "l0_coeff": "l0"}  # how an axis appears in member names
 
@@ -83,6 +84,17 @@ def shorthand_axis(arch_knobs: tuple[str, ...], l1_min: float, l1_max: float, n_
         return {}
     values = np.logspace(l1_min, l1_max, n_models) if n_models > 1 else [10**l1_min]
     return {field: [float(v) for v in values]}
+
+
+def k_axis(default: tuple[int, ...], n_models: int | None, d_sae: int) -> list[int]:
+    """An architecture's default k axis up to d_sae; with --n_models, that many values spaced
+    geometrically over the same range (6 over 20 … 640 is the default axis itself)."""
+    top = min(default[-1], d_sae)
+    if n_models is None:
+        return [k for k in default if k <= d_sae] or [d_sae]
+    if n_models == 1 or top <= default[0]:
+        return [min(default[0], d_sae)]
+    return sorted({int(round(k)) for k in np.geomspace(default[0], top, n_models)})
 
 
 def member_name(e: int, member: MemberConfig, axes: list[str], label: str = "", arch: str | None = None) -> str:

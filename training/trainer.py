@@ -268,13 +268,23 @@ def _print_plan(cfg: SweepConfig, parts: list[Part], stream: ActivationStream) -
         r = part.resolved
         lrs = sorted({m.lr for m in part.members})
         lr = f"{lrs[0]:.2g}" if len(lrs) == 1 else f"{lrs[0]:.2g}…{lrs[-1]:.2g}"
-        print(f"{len(part.members)} × {part.arch} on {stream.source}: {r.total_steps} steps of {cfg.data.batch_size} rows, "
+        print(f"{len(part.members)} × {part.arch}{_axes_text(part)} on {stream.source}: {r.total_steps} steps of {cfg.data.batch_size} rows, "
               f"lr {lr} (warm-up {r.lr_warmup_steps} steps, decay from {r.lr_decay_start}), "
               f"sparsity warm-up {r.sparsity_warmup_steps} steps, clip {r.grad_clip}, "
               f"dead after {r.dead_window:,} tokens", flush=True)
         note = part.note(cfg.data.batch_size, stream.n_train)
         if note:
             print(note)
+
+
+def _axes_text(part: Part) -> str:
+    """What its members vary, e.g. " (l1_coeff 1e-04 … 1e-02, k 20 40 80)"; "" for one member."""
+    texts = []
+    for axis in part.axes:
+        values = sorted({getattr(m, axis) for m in part.members})
+        shown = [f"{v:.3g}" for v in values]
+        texts.append(f"{axis} {' '.join(shown) if len(shown) <= 6 else f'{shown[0]} … {shown[-1]}'}")
+    return f" ({', '.join(texts)})" if texts else ""
 
 
 def _default_identity() -> dict:
