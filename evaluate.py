@@ -26,7 +26,7 @@ from evaluation.config import EvalConfig
 @click.option("--browser_rows", type=int, default=None,
               help="Build the browser from the first N training rows [default: the store's held-out rows].")
 @click.option("--browser_format", type=click.Choice(["site", "neuronpedia"]), default="site",
-              help="site: browser/ (static pages); neuronpedia: neuronpedia/<member>/batch-N.json for its upload.")
+              help="site: browser/ (static pages); neuronpedia: neuronpedia/<model>/<source>/, Neuronpedia's bulk-import layout.")
 @click.option("--serve", is_flag=True, help="After writing the browser, serve it on http://127.0.0.1:8000 (Ctrl-C stops).")
 def main(compare: tuple[str, ...], out: str | None, force: bool, browser: bool, browser_rows: int | None,
          browser_format: str, serve: bool, **options) -> None:
@@ -61,7 +61,7 @@ def write_browser(run_dir: str, rows: int | None, form: str, device: str, serve:
     from evaluation.browser import BrowserConfig, build_browser
 
     target = run_or_exit(lambda: build_browser(BrowserConfig(run_dir=run_dir, rows=rows, format=form, device=device)))
-    click.echo(f"browser: open {target / 'index.html'}" if form == "site" else f"neuronpedia batches in {target}")
+    click.echo(f"browser: open {target / 'index.html'}" if form == "site" else f"Neuronpedia import files in {target}")
     if serve and form == "site":
         import functools
         import http.server
