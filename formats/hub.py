@@ -49,15 +49,16 @@ def hub_operations(run_dir: str | Path, repo_id: str) -> list:
     if (run / "report.md").is_file():  # its links point at members/<name>; here the folder is <name>
         report = (run / "report.md").read_text().replace("](members/", "](")
         operations.append(CommitOperationAdd(path_in_repo="report.md", path_or_fileobj=report.encode()))
-    card = model_card(summary, repo_id, plots)
+    saelens = [row["name"] for row in summary["members"] if (run / row["dir"] / "cfg.json").is_file()]
+    card = model_card(summary, repo_id, plots, saelens)
     return operations + [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
 
 
-def model_card(summary: dict, repo_id: str, plots: list[str]) -> str:
-    """README.md of the repository: front matter, what was trained on, the table, a plot, how to load."""
+def model_card(summary: dict, repo_id: str, plots: list[str], saelens: list[str]) -> str:
+    """README.md of the repository: front matter, what was trained on, the table, a plot, how to load.
+    `saelens`: the members SAELens loads (the others are crosscoders)."""
     rows, store = summary["members"], summary["store"]
     archs = sorted({r.get("arch", "relu") for r in rows})
-    saelens = [r["name"] for r in rows if r["dir"].startswith("members/") and "per_source" not in r]
     front = ["---", "library_name: saelens", "tags:", "- sae-sweep", "- saelens", "- sparse-autoencoder",
              *(f"- {a}" for a in archs), "---"]
     lines = [*front, "", f"# {repo_id.split('/')[-1]}", "",

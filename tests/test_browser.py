@@ -193,9 +193,15 @@ def _check_record(record: dict, fields: str) -> None:
             assert record[f[1:].split(":")[0]] is not None
 
 
-def test_neuronpedia_export_has_the_fields_of_its_exporter(run):
+def _jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file, gzip-compressed when its name ends in .gz."""
     import gzip
 
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_neuronpedia_export_has_the_fields_of_its_exporter(run):
     target = build_browser(BrowserConfig(run_dir=str(run), format="neuronpedia", shard_latents=16, hf_repo_id="u/sweep"))
     members = json.loads((run / "sweep.json").read_text())["members"]
     (model_dir,) = target.iterdir()
@@ -203,17 +209,15 @@ def test_neuronpedia_export_has_the_fields_of_its_exporter(run):
     assert sources == sorted(f"1-run__{m['name'].replace('.', '-')}" for m in members)  # {layer}-{set}__{member}
     for member, source in zip(members, sources):
         directory = model_dir / source
-        read = lambda path: [json.loads(line) for line in (gzip.decompress(path.read_bytes()).decode()  # noqa: E731
-                                                           if path.suffix == ".gz" else path.read_text()).splitlines()]
         for name in ("release.jsonl", "model.jsonl", "sourceset.jsonl", "source.jsonl"):
-            (record,) = read(directory / name)
+            (record,) = _jsonl(directory / name)
             _check_record(record, NEURONPEDIA_RECORDS[name])
-        (source_record,) = read(directory / "source.jsonl")
+        (source_record,) = _jsonl(directory / "source.jsonl")
         assert source_record["id"] == source and source_record["hfFolderId"] == member["name"]
         batches = sorted((directory / "features").iterdir())
         assert [p.name for p in batches] == [f"batch-{b}.jsonl.gz" for b in range(len(batches))]
-        features = [f for p in batches for f in read(p)]
-        activations = [a for p in sorted((directory / "activations").iterdir()) for a in read(p)]
+        features = [f for p in batches for f in _jsonl(p)]
+        activations = [a for p in sorted((directory / "activations").iterdir()) for a in _jsonl(p)]
         assert [f["index"] for f in features] == [str(i) for i in range(member["d_sae"])]
         for record in features:
             _check_record(record, NEURONPEDIA_RECORDS["features"])
