@@ -60,13 +60,13 @@ def write_neuronpedia(target: Path, data: list, store, decode, shard: int, set_n
     shared = {"release.jsonl": _release(set_id, len(data), hf_repo_id, created),
               "model.jsonl": _model(model_id, info, created),
               "sourceset.jsonl": _source_set(model_id, set_id, data, created)}
+    layers = [store.source((d.row.get("inputs") or [store.sources[0].name])[0]).layer or 0 for d in data]
+    source_ids = [f"{layer}-{set_id}__{neuronpedia_id(d.row['name'])}" for layer, d in zip(layers, data)]
+    if len(set(source_ids)) < len(source_ids):
+        raise ValueError(f"members of {set_name} share a Neuronpedia source id ({', '.join(source_ids)}): rename them")
     directories = []
-    for d in data:
-        layer = store.source((d.row.get("inputs") or [store.sources[0].name])[0]).layer or 0
-        source_id = f"{layer}-{set_id}__{neuronpedia_id(d.row['name'])}"
+    for d, source_id in zip(data, source_ids):
         directory = target / model_id / source_id
-        if directory in directories:
-            raise ValueError(f"two members become Neuronpedia source {source_id}: rename one")
         directories.append(directory)
         shutil.rmtree(directory, ignore_errors=True)  # a rerun leaves no batch of an earlier one
         records = {**shared, "source.jsonl": _source(model_id, set_id, source_id, d, info, hf_repo_id, created)}
