@@ -2,6 +2,7 @@
 
     python evaluate.py --run_dir runs/l1-sweep --n_sequences 128
     python evaluate.py --compare runs/relu runs/topk --out runs/compared
+    python evaluate.py --run_dir runs/l1-sweep --push USER/NAME     # then upload it to the Hugging Face Hub
 
 Held-out reconstruction metrics (L0, MSE, FVU, explained variance, cosine, L2 ratio, dead and
 dense fractions, per-latent density), the spliced CE/KL with zero- and mean-ablation baselines,
@@ -26,10 +27,13 @@ from evaluation.config import EvalConfig
 @click.option("--browser_rows", type=int, default=None,
               help="Build the browser from the first N training rows [default: the store's held-out rows].")
 @click.option("--browser_format", type=click.Choice(["site", "neuronpedia"]), default="site",
-              help="site: browser/ (static pages); neuronpedia: neuronpedia/<member>/batch-N.json for its upload.")
+              help="site: browser/ (static pages); neuronpedia: neuronpedia/<model>/<source>/, Neuronpedia's bulk-import layout.")
 @click.option("--serve", is_flag=True, help="After writing the browser, serve it on http://127.0.0.1:8000 (Ctrl-C stops).")
+@click.option("--push", default=None, metavar="USER/NAME", callback=lambda ctx, param, value: repo_id_option(value),
+              help="Then upload the run to this Hugging Face Hub repository (members, sweep.json, report.md, plots, "
+                   "a model card); needs a token (HF_TOKEN or `hf auth login`).")
 def main(compare: tuple[str, ...], out: str | None, force: bool, browser: bool, browser_rows: int | None,
-         browser_format: str, serve: bool, **options) -> None:
+         browser_format: str, serve: bool, push: str | None, **options) -> None:
     """Evaluate every member of a sweep and write report.md; or compare several sweeps."""
     import time
     from pathlib import Path
@@ -52,16 +56,43 @@ def main(compare: tuple[str, ...], out: str | None, force: bool, browser: bool, 
     rows = run_or_exit(lambda: evaluate_run(EvalConfig(**options)))
     click.echo(format_table(rows))
     if browser or browser_rows is not None or browser_format != "site":
-        write_browser(options["run_dir"], browser_rows, browser_format, options["device"], serve)
+        write_browser(options["run_dir"], browser_rows, browser_format, options["device"], serve, push)
+    if push:
+        push_to_hub(options["run_dir"], push)
     click.echo(f"\ndone {took(start)}: open {options['run_dir']}/report.md")
 
 
-def write_browser(run_dir: str, rows: int | None, form: str, device: str, serve: bool) -> None:
+def repo_id_option(value: str | None) -> str | None:
+    """--push / --hf_repo_id: USER/NAME as the Hub accepts it, checked before anything runs."""
+    if value is None:
+        return None
+    from formats.hub import check_repo_id
+
+    try:
+        return check_repo_id(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def push_to_hub(run_dir: str, repo_id: str) -> None:
+    """Upload the run (formats/hub.py); a failure is one line and exit code 1, the run left as it is."""
+    from formats.hub import PushError, push_run
+
+    try:
+        url = push_run(run_dir, repo_id)
+    except PushError as err:
+        click.echo(f"error: {err}", err=True)
+        raise SystemExit(1)
+    click.echo(f"pushed to https://huggingface.co/{repo_id} ({url})")
+
+
+def write_browser(run_dir: str, rows: int | None, form: str, device: str, serve: bool, hf_repo_id: str | None = None) -> None:
     """browser/ (or neuronpedia/) beside report.md; --serve opens it over http on 127.0.0.1."""
     from evaluation.browser import BrowserConfig, build_browser
 
-    target = run_or_exit(lambda: build_browser(BrowserConfig(run_dir=run_dir, rows=rows, format=form, device=device)))
-    click.echo(f"browser: open {target / 'index.html'}" if form == "site" else f"neuronpedia batches in {target}")
+    cfg = BrowserConfig(run_dir=run_dir, rows=rows, format=form, device=device, hf_repo_id=hf_repo_id)
+    target = run_or_exit(lambda: build_browser(cfg))
+    click.echo(f"browser: open {target / 'index.html'}" if form == "site" else f"Neuronpedia import files in {target}")
     if serve and form == "site":
         import functools
         import http.server

@@ -24,6 +24,8 @@ setup(
         "click>=8.1",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        # --push / --hf_repo_id upload a run through its HfApi (already installed with datasets and transformers)
+        "huggingface_hub>=0.24",
     ],
     extras_require={
         # GGUF checkpoints (dequantized on load) and the embedded demo model.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import click
 
+from evaluate import repo_id_option
 from evaluation.config import EvalConfig
 from runtime.cli_options import (dataclass_options, dist_timeout_option, field_docs, refuse_if_locked, require_store, run_or_exit,
                                  took)
@@ -31,9 +32,12 @@ from training.config import SweepConfig
               help=field_docs(EvalConfig)["batch_size"].rstrip(".") + " in evaluation.")
 @click.option("--browser", is_flag=True, help="After evaluation, write browser/: a static feature browser of every latent.")
 @click.option("--wandb_project", default=None, help="Log curves and results to this Weights & Biases project (optional).")
+@click.option("--hf_repo_id", default=None, metavar="USER/NAME", callback=lambda ctx, param, value: repo_id_option(value),
+              help="When the run ends, upload it to this Hugging Face Hub repository (members, sweep.json, report.md, "
+                   "plots, a model card); needs a token (HF_TOKEN or `hf auth login`).")
 @dist_timeout_option()
 def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, browser: bool, wandb_project: str | None,
-         dist_timeout: float, **options) -> None:
+         hf_repo_id: str | None, dist_timeout: float, **options) -> None:
     """Train many sparse dictionaries at once on cached activations.
 
     Without options it trains 8 ReLU SAEs (λ 1e-4 … 1e-2) on caches/demo, the store that
@@ -85,6 +89,10 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, browser: boo
         write_browser(out, None, "site", options["device"], serve=False)
     click.echo(f"\ndone {took(start)}: " + (f"members, sweep.csv and report.md in {out} (open {out}/report.md)" if run_eval
                                            else f"members in {out}; evaluate with python evaluate.py --run_dir {out}"))
+    if hf_repo_id:
+        from evaluate import push_to_hub
+
+        push_to_hub(out, hf_repo_id)
 
 
 def _config(options: dict) -> SweepConfig:

@@ -58,7 +58,6 @@ def write_report(out: Path, summary: dict, plots: list[Path]) -> Path:
     """report.md: what was trained on, the members' table, and the plots (relative links)."""
     rows = summary["members"]
     store = summary["store"]
-    columns = _columns(rows)
     lines = [
         f"# Sweep report: {out.name}",
         "",
@@ -71,8 +70,7 @@ def write_report(out: Path, summary: dict, plots: list[Path]) -> Path:
         ev = summary["eval"]
         lines += [f"CE clean {ev['clean_ce']:.4f}, zero ablation {ev['zero_ablation_ce']:.4f}, "
                   f"mean ablation {ev['mean_ablation_ce']:.4f}.", ""]
-    lines += ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r, k, fmt) for k, _, fmt in columns) + " |" for r in rows]
+    lines += markdown_table(rows)
     if any("ce_recovered" in r for r in rows):
         lines += ["", "CE recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean), against zeroing the hook "
                       "(zero abl.) and against setting it to its mean over held-out rows (mean abl., the harder "
@@ -94,6 +92,13 @@ def write_report(out: Path, summary: dict, plots: list[Path]) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    """The members' table as Markdown lines (report.md, the Hub's model card)."""
+    columns = _columns(rows)
+    return (["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + " --- |" * len(columns)]
+            + ["| " + " | ".join(_cell(r, k, fmt) for k, _, fmt in columns) + " |" for r in rows])
 
 
 def _per_source_table(rows: list[dict]) -> list[str]:

@@ -124,15 +124,117 @@ def test_logit_effects_are_the_decoder_through_the_unembedding(run):
     assert torch.equal(by_hand.gather(1, pos_ids), pos_values)
 
 
-def test_neuronpedia_batches_follow_its_upload_layout(run):
-    target = build_browser(BrowserConfig(run_dir=str(run), format="neuronpedia", shard_latents=16))
-    member = json.loads((run / "sweep.json").read_text())["members"][1]["name"]
-    batch = json.loads((target / member / "batch-0.json").read_text())
-    assert set(batch) == {"model_id", "layer", "sae_set", "sae_id_suffix", "features"} and len(batch["features"]) == 16
-    feature = next(f for f in batch["features"] if f["activations"])
-    top = feature["activations"][0]
-    assert top["bin_min"] == -1 and top["tokens"][top["qualifying_token_index"]] and len(top["values"]) == len(top["tokens"])
-    assert 0 < feature["frac_nonzero"] <= 1 and len(feature["pos_str"]) == 10
+# Neuronpedia's bulk-import records, field by field: the dataclasses its exporter writes them from
+# (hijohnnylin/neuronpedia @ ebb8426fc550ad5d1f76d52c271a624af3c08a57,
+# utils/neuronpedia-utils/neuronpedia_utils/db_models/{source_release,model,source_set,source,feature,activation}.py;
+# `convert-saedashboard-to-neuronpedia-export.py` writes each record as the dataclass's __dict__).
+# No installable package carries them (PyPI's `neuronpedia` client and `sae-dashboard` do not), so
+# the names and annotations are copied here; a `!` marks the fields without a default.
+NEURONPEDIA_RECORDS = {
+    "release.jsonl": "!name:str !description:str !creatorName:str !creatorId:str visibility:str isNewUi:bool "
+                     "featured:bool descriptionShort:Optional[str] urls:List[str] creatorEmail:Optional[str] "
+                     "creatorNameShort:Optional[str] defaultSourceSetName:Optional[str] defaultSourceId:Optional[str] "
+                     "defaultUmapSourceIds:List[str] createdAt:datetime",
+    "model.jsonl": "!id:str !instruct:bool !creatorId:str displayNameShort:str displayName:str tlensId:Optional[str] "
+                   "dimension:Optional[int] visibility:str defaultSourceSetName:Optional[str] defaultSourceId:Optional[str] "
+                   "inferenceEnabled:bool layers:int neuronsPerLayer:int createdAt:datetime owner:str updatedAt:datetime "
+                   "website:Optional[str]",
+    "sourceset.jsonl": "!modelId:str !name:str !creatorId:str hasDashboards:bool visibility:str description:str type:str "
+                       "creatorName:str urls:List[str] creatorEmail:Optional[str] releaseName:Optional[str] "
+                       "defaultOfModelId:Optional[str] defaultRange:int defaultShowBreaks:bool showDfa:bool "
+                       "showCorrelated:bool showHeadAttribution:bool showUmap:bool createdAt:datetime",
+    "source.jsonl": "!id:str !modelId:str !setName:str !creatorId:str hasDashboards:bool inferenceEnabled:bool "
+                    "inferenceHosts:List[str] saelensConfig:Optional[str] saelensRelease:Optional[str] "
+                    "saelensSaeId:Optional[str] hfRepoId:Optional[str] hfFolderId:Optional[str] visibility:str "
+                    "defaultOfModelId:Optional[str] hasUmap:bool hasUmapLogSparsity:bool hasUmapClusters:bool "
+                    "num_prompts:Optional[int] num_tokens_in_prompt:Optional[int] dataset:Optional[str] "
+                    "notes:Optional[str] createdAt:datetime",
+    "features": "!modelId:str !layer:str !index:str creatorId:Optional[str] createdAt:datetime maxActApprox:Optional[float] "
+                "hasVector:bool vector:List[float] vectorLabel:Optional[str] vectorDefaultSteerStrength:Optional[float] "
+                "hookName:Optional[str] topkCosSimIndices:List[int] topkCosSimValues:List[float] "
+                "neuron_alignment_indices:List[int] neuron_alignment_values:List[float] neuron_alignment_l1:List[float] "
+                "correlated_neurons_indices:List[int] correlated_neurons_pearson:List[float] "
+                "correlated_neurons_l1:List[float] correlated_features_indices:List[int] "
+                "correlated_features_pearson:List[float] correlated_features_l1:List[float] neg_str:List[str] "
+                "neg_values:List[float] pos_str:List[str] pos_values:List[float] frac_nonzero:float "
+                "freq_hist_data_bar_heights:List[float] freq_hist_data_bar_values:List[float] "
+                "logits_hist_data_bar_heights:List[float] logits_hist_data_bar_values:List[float] "
+                "decoder_weights_dist:List[float] sourceSetName:Optional[str]",
+    "activations": "!id:str !tokens:List[str] !index:str !layer:str !modelId:str !maxValue:float !maxValueTokenIndex:int "
+                   "!minValue:float !values:List[float] !creatorId:str dataSource:Optional[str] dataIndex:Optional[str] "
+                   "dfaValues:List[float] dfaTargetIndex:Optional[int] dfaMaxValue:Optional[float] createdAt:datetime "
+                   "lossValues:List[float] logitContributions:Optional[str] binMin:Optional[float] "
+                   "binMax:Optional[float] binContains:Optional[float] qualifyingTokenIndex:Optional[int] "
+                   "zIndices:Optional[List[List[int]]] zValues:Optional[List[float]]",
+}
+
+
+def _conforms(value, annotation: str) -> bool:
+    """Whether a JSON value fits a db_models annotation (datetimes as ISO strings, as orjson writes them)."""
+    if annotation.startswith("Optional["):
+        return value is None or _conforms(value, annotation[9:-1])
+    if annotation.startswith("List["):
+        return isinstance(value, list) and all(_conforms(v, annotation[5:-1]) for v in value)
+    if annotation == "datetime":
+        from datetime import datetime
+
+        return isinstance(value, str) and datetime.fromisoformat(value) is not None
+    kinds = {"str": str, "bool": bool, "int": int, "float": (int, float)}
+    return isinstance(value, kinds[annotation]) and (annotation == "bool" or not isinstance(value, bool))
+
+
+def _check_record(record: dict, fields: str) -> None:
+    spec = {f.split(":")[0].lstrip("!"): f.split(":", 1)[1] for f in fields.split()}
+    assert set(record) == set(spec), set(record) ^ set(spec)
+    for name, annotation in spec.items():
+        assert _conforms(record[name], annotation), (name, record[name])
+    for f in fields.split():
+        if f.startswith("!"):
+            assert record[f[1:].split(":")[0]] is not None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file, gzip-compressed when its name ends in .gz."""
+    import gzip
+
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_neuronpedia_export_has_the_fields_of_its_exporter(run):
+    target = build_browser(BrowserConfig(run_dir=str(run), format="neuronpedia", shard_latents=16, hf_repo_id="u/sweep"))
+    members = json.loads((run / "sweep.json").read_text())["members"]
+    (model_dir,) = target.iterdir()
+    sources = sorted(p.name for p in model_dir.iterdir())
+    assert sources == sorted(f"1-run__{m['name'].replace('.', '-')}" for m in members)  # {layer}-{set}__{member}
+    for member, source in zip(members, sources):
+        directory = model_dir / source
+        for name in ("release.jsonl", "model.jsonl", "sourceset.jsonl", "source.jsonl"):
+            (record,) = _jsonl(directory / name)
+            _check_record(record, NEURONPEDIA_RECORDS[name])
+        (source_record,) = _jsonl(directory / "source.jsonl")
+        assert source_record["id"] == source and source_record["hfFolderId"] == member["name"]
+        batches = sorted((directory / "features").iterdir())
+        assert [p.name for p in batches] == [f"batch-{b}.jsonl.gz" for b in range(len(batches))]
+        features = [f for p in batches for f in _jsonl(p)]
+        activations = [a for p in sorted((directory / "activations").iterdir()) for a in _jsonl(p)]
+        assert [f["index"] for f in features] == [str(i) for i in range(member["d_sae"])]
+        for record in features:
+            _check_record(record, NEURONPEDIA_RECORDS["features"])
+            assert record["layer"] == source and record["modelId"] == model_dir.name
+        for record in activations:
+            _check_record(record, NEURONPEDIA_RECORDS["activations"])
+            values = record["values"]  # what the exporter derives from the values
+            assert (record["maxValue"], record["minValue"]) == (max(values), min(values))
+            assert record["maxValueTokenIndex"] == values.index(max(values)) and len(values) == len(record["tokens"])
+            assert values[record["qualifyingTokenIndex"]] > 0
+        by_latent = {}
+        for record in activations:
+            by_latent.setdefault(record["index"], []).append(record["maxValue"])
+        for record in features:  # maxActApprox: the largest maxValue of its activations, as the exporter sets it
+            assert record["maxActApprox"] == max(by_latent.get(record["index"], [0.0]))
+        assert len({a["id"] for a in activations}) == len(activations)
+        assert any(f["pos_str"] for f in features) and 0 < max(f["frac_nonzero"] for f in features) <= 1
 
 
 def test_the_browser_in_a_real_browser(run, tmp_path):

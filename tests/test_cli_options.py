@@ -21,9 +21,9 @@ from training.config import SweepConfig
 # Each CLI, its configuration, and the options it adds that are not configuration.
 CLIS = [
     (train_sweep.main, SweepConfig,
-     {"run_eval", "eval_sequences", "eval_batch_size", "browser", "wandb_project", "dist_timeout"}),
+     {"run_eval", "eval_sequences", "eval_batch_size", "browser", "wandb_project", "hf_repo_id", "dist_timeout"}),
     (generate_activations.main, GenerateConfig, {"dist_timeout", "verify"}),
-    (evaluate.main, EvalConfig, {"compare", "out", "force", "browser", "browser_rows", "browser_format", "serve"}),
+    (evaluate.main, EvalConfig, {"compare", "out", "force", "browser", "browser_rows", "browser_format", "serve", "push"}),
     (train_suite.main, SuiteConfig, set()),
 ]
 

@@ -11,8 +11,8 @@ The pass reads the store's held-out rows (`rows=None`; no member trained on them
 them with each member as exported (formats.load_any). Logit effects (each latent's decoder
 direction through the final norm and the unembedding, W_dec[i] · W_U) need only the model's
 weights; a store whose model cannot be loaded gets pages without them, and says so. The site
-(evaluation/browser/site.py) is static and works from file://; `neuronpedia` writes the batch
-files Neuronpedia's upload reads instead (evaluation/browser/neuronpedia.py).
+(evaluation/browser/site.py) is static and works from file://; `neuronpedia` writes Neuronpedia's
+bulk-import layout instead (evaluation/browser/neuronpedia.py).
 """
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ class BrowserConfig:
     sequences_per_batch: int = 8
     """Whole sequences encoded at a time."""
     format: Literal["site", "neuronpedia"] = "site"
-    """The static site (browser/), or Neuronpedia's upload batches (neuronpedia/)."""
+    """The static site (browser/), or Neuronpedia's bulk-import layout (neuronpedia/)."""
+    hf_repo_id: str | None = None
+    """The Hub repository the members are pushed to (USER/NAME): Neuronpedia's source records name it."""
     device: str = "cpu"
 
     def __post_init__(self):
@@ -92,7 +94,8 @@ def build_browser(cfg: BrowserConfig) -> Path:
         if cfg.format == "neuronpedia":
             from evaluation.browser.neuronpedia import write_neuronpedia
 
-            write_neuronpedia(target, data, store, decode, cfg.shard_latents)
+            write_neuronpedia(target, data, store, decode, cfg.shard_latents, set_name=out.resolve().name,
+                              hf_repo_id=cfg.hf_repo_id)
         else:
             from evaluation.browser.site import write_site
 
