@@ -111,7 +111,9 @@ def _compare(run_dirs: tuple[str, ...], out: str | None, force: bool, start: flo
         raise click.UsageError("--compare needs --out DIR for its table and plots")
     from evaluation.compare import compare_runs
 
-    rows = run_or_exit(lambda: compare_runs(list(run_dirs), out, force))
+    rows, unlike = run_or_exit(lambda: compare_runs(list(run_dirs), out, force))
+    for line in unlike:
+        click.echo(line)
     click.echo(f"{len(rows)} members of {len(run_dirs)} runs compared; done {took(start)}: open {out}/compare.md")
 
 

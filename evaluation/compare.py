@@ -7,7 +7,9 @@ compare.csv (every member of every run, with its run and architecture), compare.
 and the plots) and the plots of evaluation/plots.py with one curve per run and architecture:
 L0 against FVU, and L0 against CE recovered with zero and with mean ablation (the pareto plots a
 sweep's report draws for one run). Runs of different models or hooks measure different things:
-they are refused with one line naming the difference, unless `force`.
+they are refused with one line naming the difference, unless `force`. Everything else that makes
+figures not like for like (held-out rows, spliced sequences, steps, widths, stores) is stated, on
+the terminal and in compare.md, and the affected columns are marked †.
 """
 from __future__ import annotations
 
@@ -37,8 +39,45 @@ def what_it_measures(summary: dict) -> dict:
     return {"model": store.get("model"), "hooks": store.get("hooks") or store.get("sources") or [store.get("source")]}
 
 
-def compare_runs(run_dirs: list[str], out: str, force: bool = False) -> list[dict]:
-    """Combine the runs' members into one table and one set of plots in `out`; return the rows."""
+# What can differ between comparable runs: (label, the table columns whose figures it changes).
+_FACETS = {
+    "held_out": ("held-out rows", ("l0", "fvu", "dead_fraction")),
+    "sequences": ("spliced sequences", ("ce_recovered", "ce_recovered_mean_ablation", "kl")),
+    "store": ("store", ()),
+    "steps": ("training steps", ()),
+    "widths": ("widths (d_sae)", ()),
+    "models": ("model", ()),
+    "hooks": ("hooks", ()),
+}
+
+
+def facts(summary: dict) -> dict[str, str]:
+    """What each facet of _FACETS is for one run, as text."""
+    store, members = summary["store"], summary["members"]
+    tokens = sorted({m.get("n_tokens") for m in members if m.get("n_tokens") is not None})
+    held = f"{store.get('eval_rows', '?'):,} rows from sequence {store.get('eval_sequence_start', '?')}" \
+        if isinstance(store.get("eval_rows"), int) else "?"
+    if tokens:
+        held += f", {tokens[0]:,} evaluated" if len(tokens) == 1 else f", {tokens[0]:,}–{tokens[-1]:,} evaluated"
+    spliced = (summary.get("eval") or {}).get("n_sequences")
+    steps = (summary.get("resolved") or {}).get("total_steps")
+    measured = what_it_measures(summary)
+    return {"held_out": held, "sequences": "none" if spliced is None else str(spliced),
+            "store": str(store.get("path")), "steps": "?" if steps is None else f"{steps:,}",
+            "widths": ", ".join(str(w) for w in sorted({m["d_sae"] for m in members if "d_sae" in m})),
+            "models": str(measured["model"]), "hooks": ", ".join(map(str, measured["hooks"]))}
+
+
+def differences(names: list[str], summaries: list[dict]) -> list[tuple[str, list[str]]]:
+    """The facets on which the runs differ: [(facet, ["run: value", …])]."""
+    per_run = [facts(s) for s in summaries]
+    return [(facet, [f"{n}: {f[facet]}" for n, f in zip(names, per_run)])
+            for facet in _FACETS if len({f[facet] for f in per_run}) > 1]
+
+
+def compare_runs(run_dirs: list[str], out: str, force: bool = False) -> tuple[list[dict], list[str]]:
+    """Combine the runs' members into one table and one set of plots in `out`; → the rows, and one
+    line per way in which the runs are not like for like."""
     runs = [(Path(d), load_run(Path(d))) for d in run_dirs]
     if len(runs) < 2:
         raise CompareError("--compare needs at least two run directories")
@@ -60,8 +99,9 @@ def compare_runs(run_dirs: list[str], out: str, force: bool = False) -> list[dic
         writer.writeheader()
         writer.writerows(rows)
     plots = plot_sweep(rows, target, label=lambda r: f"{r['run']}: {r.get('arch', 'relu')}", prefix="compare_")
-    _write_markdown(target / "compare.md", names, [d for d, _ in runs], rows, plots)
-    return rows
+    differ = differences(names, [summary for _, summary in runs])
+    _write_markdown(target / "compare.md", names, [d for d, _ in runs], rows, plots, differ)
+    return rows, [f"not like for like: {_FACETS[facet][0]} differ ({'; '.join(values)})" for facet, values in differ]
 
 
 def _run_names(dirs: list[Path]) -> list[str]:
@@ -70,10 +110,16 @@ def _run_names(dirs: list[Path]) -> list[str]:
     return [f"{d.parent.name}/{d.name}" if names.count(d.name) > 1 else d.name for d in dirs]
 
 
-def _write_markdown(path: Path, names: list[str], dirs: list[Path], rows: list[dict], plots: list[Path]) -> None:
+def _write_markdown(path: Path, names: list[str], dirs: list[Path], rows: list[dict], plots: list[Path],
+                    differ: list[tuple[str, list[str]]]) -> None:
     columns = [("run", "run", "{}"), *(c for c in TABLE if any(c[0] in r for r in rows))]
-    lines = ["# Runs compared", "", *(f"- `{n}`: {d}" for n, d in zip(names, dirs)), "",
-             "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + " --- |" * len(columns)]
+    marked = {key for facet, _ in differ for key in _FACETS[facet][1]}
+    lines = ["# Runs compared", "", *(f"- `{n}`: {d}" for n, d in zip(names, dirs)), ""]
+    if differ:
+        lines += ["## Not like for like", "", "The runs differ in what follows; the columns marked † were measured on "
+                  "different rows or sequences, so their figures are not directly comparable.", ""]
+        lines += [f"- **{_FACETS[facet][0]}**: " + "; ".join(values) for facet, values in differ] + [""]
+    lines += ["| " + " | ".join(h + (" †" if k in marked else "") for k, h, _ in columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(_cell(r, k, fmt) for k, _, fmt in columns) + " |" for r in rows]
     lines += ["", *(f"![{p.stem}]({p.name})" for p in plots)]
     path.write_text("\n".join(lines) + "\n")

@@ -129,3 +129,21 @@ def test_runs_of_different_hooks_are_refused_unless_forced(small_store, tmp_path
     forced = CliRunner().invoke(evaluate.main, ["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
                                                 str(tmp_path / "c"), "--force"])
     assert forced.exit_code == 0, forced.output
+
+
+def test_compare_states_what_differs_and_marks_the_figures_that_are_not_like_for_like(small_store, tmp_path):
+    for name, held_out, width in (("a", "300", "2"), ("b", "100", "4")):
+        args = _args(small_store, tmp_path / name, "--l1_min", "-3", "--l1_max", "-2", "--n_models", "2",
+                     "--eval_sequences", "0")
+        args[args.index("--eval_tokens") + 1] = held_out
+        args[args.index("--ratio") + 1] = width
+        assert CliRunner().invoke(train_sweep.main, args).exit_code == 0
+    compared = CliRunner().invoke(evaluate.main, ["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                                                  str(tmp_path / "c")])
+    assert compared.exit_code == 0, compared.output
+    assert "not like for like: held-out rows differ" in compared.output
+    assert "not like for like: widths (d_sae) differ (a: 64; b: 128)" in compared.output
+    markdown = (tmp_path / "c" / "compare.md").read_text()
+    assert "## Not like for like" in markdown and "| FVU † |" in markdown and "| L0 † |" in markdown
+    assert "**training steps**" in markdown  # more held out, fewer rows to train on
+    assert "spliced sequences" not in markdown and "**model**" not in markdown  # what is alike is not listed
