@@ -18,10 +18,10 @@ from evaluation.config import EvalConfig
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@dataclass_options(EvalConfig, optional=("run_dir",))
+@dataclass_options(EvalConfig, optional=("run_dir",), aliases={"n_sequences": ("--eval_sequences",)})
 @click.option("--compare", "compare", cls=SpaceSeparated, type=str, default=(),
               help="Instead: several finished run directories, drawn in one set of plots and one table (--out).")
-@click.option("--out", default=None, help="With --compare: where compare.md, compare.csv and the plots go.")
+@click.option("--out", "--output_dir", "out", default=None, help="With --compare: where compare.md, compare.csv and the plots go.")
 @click.option("--force", is_flag=True, help="With --compare: compare runs of different models or hooks anyway.")
 @click.option("--browser", is_flag=True, help="Also write browser/: a static feature browser of every latent (file://).")
 @click.option("--browser_rows", type=int, default=None,

@@ -28,7 +28,7 @@ from cache.models import DEMO_LAYER, DEMO_MODEL_NAME
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@dataclass_options(GenerateConfig, off_flags={"exclude_bos": "--include_bos"})
+@dataclass_options(GenerateConfig, off_flags={"exclude_bos": "--include_bos"}, aliases={"out": ("--output_dir",)})
 @dist_timeout_option()
 @click.option("--verify", is_flag=True, help="Check every chunk of the store at --out (presence, size, checksum, finite values) and exit.")
 def main(verify: bool, dist_timeout: float, **options) -> None:

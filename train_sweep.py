@@ -24,10 +24,13 @@ from training.config import SweepConfig
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@dataclass_options(SweepConfig, aliases={"cache": ("--dataset_dir",), "n_models": ("--members",)}, whole_words=("sweep",),
+@dataclass_options(SweepConfig, aliases={"cache": ("--dataset_dir",), "n_models": ("--members",), "output_dir": ("--out",)},
+                   whole_words=("sweep",),
                    extra_choices={"arch": ("clt",)})
 @click.option("--eval/--no_eval", "run_eval", default=True, help="Evaluate the members when training ends.")
-@click.option("--eval_sequences", type=int, default=EvalConfig.n_sequences, help=field_docs(EvalConfig)["n_sequences"])
+@click.option("--eval_sequences", "--n_sequences", "eval_sequences", type=int, default=EvalConfig.n_sequences,
+              help=field_docs(EvalConfig)["n_sequences"])
+@click.option("--eval_budget", type=float, default=EvalConfig.eval_budget, help=field_docs(EvalConfig)["eval_budget"])
 @click.option("--eval_batch_size", type=int, default=EvalConfig.batch_size,
               help=field_docs(EvalConfig)["batch_size"].rstrip(".") + " in evaluation.")
 @click.option("--browser", is_flag=True, help="After evaluation, write browser/: a static feature browser of every latent.")
@@ -36,7 +39,7 @@ from training.config import SweepConfig
               help="When the run ends, upload it to this Hugging Face Hub repository (members, sweep.json, report.md, "
                    "plots, a model card); needs a token (HF_TOKEN or `hf auth login`).")
 @dist_timeout_option()
-def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, browser: bool, wandb_project: str | None,
+def main(run_eval: bool, eval_sequences: int, eval_budget: float, eval_batch_size: int, browser: bool, wandb_project: str | None,
          hf_repo_id: str | None, dist_timeout: float, **options) -> None:
     """Train many sparse dictionaries at once on cached activations.
 
@@ -64,7 +67,8 @@ def main(run_eval: bool, eval_sequences: int, eval_batch_size: int, browser: boo
 
     cfg = run_or_exit(lambda: _config(options))
     out = options["output_dir"]
-    eval_cfg = run_or_exit(lambda: EvalConfig(run_dir=out, n_sequences=eval_sequences, batch_size=eval_batch_size,
+    eval_cfg = run_or_exit(lambda: EvalConfig(run_dir=out, n_sequences=eval_sequences, eval_budget=eval_budget,
+                                              batch_size=eval_batch_size,
                                               device=options["device"], storage_options=cfg.data.storage_options,
                                               cache_dir=cfg.data.cache_dir))
     processes = run_or_exit(lambda: join(dist_timeout))

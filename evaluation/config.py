@@ -17,6 +17,9 @@ class EvalConfig:
     """Output directory of train_sweep.py."""
     n_sequences: int = 64
     """Held-out sequences for spliced CE/KL, which loads the model (0 skips it)."""
+    eval_budget: float = 10.0
+    """Minutes the spliced CE/KL may take: after its first batch it estimates the whole, and splices only as many
+    sequences as fit (the report says how many); 0 lifts the limit."""
     batch_size: int = 8
     """Sequences per model forward pass."""
     row_batch_size: int = 2048
@@ -35,4 +38,6 @@ class EvalConfig:
 
         if self.n_sequences < 0 or self.batch_size < 1 or self.row_batch_size < 1:
             raise ValueError("n_sequences must be ≥ 0, batch sizes positive")
+        if self.eval_budget < 0:
+            raise ValueError(f"--eval_budget must be minutes ≥ 0 (0: no limit), got {self.eval_budget}")
         check_device(self.device)

@@ -63,7 +63,7 @@ def write_report(out: Path, summary: dict, plots: list[Path]) -> Path:
         "",
         f"Source `{store['source']}` of store `{store['path']}`; {len(rows)} members; "
         f"{store.get('eval_rows', '?')} held-out rows for reconstruction metrics"
-        + (f", {summary['eval']['n_sequences']} held-out sequences for CE/KL." if summary.get("eval", {}).get("n_sequences") else "."),
+        + (f", {_spliced(summary['eval'])} for CE/KL." if summary.get("eval", {}).get("n_sequences") else "."),
         "",
     ]
     if "clean_ce" in summary.get("eval", {}):
@@ -123,3 +123,10 @@ def _cell(row: dict, key: str, fmt: str) -> str:
         return "-"
     flag = "!" if key in RECOVERY_KEYS and value < 0 else ""
     return fmt.format(value) + flag
+
+
+def _spliced(evaluation: dict) -> str:
+    """How many held-out sequences the CE/KL figures are over, and how many were asked for where
+    the evaluation budget cut them."""
+    used, asked = evaluation["n_sequences"], evaluation.get("n_sequences_asked", evaluation["n_sequences"])
+    return f"{used} held-out sequences" + (f" (of {asked} asked: the --eval_budget allowed {used})" if used < asked else "")

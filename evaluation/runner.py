@@ -245,14 +245,16 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[LoadedMem
     if clts:  # the replacement model: every MLP output replaced at once, against ablating all of them
         splices = by_model[entries[clts[0][1].targets[0]]["label"]]
         splices.update(_replacement_splices(clts, store, mean_raw))
-    losses, clean_ce = {}, {}
+    losses, clean_ce, used = {}, {}, len(sequences)
     for label, splices in by_model.items():
         model = models[label]
         run = (partial(spliced_losses_hf, model) if model.backend == "transformers" else
                partial(spliced_losses, model.model))
         result = run(sequences, splices, first_pos=first_pos, exclude_tokens=exclude, batch_size=cfg.batch_size,
-                     desc=f"CE/KL, {len(splices)} splices" + (f" of {label}" if len(by_model) > 1 else ""))
-        clean_ce[label] = result.pop("clean")["ce"]
+                     desc=f"spliced CE/KL ({len(splices)} splices per sequence" + (f", {label})" if len(by_model) > 1 else ")"),
+                     budget_s=60 * cfg.eval_budget / len(by_model) if cfg.eval_budget else None)
+        clean = result.pop("clean")
+        clean_ce[label], used = clean["ce"], min(used, clean["sequences"])
         losses.update(result)
     baselines, results = {}, {m.name: {} for m in members}
     for target in targets:
@@ -273,7 +275,7 @@ def _downstream_metrics(cfg: EvalConfig, store, summary, members: list[LoadedMem
         for r, m in clts:
             r["ce_recovered_one_layer_at_a_time"] = r.get("ce_recovered")
             r.update(_against(losses["replacement", m.name], replaced))
-    out = {"n_sequences": len(sequences), **({"replacement_model": replaced} if replaced else {})}
+    out = {"n_sequences": used, "n_sequences_asked": len(sequences), **({"replacement_model": replaced} if replaced else {})}
     if len(targets) == 1:
         return {**out, **baselines[targets[0]]}
     return {**out, "per_source": baselines}

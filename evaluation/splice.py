@@ -27,9 +27,10 @@ Dimension key: b sequences of a batch, M splices stacked, T positions, D d_model
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,33 @@ class Splice:
         return None if any(layer is None for layer in layers) else min(layers)
 
 
+def budgeted_batches(n: int, batch_size: int, budget_s: float | None, what: str, bar) -> Iterator[int]:
+    """The first sequence of each batch of `n`. After the first batch, it says what all of them
+    will take at that pace and, where that passes `budget_s`, stops after as many batches as the
+    budget allows (at least one): so a short run's evaluation cannot dwarf its training."""
+    starts = range(0, n, batch_size)
+    limit, started = len(starts), time.perf_counter()
+    for i, first in enumerate(starts):
+        if i == limit:
+            return
+        yield first
+        if i == 0:
+            per_batch = time.perf_counter() - started
+            if budget_s is not None and per_batch * len(starts) > budget_s:
+                limit = max(1, int(budget_s // per_batch))
+                bar.total = min(n, limit * batch_size)  # the bar counts what will run
+            if bar.disable and limit == len(starts):  # quiet (a library call), and nothing was cut
+                continue
+            bar.write(f"{what}: {n} held-out sequences would take ≈ {_minutes(per_batch * len(starts))} "
+                      f"({per_batch:.1f} s per batch of {batch_size})"
+                      + (f"; the budget of {_minutes(budget_s)} (--eval_budget) allows {min(n, limit * batch_size)}"
+                         if limit < len(starts) else ""))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def single(hook: str, fn: Callable[[torch.Tensor, slice], torch.Tensor]) -> Splice:
     """One hook's activation replaced by fn(activation, batch)."""
     return Splice(((hook, lambda x, recorded, batch: fn(x, batch)),))
@@ -63,18 +91,18 @@ def single(hook: str, fn: Callable[[torch.Tensor, slice], torch.Tensor]) -> Spli
 
 def spliced_losses(model, sequences: torch.Tensor, splices: dict[str, Splice], *, first_pos: int = 0,
                    exclude_tokens: tuple[int, ...] = (), batch_size: int = 8, stack_sequences: int = STACK_SEQUENCES,
-                   desc: str | None = None) -> dict[str, dict[str, float]]:
-    """{"clean": {"ce"}, name: {"ce", "kl"} for each splice}.  sequences [N, T] token ids"""
+                   desc: str | None = None, budget_s: float | None = None) -> dict[str, dict[str, float]]:
+    """{"clean": {"ce", "sequences"}, name: {"ce", "kl"} for each splice}: over the sequences
+    `budget_s` leaves time for (`budgeted_batches`; "sequences" says how many).  sequences [N, T] token ids"""
     sums = {name: torch.zeros(2, dtype=torch.float64) for name in ["clean", *splices]}
-    n_tokens = 0
+    n_tokens = done = 0
     device = model.cfg.device
     by_start = sorted(splices, key=lambda n: _order(splices[n].start_layer()))
     groups = [(start, list(names)) for start, names in groupby(by_start, key=lambda n: splices[n].start_layer())]
     starts = sorted({s for s, _ in groups if s is not None})
-    n_batches = -(-len(sequences) // batch_size)
-    with torch.inference_mode(), tqdm(total=n_batches * len(splices), desc=desc, unit="splice", leave=False,
+    with torch.inference_mode(), tqdm(total=len(sequences), desc=desc, unit="sequence", leave=False,
                                       disable=desc is None) as bar:
-        for first in range(0, len(sequences), batch_size):
+        for first in budgeted_batches(len(sequences), batch_size, budget_s, desc or "spliced CE/KL", bar):
             tokens = sequences[first: first + batch_size].to(device)
             batch = slice(first, first + len(tokens))
             clean_rows = _clean_rows(tokens, first_pos, exclude_tokens)
@@ -99,22 +127,23 @@ def spliced_losses(model, sequences: torch.Tensor, splices: dict[str, Splice], *
                         clean_counted = True
                     for name, values in zip(stack, per_splice):
                         sums[name] += values
-                    bar.update(len(stack))
-    return _means(sums, n_tokens)
+            bar.update(len(tokens))
+            done += len(tokens)
+    return _means(sums, n_tokens, done)
 
 
 def spliced_losses_hf(model, sequences: torch.Tensor, splices: dict[str, Splice], *, first_pos: int = 0,
                       exclude_tokens: tuple[int, ...] = (), batch_size: int = 8,
-                      desc: str | None = None) -> dict[str, dict[str, float]]:
+                      desc: str | None = None, budget_s: float | None = None) -> dict[str, dict[str, float]]:
     """`spliced_losses` for a model run through transformers (cache/hf_models.py's HFModel), whose
     hooks are module paths: one whole forward per splice and batch, with PyTorch forward hooks
     doing what the TransformerLens hooks do (a module's output, its first element when a tuple),
     and the losses from the model's own logits.  sequences [N, T] token ids"""
     sums = {name: torch.zeros(2, dtype=torch.float64) for name in ["clean", *splices]}
-    n_tokens = 0
-    with torch.inference_mode(), tqdm(total=-(-len(sequences) // batch_size) * len(splices), desc=desc, unit="splice",
-                                      leave=False, disable=desc is None) as bar:
-        for first in range(0, len(sequences), batch_size):
+    n_tokens = done = 0
+    with torch.inference_mode(), tqdm(total=len(sequences), desc=desc, unit="sequence", leave=False,
+                                      disable=desc is None) as bar:
+        for first in budgeted_batches(len(sequences), batch_size, budget_s, desc or "spliced CE/KL", bar):
             tokens = sequences[first: first + batch_size].to(model.device)
             batch = slice(first, first + len(tokens))
             clean_rows = _clean_rows(tokens, first_pos, exclude_tokens)
@@ -126,8 +155,9 @@ def spliced_losses_hf(model, sequences: torch.Tensor, splices: dict[str, Splice]
                 lp = _log_probs(model, tokens, _stacked_hooks([splice], len(tokens), first_pos, batch, clean_rows))
                 sums[name][0] += -lp.gather(-1, targets.unsqueeze(-1)).double().sum().cpu()
                 sums[name][1] += (clean_lp.exp() * (clean_lp - lp)).double().sum().cpu()  # KL(clean ‖ spliced)
-                bar.update(1)
-    return _means(sums, n_tokens)
+            bar.update(len(tokens))
+            done += len(tokens)
+    return _means(sums, n_tokens, done)
 
 
 def _clean_rows(tokens: torch.Tensor, first_pos: int, exclude_tokens: tuple[int, ...]) -> torch.Tensor | None:
@@ -137,9 +167,9 @@ def _clean_rows(tokens: torch.Tensor, first_pos: int, exclude_tokens: tuple[int,
     return torch.isin(tokens[:, first_pos:], torch.tensor(exclude_tokens, device=tokens.device)).reshape(-1, 1)
 
 
-def _means(sums: dict[str, torch.Tensor], n_tokens: int) -> dict[str, dict[str, float]]:
+def _means(sums: dict[str, torch.Tensor], n_tokens: int, n_sequences: int) -> dict[str, dict[str, float]]:
     """Per-token CE (and KL for the splices) from the float64 sums over `n_tokens` predicted tokens."""
-    out = {"clean": {"ce": sums["clean"][0].item() / n_tokens}}
+    out = {"clean": {"ce": sums["clean"][0].item() / n_tokens, "sequences": n_sequences}}
     out.update({name: {"ce": s[0].item() / n_tokens, "kl": s[1].item() / n_tokens} for name, s in sums.items() if name != "clean"})
     return out
 

@@ -21,7 +21,7 @@ from training.config import SweepConfig
 # Each CLI, its configuration, and the options it adds that are not configuration.
 CLIS = [
     (train_sweep.main, SweepConfig,
-     {"run_eval", "eval_sequences", "eval_batch_size", "browser", "wandb_project", "hf_repo_id", "dist_timeout"}),
+     {"run_eval", "eval_sequences", "eval_budget", "eval_batch_size", "browser", "wandb_project", "hf_repo_id", "dist_timeout"}),
     (generate_activations.main, GenerateConfig, {"dist_timeout", "verify"}),
     (evaluate.main, EvalConfig, {"compare", "out", "force", "browser", "browser_rows", "browser_format", "serve", "push"}),
     (train_suite.main, SuiteConfig, set()),
@@ -57,3 +57,20 @@ def test_flags_on_by_default_or_decided_later_keep_their_off_switches():
 def test_the_model_help_names_the_demo_that_runs_without_a_model():
     model = next(p for p in generate_activations.main.params if p.name == "model")
     assert f"demo model {DEMO_MODEL_NAME} (GGUF), layer {DEMO_LAYER}]" in model.help
+
+
+@pytest.mark.parametrize("main, concept, names, required", [
+    (train_sweep.main, "eval_sequences", ("--eval_sequences", "--n_sequences"), []),
+    (evaluate.main, "n_sequences", ("--eval_sequences", "--n_sequences"), ["--run_dir", "r"]),
+    (train_sweep.main, "output_dir", ("--output_dir", "--out"), []),
+    (evaluate.main, "out", ("--output_dir", "--out"), ["--run_dir", "r"]),
+    (generate_activations.main, "out", ("--output_dir", "--out"), []),
+    (train_suite.main, "output_dir", ("--output_dir", "--out"), ["--cache", "c"]),
+])
+def test_one_concept_has_the_same_names_in_every_cli(main, concept, names, required):
+    """Where the output goes and how many held-out sequences are spliced: both spellings work in
+    every CLI that has the concept (one is the old name, kept as an alias)."""
+    for name in names:
+        value = "7" if "sequences" in name else "somewhere"
+        parsed = main.make_context(main.name, [*required, name, value]).params
+        assert str(parsed[concept]) == value, name

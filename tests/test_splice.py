@@ -107,6 +107,21 @@ def test_prefix_sharing_stacked_chunked_losses_equal_full_forwards(soft_cap, mon
     assert unexcluded["sae_a@1"]["kl"] != pytest.approx(expected["sae_a@1"]["kl"], rel=1e-3)
 
 
+def test_the_budget_says_what_the_whole_would_take_and_splices_only_what_fits(capsys):
+    model = tiny_model()
+    sequences = torch.randint(0, 64, (7, 12), generator=torch.Generator().manual_seed(2))
+    splices = some_splices(16)
+    capped = spliced_losses(model, sequences, splices, batch_size=3, budget_s=1e-9, desc="CE/KL")
+    said = capsys.readouterr()
+    assert "CE/KL: 7 held-out sequences would take ≈" in said.out + said.err
+    assert "(--eval_budget) allows 3" in said.out + said.err
+    first_batch = straightforward(model, sequences[:3], splices, first_pos=0, exclude_tokens=(), batch_size=3)
+    assert capped["clean"]["sequences"] == 3
+    assert capped["sae_a@1"]["kl"] == pytest.approx(first_batch["sae_a@1"]["kl"], rel=1e-6)
+    whole = spliced_losses(model, sequences, splices, batch_size=3, budget_s=3600.0, desc="CE/KL")
+    assert whole["clean"]["sequences"] == 7 and "allows" not in capsys.readouterr().out
+
+
 def test_no_splices_gives_the_clean_loss():
     model = tiny_model()
     sequences = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(3))
