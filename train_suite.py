@@ -18,7 +18,7 @@ from suite.config import SuiteConfig
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@dataclass_options(SuiteConfig, whole_words=("sweep",), aliases={"output_dir": ("--out",)})
+@dataclass_options(SuiteConfig, whole_words=("sweep",), aliases={"output_dir": ("--out",), "eval_sequences": ("--n_sequences",)})
 def main(**options) -> None:
     """Train a sparsely connected suite: per-layer attention SAEs and MLP transcoders, connections, fine-tuning."""
     import time
