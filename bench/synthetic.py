@@ -33,7 +33,7 @@ from bench.quality import KNOB, Replay, at_equal_l0, held_out_rows, plans, run_o
 from bench.references import fit_saelens
 from runtime.cli_options import SpaceSeparated
 
-ARCHS = ("topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated")
+ARCHS = ("topk", "abstopk", "batchtopk", "matryoshka", "matching_pursuit", "relu", "jumprelu", "gated")
 SOURCE = "synthetic"
 DATA_SEED = 1_000  # the synthetic model's seed is the trainers' + this (see synthetic_model)
 HELD_OUT = 4096  # rows the store holds out (train_sweep's FVU; at most a tenth of the store)
