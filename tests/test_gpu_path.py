@@ -1,6 +1,6 @@
 """The GPU path, tested on the CPU: precision as a recorded choice (bf16 autocast agrees with
-fp32), torch.compile agrees with eager, groups sized from the device's free memory, both TopK
-decodes give the same members, and bench.gpu_suite's smoke run."""
+fp32), torch.compile agrees with eager, groups limited by the device's free memory and sized by
+their measured cost, both TopK decodes give the same members, and bench.gpu_suite's smoke run."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import train_sweep
-from training.ensemble import Ensemble, group_size, time_topk_decodes
+from training.ensemble import Ensemble, candidate_group_sizes, choose_group_size, group_size, time_topk_decodes
 from training.memory import step_bytes_per_member
 from training.members import MemberConfig
 
@@ -93,6 +93,35 @@ def test_gpu_groups_are_sized_from_the_free_memory_and_an_impossible_sweep_is_re
     assert group_size(members, 4096, cuda, free_bytes=10**13) == 64  # everything fits: one group
     with pytest.raises(ValueError, match="do not fit on cuda"):
         group_size(members, 4096, cuda, free_bytes=int(weights / 0.8))  # the state alone fills it
+
+
+def test_groups_take_the_size_whose_measured_cost_per_member_is_lowest():
+    """On a fake cost model: one member per group where bigger groups cost more per member (a
+    CPU's caches overflowing), every member in one group where they cost less (a GPU filling up),
+    the middle where it is cheapest; never more than the memory limit, and nothing timed at 1."""
+    def cost(per_member):
+        asked = []
+
+        def seconds_per_member(sizes):
+            asked.extend(sizes)
+            return {g: per_member(g) for g in sizes}
+        return seconds_per_member, asked
+
+    growing, _ = cost(lambda g: 1.0 + 0.1 * g)
+    shrinking, asked = cost(lambda g: 1.0 / g)
+    assert choose_group_size(16, growing) == 1
+    assert choose_group_size(16, shrinking) == 16 and asked == [1, 4, 16] == candidate_group_sizes(16)
+    assert choose_group_size(9, cost(lambda g: abs(g - 3) + 1.0)[0]) == 3
+    assert choose_group_size(5, shrinking) == 5  # the limit memory sets, not every member
+    untimed, asked = cost(lambda g: 1.0)
+    assert choose_group_size(1, untimed) == 1 and asked == []
+
+
+def test_an_ensemble_times_its_groups_once_per_batch_size_unless_told():
+    x = _rows()
+    timed, fixed = Ensemble(_members("relu", 4)), Ensemble(_members("relu", 4), member_chunk=3)
+    timed.step(x), fixed.step(x)
+    assert timed.group_sizes[256] in candidate_group_sizes(4) and fixed.group_sizes == {256: 3}
 
 
 def test_the_gpu_suite_runs_at_toy_sizes():
