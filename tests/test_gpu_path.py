@@ -128,6 +128,20 @@ def test_the_gpu_suite_runs_at_toy_sizes():
     done = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--smoke", "--device", "cpu"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for part in ("(a) ensemble", "(b) 16 relu", "(b) 4 topk", "(c) seed demo job, fp32", "(c) seed demo job, bf16",
+    for part in ("(a) ensemble", "(b) 16 relu SAEs from a store: ours", "(b) 16 relu SAEs: SAELens MultiSAETrainer",
+                 "(b) 4 topk SAEs: SAELens MultiSAETrainer", "(c) seed demo job, fp32", "(c) seed demo job, bf16",
                  "(d) waiting", "(e) caching"):
         assert part in done.stdout, part
+    assert "× SAELens MultiSAETrainer" in done.stdout and "rounds)" in done.stdout
+
+
+def test_the_training_throughput_bench_runs_against_saelens_multi_sae_trainer_at_toy_size():
+    """Every variant, SAELens's MultiSAETrainer among them, timed in interleaved rounds, and the
+    peak RSS of each from its own child process."""
+    done = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--arch", "topk"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line.split("  ")[0]: line.split() for line in done.stdout.splitlines() if line.startswith("(")}
+    assert {"(a) ours, vectorised", "(b) ours, sequential", "(d) SAELens MultiSAETrainer"} <= set(rows)
+    assert all(float(row[-2].replace(",", "")) > 100 for name, row in rows.items() if name.startswith("(d)"))  # MiB
+    assert "vectorised / SAELens MultiSAETrainer" in done.stdout
