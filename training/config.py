@@ -281,8 +281,8 @@ class SweepConfig:
     """TopK members' decode: the k active decoder rows gathered (sparse) or a dense product [default: sparse on a CPU,
     on a GPU whichever a timed step finds faster]."""
     group_members: int | None = None
-    """Members per forward/backward group (the results do not depend on it) [default: timed on the first batch: of 1,
-    a middle number and as many as fit in memory, the cheapest per member]."""
+    """Members per forward/backward group (members never interact: it changes speed and memory only) [default: timed
+    on the first batch: of 1, a middle number and as many as fit in memory, the cheapest per member]."""
 
     def __post_init__(self):
         from runtime.devices import check_device
