@@ -132,7 +132,7 @@ def test_the_gpu_suite_runs_at_toy_sizes():
                  "(b) 4 topk SAEs: SAELens MultiSAETrainer", "(c) seed demo job, fp32", "(c) seed demo job, bf16",
                  "(d) waiting", "(e) caching"):
         assert part in done.stdout, part
-    assert "× SAELens MultiSAETrainer" in done.stdout and "rounds)" in done.stdout
+    assert "rounds) SAELens MultiSAETrainer" in done.stdout  # the median ratio with its spread
 
 
 def test_the_training_throughput_bench_runs_against_saelens_multi_sae_trainer_at_toy_size():
