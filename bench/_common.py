@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: wall-clock timing, peak-RSS sampling and plain-text tables.
+"""Helpers shared by the benchmarks: wall-clock timing (sides interleaved round by round, their
+ratio as a median with its spread), peak-RSS sampling and plain-text tables.
 
 Imported by bench/train_throughput.py and bench/cache_throughput.py; not a script. Peak memory is
 the process's resident set size sampled by a background thread (psutil), so it includes
@@ -9,13 +10,14 @@ memory column is left empty.
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 try:
     import psutil
@@ -82,6 +84,41 @@ def run_measured(command: list[str], cwd: str | os.PathLike | None = None) -> tu
         if status != 0:
             raise SystemExit(f"{' '.join(map(str, command))[:300]} failed:\n{err.read().decode(errors='replace')[-3000:]}")
         return out.read().decode(errors="replace"), seconds, usage.ru_maxrss * 1024  # KiB on Linux
+
+
+def interleaved(sides: dict[str, Callable[[int], object]], rounds: int,
+                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds of each side in each round: round r runs every side once (`side(r)`), the order
+    rotating from round to round (A B, B A, …), so a slow spell of a shared machine falls on
+    every side alike. `sync` waits for the device before each clock reading."""
+    names, seconds = list(sides), {name: [] for name in sides}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync()
+            start = time.perf_counter()
+            sides[name](r)
+            sync()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """How many times faster one side ran than another, round by round (`interleaved`)."""
+
+    values: tuple[float, ...]
+
+    @classmethod
+    def of(cls, slower: list[float], faster: list[float]) -> "Ratio":
+        """Per round: the seconds of `slower` ÷ those of `faster` (> 1: `faster` is faster)."""
+        return cls(tuple(s / f for s, f in zip(slower, faster)))
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f}× (min {min(self.values):.2f}, max {max(self.values):.2f}, {len(self.values)} rounds)"
 
 
 class Stopwatch:

@@ -5,8 +5,10 @@
     python -m bench.gpu_suite --device cpu    # smaller sizes a 2-core CPU measures in minutes
 
     (a) ensemble vs one member at a time: 16 ReLU SAEs, d 512 × 4,096, the same batches
-    (b) ours vs SAELens, from an on-disk store: 16 ReLU SAEs and 4 TopK SAEs (SAELens's SAETrainer.step,
-        one SAE after another, on the batches our stream reads)
+    (b) ours vs SAELens, from an on-disk store: 16 ReLU SAEs and 4 TopK SAEs, on the batches our stream
+        reads, against SAELens's MultiSAETrainer (its fit(), all SAEs in lockstep) and, as in earlier
+        runs, its SAETrainer.step one SAE after another; peak RSS of each side run alone in a child
+        process (bench.train_throughput --only, in-memory batches of the same size; host memory on a GPU too)
     (c) the seed demo's job (5 architectures × 6 sparsities, 16,384 latents, d 512) on 5M tokens,
         extrapolated to 50M, at each precision: its TFLOP/s against the GPU's dense peak
     (d) the fraction of step time the training loop waits for the prefetch thread (a local store)
@@ -15,7 +17,9 @@
     (g) --compile against eager, for 16 ReLU and 4 TopK SAEs (compilation itself is not timed)
     (h) the TopK decode, sparse and dense, against the encoder's GEMM alone (4 TopK SAEs, k 32)
 
-FLOPs of a step are counted as 6·B·I·F per member for the dense products (encoder and decoder,
+(a) and (b) time their sides in rounds, the order alternating (A B, B A, …), and print the
+median ratio over the rounds with its minimum and maximum (a shared machine's slow spells fall
+on both sides alike). FLOPs of a step are counted as 6·B·I·F per member for the dense products (encoder and decoder,
 forward and backward), so TFLOP/s is useful work, not kernel work. Peaks are the dense fp32 /
 tf32 / bf16 rates of the GPU's data sheet (PEAKS); an unknown GPU prints none.
 """
@@ -26,12 +30,13 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import click
 import numpy as np
 import torch
 
-from bench._common import format_table, track_rss
+from bench._common import Ratio, format_table, interleaved, track_rss
 from training.ensemble import Ensemble, matmul_precision
 from training.members import MemberConfig
 
@@ -39,9 +44,12 @@ from training.members import MemberConfig
 PEAKS = {"H200": (67, 495, 989), "H100": (67, 495, 989), "A100": (19.5, 156, 312), "L40S": (91.6, 183, 366),
          "RTX 4090": (82.6, 82.6, 165), "RTX 3090": (35.6, 35.6, 71), "L4": (30.3, 60, 121), "A10": (31.2, 62.5, 125)}
 # smoke: toy sizes for CI; cpu: sizes a 2-core CPU measures in minutes; cuda: the issue's sizes
-SIZES = {"smoke": {"d": 32, "F": 128, "batch": 256, "steps": 2, "demo_F": 128, "gen_tokens": 2_000, "smoke": True},
-         "cpu": {"d": 256, "F": 2048, "batch": 1024, "steps": 4, "demo_F": 2048, "gen_tokens": 20_000, "smoke": False},
-         "cuda": {"d": 512, "F": 4096, "batch": 4096, "steps": 20, "demo_F": 16_384, "gen_tokens": 200_000,
+# (a) and (b) time `rounds` rounds of `steps` steps per side
+SIZES = {"smoke": {"d": 32, "F": 128, "batch": 256, "steps": 2, "rounds": 2, "demo_F": 128, "gen_tokens": 2_000,
+                   "smoke": True},
+         "cpu": {"d": 256, "F": 2048, "batch": 1024, "steps": 2, "rounds": 5, "demo_F": 2048, "gen_tokens": 20_000,
+                 "smoke": False},
+         "cuda": {"d": 512, "F": 4096, "batch": 4096, "steps": 20, "rounds": 5, "demo_F": 16_384, "gen_tokens": 200_000,
                   "smoke": False}}
 SEED_DEMO = {"archs": ("relu", "jumprelu", "batchtopk", "topk", "gated"), "per_arch": 6, "d_sae": 16_384, "d": 512}
 
@@ -88,17 +96,37 @@ def random_batches(n: int, batch: int, d: int, device: torch.device) -> list[tor
     return out
 
 
+def warmed(ensembles: list[Ensemble], x: torch.Tensor) -> list[Ensemble]:
+    """`ensembles` after one untimed step each (allocations, Adam state, the group sizing)."""
+    for e in ensembles:
+        e.step(x)
+    return ensembles
+
+
+def rounds_of(sides: dict[str, Callable[[torch.Tensor], object]], s: dict, batches: list[torch.Tensor],
+              device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each side per round, every side stepping on every batch each round (`interleaved`)."""
+    return interleaved({name: lambda r, step=step: [step(x) for x in batches] for name, step in sides.items()},
+                       s["rounds"], lambda: sync(device))
+
+
 def part_a(s: dict, device: torch.device) -> list[list]:
     members = [MemberConfig(d_in=s["d"], d_sae=s["F"], l1_coeff=1e-3 * (i + 1), lr=1e-3, seed=i) for i in range(16)]
     batches = random_batches(s["steps"], s["batch"], s["d"], device)
-    with peak_memory(device) as mem_e:
-        together = timed_steps([Ensemble(members, device)], batches, device)
-    with peak_memory(device) as mem_s:
-        alone = timed_steps([Ensemble([m], device) for m in members], batches, device)
-    tokens = 16 * s["steps"] * s["batch"]
-    return [["(a) ensemble, 16 ReLU SAEs", f"{tokens / together:,.0f}", f"{alone / together:.2f}× one at a time",
-             _mib(mem_e["bytes"])],
-            ["(a) one at a time, 16 ReLU SAEs", f"{tokens / alone:,.0f}", "1.00×", _mib(mem_s["bytes"])]]
+    memory = {}
+    for side, build in (("alone", lambda: [Ensemble([m], device) for m in members]),
+                        ("together", lambda: [Ensemble(members, device)])):
+        with peak_memory(device) as memory[side]:  # each side alone in memory while measured
+            warmed(build(), batches[0])
+    alone = warmed([Ensemble([m], device) for m in members], batches[0])
+    (together,) = warmed([Ensemble(members, device)], batches[0])
+    seconds = rounds_of({"together": together.step, "alone": lambda x: [e.step(x) for e in alone]}, s, batches, device)
+    tokens = 16 * s["steps"] * s["batch"] * s["rounds"]
+    groups = together.group_sizes[s["batch"]]
+    return [[f"(a) ensemble, 16 ReLU SAEs (groups of {groups})", f"{tokens / sum(seconds['together']):,.0f}",
+             f"{Ratio.of(seconds['alone'], seconds['together'])} one at a time", _mib(memory["together"]["bytes"])],
+            ["(a) one at a time, 16 ReLU SAEs", f"{tokens / sum(seconds['alone']):,.0f}", "1.00×",
+             _mib(memory["alone"]["bytes"])]]
 
 
 def synthetic_store(path: Path, rows: int, d: int, chunk_rows: int) -> Path:
@@ -122,7 +150,7 @@ def synthetic_store(path: Path, rows: int, d: int, chunk_rows: int) -> Path:
 
 
 def part_b(s: dict, device: torch.device, store: Path) -> list[list]:
-    from bench.train_throughput import BenchConfig, saelens_step_fn
+    from bench.train_throughput import BenchConfig, make_members, peak_rss, saelens_multi_steps, saelens_steps
     from store.zarr_store import ActivationStore
     from store.stream import ActivationStream, StreamConfig
 
@@ -130,22 +158,23 @@ def part_b(s: dict, device: torch.device, store: Path) -> list[list]:
     batches = [x for _, x in zip(range(s["steps"] + 1), stream.train_batches(0))]
     rows = []
     for arch, n, F in (("relu", 16, s["F"]), ("topk", 4, 4 * s["F"])):
-        members = [MemberConfig(d_in=s["d"], d_sae=F, arch=arch, k=32, l1_coeff=1e-3, lr=1e-3, seed=i) for i in range(n)]
-        ours = timed_steps([Ensemble(members, device)], batches[1:], device)
-        cfg = BenchConfig(arch=arch, k=32, d_in=s["d"], d_sae=F, batch_size=s["batch"], n_members=n, steps=s["steps"],
-                          warmup=1, lr=1e-3, device=str(device))
-        steps = [saelens_step_fn(cfg, m) for m in members]
-        for step in steps:
+        cfg = BenchConfig(arch=arch, k=32, d_in=s["d"], d_sae=F, batch_size=s["batch"], n_members=n,
+                          steps=s["steps"] * s["rounds"], warmup=1, lr=1e-3, device=str(device))
+        members = make_members(cfg)
+        (ours,) = warmed([Ensemble(members, device)], batches[0])
+        single, (multi,) = saelens_steps(cfg, members), saelens_multi_steps(cfg, members)
+        for step in single + [multi]:
             step(batches[0])
-        sync(device)
-        start = time.perf_counter()
-        for x in batches[1:]:
-            for step in steps:
-                step(x)
-        sync(device)
-        theirs = time.perf_counter() - start
-        rows.append([f"(b) {n} {arch} SAEs from a store: ours / SAELens", f"{n * s['steps'] * s['batch'] / ours:,.0f}",
-                     f"{theirs / ours:.2f}× SAELens", ""])
+        seconds = rounds_of({"ours": ours.step, "multi": multi, "single": lambda x: [step(x) for step in single]},
+                            s, batches[1:], device)
+        tokens = n * s["steps"] * s["batch"] * s["rounds"]
+        peaks = {key: peak_rss(cfg, key)[0] for key in ("a", "d")}
+        rows += [[f"(b) {n} {arch} SAEs from a store: ours", f"{tokens / sum(seconds['ours']):,.0f}",
+                  f"{Ratio.of(seconds['multi'], seconds['ours'])} SAELens MultiSAETrainer", _mib(peaks["a"])],
+                 [f"(b) {n} {arch} SAEs: SAELens MultiSAETrainer", f"{tokens / sum(seconds['multi']):,.0f}", "1.00×",
+                  _mib(peaks["d"])],
+                 [f"(b) {n} {arch} SAEs: SAELens SAETrainer, one after another", f"{tokens / sum(seconds['single']):,.0f}",
+                  f"ours {Ratio.of(seconds['single'], seconds['ours'])}", ""]]
     return rows
 
 

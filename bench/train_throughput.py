@@ -1,4 +1,4 @@
-"""Training throughput of N SAEs of one architecture, in token·SAEs/s, up to three ways on the same data.
+"""Training throughput of N SAEs of one architecture, in token·SAEs/s, up to four ways on the same data.
 
     python -m bench.train_throughput                  # ReLU: d_in 512, d_sae 4096, batch 4096, N=8
     python -m bench.train_throughput --arch topk      # TopK k=32: d_in 512, d_sae 16384, batch 4096, N=2
@@ -18,25 +18,27 @@ normalised Gaussian rows (mean norm √d_in), in this one process:
                    after another by SAELens's own `SAETrainer` (skipped when sae_lens is not
                    installed): `StandardTrainingSAE` ("standard") for --arch relu,
                    `TopKTrainingSAE` ("topk") for --arch topk; the other architectures are
-                   measured against (b) only.
+                   measured against (b) only. Kept for comparison with earlier runs.
+  (d) MultiSAE     the same N SAELens SAEs trained by SAELens's `MultiSAETrainer`, its way of
+                   training several SAEs on one stream: one `SAETrainer` per SAE, stepped in
+                   lockstep by its `fit()` loop (a loop over the SAEs, not vectorised).
 
 Ours is built only through `MemberConfig(arch=..., k=..., l1_coeff=..., lr=...)` and
 `Ensemble(members).step(x)`; nothing here depends on how our TopK computes its step (dense or
-sparse decode), so the numbers follow whatever `training/` does when the script runs. Ours on a
-CPU runs the forward/backward in groups of members (`Ensemble.member_chunk`, ~64 MB of [B, F]
-activations per group, as of this writing): at d_sae 16384 × batch 4096 one member's dense
-activations are 256 MB, so the "vectorised" ensemble then steps one member at a time and
-(a) ≈ (b) is expected. The header names the `training/` code that ran (commit, uncommitted
-changes, a hash of dictionary.py + ensemble.py).
+sparse decode) or how the ensemble groups its members (it times a few group sizes on its first
+batch and keeps the cheapest per member), so the numbers follow whatever `training/` does when
+the script runs. The header names the `training/` code that ran (commit, uncommitted changes,
+a hash of dictionary.py + ensemble.py).
 
 All models of all variants are built first, and each takes `--warmup` untimed steps
-(first-step allocations, Adam state). Then every timed batch goes through every variant (the
-vectorised ensemble's one step; each one-at-a-time model's step in turn), the order of the
-variants rotating from batch to batch, so a slow spell of a shared machine hits all variants
-alike. token·SAEs/s = timed steps × batch × N / that variant's timed seconds. Ratios between
-variants are printed because absolute numbers depend on the machine and its load. (The one-at-
-a-time variants compute exactly what training the N models one after another computes; only
-the order of the steps differs.)
+(first-step allocations, Adam state, our group sizing). Then the timed batches are rounds: each
+goes through every variant (the vectorised ensemble's one step; each one-at-a-time model's step
+in turn), the order of the variants rotating from round to round (A B C D, B C D A, …), so a
+slow spell of a shared machine hits every variant alike. token·SAEs/s = timed steps × batch × N
+/ that variant's timed seconds. The ratio of two variants is computed per round and printed as
+the median with its minimum and maximum over the rounds; absolute numbers depend on the
+machine and its load. (The one-at-a-time variants compute exactly what training the N models
+one after another computes; only the order of the steps differs.)
 
 How (c) is driven: an `SAETrainer` is built per SAE exactly as SAELens's runner builds it
 (torch Adam, constant lr scheduler, coefficient schedulers, no autocast, no wandb), and each
@@ -44,7 +46,12 @@ step runs the body of `SAETrainer.fit()`'s loop: `maybe_reset_sparsity()`, the p
 `step(batch)` seam (activation scaler → `_train_step`: `training_forward_pass`, firing
 statistics, backward, grad-norm clipping to 1, Adam step, zero_grad, scheduler steps), then
 `n_training_steps += 1`. Only `fit()`'s wandb logging, checkpointing and progress bar are left
-out (all of them off or no-ops in this configuration). Both sides get `normalize_activations=
+out (all of them off or no-ops in this configuration). (d) is driven through
+`MultiSAETrainer.fit()` itself, as `MultiSAETrainingRunner.run()` drives it, with a data
+provider that yields the bench's batch under one hook name for every SAE; each timed step is
+one call of `fit()` with `total_training_samples` raised by one batch (so its per-call
+epilogue, folding no scaling factor and writing the SAEs' final metadata, is timed too; it
+touches [F] vectors only). Both sides get `normalize_activations=
 "none"` (the data is already normalised, as ours is), the same lr, and the Adam betas of our
 architecture: (0.9, 0.99) for relu, (0.9, 0.999) for topk (SAELens's default). The two
 implementations still differ per step in what each library does; those differences are part of
@@ -73,20 +80,23 @@ what each library costs per step, so they stay:
         (SAELens dead_feature_window=0, ours `Ensemble(dead_tokens=batch)`), so the AuxK top-k
         and decode run whenever some latent stayed silent in the previous batch.
 
-Memory: the process RSS is sampled (psutil) while each variant is built and warmed up, smallest
-footprint first; "RSS growth" is its rise over the RSS before that variant, i.e. its models plus
-one step's working memory (for the one-at-a-time variants, all N models but one step at a time).
-Tensors this large are returned to the OS when freed, so one variant's memory does not hide the
-next's; still, read it as an estimate. This does not measure data loading (the batches are in
-memory), accuracy, or GPU throughput (it runs on whatever device `--device` names, CPU by default).
+Memory: after the timed rounds each variant is run again alone in a child process of this
+script (`--only`, one warm-up and one timed step, the same sizes), and its peak resident set
+(the child's own ru_maxrss) is reported, with its growth over the child's RSS once its imports
+are done (torch, and sae_lens for (c) and (d)): the models, Adam state and one step's working
+memory, our group-size trial included. This does not measure data loading (the batches are in
+memory), accuracy, or GPU throughput (it runs on whatever device `--device` names, CPU by
+default).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import math
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -96,7 +106,7 @@ import torch
 if not __package__:  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import RssPeak, Stopwatch, format_table, mib, track_rss  # noqa: E402
+from bench._common import Ratio, format_table, interleaved, mib, run_measured  # noqa: E402
 from training.members import ARCHS as OUR_ARCHS  # noqa: E402
 from training.members import MemberConfig  # noqa: E402
 from training.ensemble import Ensemble  # noqa: E402
@@ -131,26 +141,15 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class Result:
-    name: str
     n_saes: int
     batch_size: int
-    steps: int  # timed steps per SAE
-    seconds: float  # timed seconds, all SAEs together
-    rss: RssPeak
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Rows of data consumed per second (each SAE sees every row)."""
-        return self.steps * self.batch_size / self.seconds
+    seconds: list[float]  # per timed round, all SAEs together
+    peak: tuple[int, int] | None = None  # (peak RSS, its growth over the imports) of a child running it alone
 
     @property
     def token_saes_per_s(self) -> float:
-        return self.tokens_per_s * self.n_saes
-
-    @property
-    def seconds_per_step(self) -> float:
-        """Seconds for one batch through all N SAEs."""
-        return self.seconds / self.steps
+        """Rows consumed per second (each SAE sees every row) × SAEs."""
+        return len(self.seconds) * self.batch_size * self.n_saes / sum(self.seconds)
 
 
 def make_batches(n: int, batch_size: int, d_in: int, device: str, seed: int = 0) -> list[torch.Tensor]:
@@ -190,11 +189,9 @@ StepFn = Callable[[torch.Tensor], object]
 class Variant:
     """One way of training the N SAEs: the step functions that together train all N on a batch."""
 
-    name: str
+    key: str  # a, b, c or d (VARIANTS)
     n_saes: int
-    steps: list[StepFn]  # one per model: 1 for the ensemble, N for one-at-a-time training
-    rss: RssPeak = field(default_factory=RssPeak)  # during build + warm-up
-    watch: Stopwatch = field(default_factory=Stopwatch)  # timed steps only
+    steps: list[StepFn]  # one per model: 1 for an ensemble or a MultiSAETrainer, N for one-at-a-time training
 
     def step_all(self, x: torch.Tensor) -> None:
         for step in self.steps:
@@ -253,28 +250,35 @@ def saelens_sae(cfg: BenchConfig, member: MemberConfig):
     )
 
 
+def saelens_trainer_config(cfg: BenchConfig, member: MemberConfig):
+    """SAELens's trainer configuration for `member`, as its runner fills it in (no wandb, no checkpoints)."""
+    from sae_lens.config import SAETrainerConfig
+
+    beta1, beta2 = our_betas(member)
+    return SAETrainerConfig(
+        total_training_samples=(cfg.warmup + cfg.steps) * cfg.batch_size,
+        train_batch_size_samples=cfg.batch_size,
+        lr=member.lr,
+        lr_end=member.lr / 10,  # what LanguageModelSAERunnerConfig fills in
+        adam_beta1=beta1,
+        adam_beta2=beta2,
+        device=cfg.device,
+        **({"dead_feature_window": 0} if cfg.force_auxk else {}),
+    )
+
+
+def seeded_saelens_sae(cfg: BenchConfig, member: MemberConfig):
+    torch.manual_seed(member.seed)  # SAELens initialises from the global generator
+    return saelens_sae(cfg, member)
+
+
 def saelens_step_fn(cfg: BenchConfig, member: MemberConfig) -> StepFn:
     """One SAELens `SAETrainer` for `member`, returned as the body of its `fit()` loop."""
-    from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    torch.manual_seed(member.seed)  # SAELens initialises from the global generator
-    sae = saelens_sae(cfg, member)
-    beta1, beta2 = our_betas(member)
-    trainer = SAETrainer(
-        cfg=SAETrainerConfig(
-            total_training_samples=(cfg.warmup + cfg.steps) * cfg.batch_size,
-            train_batch_size_samples=cfg.batch_size,
-            lr=member.lr,
-            lr_end=member.lr / 10,  # what LanguageModelSAERunnerConfig fills in
-            adam_beta1=beta1,
-            adam_beta2=beta2,
-            device=cfg.device,
-            **({"dead_feature_window": 0} if cfg.force_auxk else {}),
-        ),
-        sae=sae,
-        data_provider=iter(()),  # batches are handed to step() directly
-    )
+    sae = seeded_saelens_sae(cfg, member)
+    trainer = SAETrainer(cfg=saelens_trainer_config(cfg, member), sae=sae,
+                         data_provider=iter(()))  # batches are handed to step() directly
     sae.to(cfg.device)  # as fit() does
 
     def step(x: torch.Tensor) -> object:
@@ -290,28 +294,84 @@ def saelens_steps(cfg: BenchConfig, members: list[MemberConfig]) -> list[StepFn]
     return [saelens_step_fn(cfg, member) for member in members]
 
 
-def build_and_warm_up(name: str, build: Callable[[], list[StepFn]], n_saes: int, warmup: list[torch.Tensor]) -> Variant:
-    """Build a variant's models and give each the untimed warm-up steps, tracking RSS meanwhile."""
-    with track_rss() as rss:
-        variant = Variant(name, n_saes, build())
-        for x in warmup:
-            variant.step_all(x)
-    variant.rss = rss
+def saelens_multi_steps(cfg: BenchConfig, members: list[MemberConfig]) -> list[StepFn]:
+    """SAELens's `MultiSAETrainer` over all N SAEs, as one step function: each call runs its
+    `fit()` for one more batch (the batch it is given, under one hook name for every SAE)."""
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+    saes = {f"sae_{i}": seeded_saelens_sae(cfg, m) for i, m in enumerate(members)}
+    batch: list[torch.Tensor] = []
+
+    def provider():
+        while True:
+            yield {"hook": batch[-1]}
+
+    multi = MultiSAETrainer(cfg=saelens_trainer_config(cfg, members[0]), saes=saes,
+                            hook_names=dict.fromkeys(saes, "hook"), data_provider=provider())
+
+    def step(x: torch.Tensor) -> object:
+        batch[:] = [x]
+        multi.cfg = replace(multi.cfg, total_training_samples=multi.n_training_samples + len(x))
+        with contextlib.redirect_stderr(io.StringIO()):  # fit()'s progress bar, opened once per call here
+            return multi.fit()
+
+    return [step]
+
+
+VARIANTS: dict[str, tuple[str, Callable[[BenchConfig, list[MemberConfig]], list[StepFn]]]] = {
+    "a": ("(a) ours, vectorised", vectorised_steps),
+    "b": ("(b) ours, sequential", sequential_steps),
+    "c": ("(c) SAELens SAETrainer, sequential", saelens_steps),
+    "d": ("(d) SAELens MultiSAETrainer", saelens_multi_steps),
+}
+
+
+def build_and_warm_up(key: str, cfg: BenchConfig, members: list[MemberConfig], warmup: list[torch.Tensor]) -> Variant:
+    """Build a variant's models and give each the untimed warm-up steps."""
+    variant = Variant(key, len(members), VARIANTS[key][1](cfg, members))
+    for x in warmup:
+        variant.step_all(x)
     return variant
 
 
-def run_timed(variants: list[Variant], batches: list[torch.Tensor]) -> None:
-    """Each timed batch goes through every variant, the variants' order rotating from batch to batch,
-    so a slow spell of the machine falls on all of them alike."""
-    for i, x in enumerate(batches):
-        k = i % len(variants)
-        for variant in variants[k:] + variants[:k]:
-            with variant.watch:
-                variant.step_all(x)
+def run_timed(variants: list[Variant], batches: list[torch.Tensor]) -> dict[str, list[float]]:
+    """Seconds of each variant per timed batch, the variants' order rotating from batch to batch (`interleaved`)."""
+    return interleaved({v.key: lambda r, v=v: v.step_all(batches[r]) for v in variants}, len(batches))
 
 
-def to_result(variant: Variant, cfg: BenchConfig) -> Result:
-    return Result(variant.name, variant.n_saes, cfg.batch_size, cfg.steps, variant.watch.seconds, variant.rss)
+def child_command(cfg: BenchConfig, key: str) -> list[str]:
+    """This script training variant `key` alone at `cfg`'s sizes: one warm-up and one timed step."""
+    command = [sys.executable, "-m", "bench.train_throughput", "--only", key, "--arch", cfg.arch, "--k", str(cfg.k),
+               "--d_in", str(cfg.d_in), "--d_sae", str(cfg.d_sae), "--batch_size", str(cfg.batch_size),
+               "--n_members", str(cfg.n_members), "--steps", "1", "--warmup", "1", "--lr", str(cfg.lr),
+               "--device", cfg.device, "--n_sources", str(cfg.n_sources)]
+    return command + (["--widths", ",".join(map(str, cfg.widths))] if cfg.widths else []) \
+        + (["--force_auxk"] if cfg.force_auxk else [])
+
+
+def peak_rss(cfg: BenchConfig, key: str) -> tuple[int, int]:
+    """(peak RSS, its growth over the peak once the imports are done) of variant `key` run alone
+    in a child process, as the child reads its own high-water mark (VmHWM: unlike the
+    ru_maxrss wait4 reports, it does not start from the parent's RSS at the fork)."""
+    out = run_measured(child_command(cfg, key), cwd=Path(__file__).resolve().parents[1])[0]
+    marks = dict(line.split() for line in out.splitlines() if line.startswith("vmhwm_"))
+    return int(marks["vmhwm_end"]), int(marks["vmhwm_end"]) - int(marks["vmhwm_imports"])
+
+
+def high_water_mark() -> int:
+    """This process's peak resident set so far, in bytes (Linux's VmHWM)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
+def run_alone(key: str, cfg: BenchConfig, members: list[MemberConfig], batches: list[torch.Tensor]) -> None:
+    """The child of `peak_rss`: train the variant alone, printing the peak RSS once its libraries
+    are imported and at the end."""
+    if key in ("c", "d"):
+        import sae_lens.training.multi_sae_trainer  # noqa: F401
+    print(f"vmhwm_imports {high_water_mark()}")
+    build_and_warm_up(key, cfg, members, batches[:cfg.warmup]).step_all(batches[-1])
+    print(f"vmhwm_end {high_water_mark()}")
 
 
 def our_code_version() -> str:
@@ -344,24 +404,20 @@ def saelens_version() -> str | None:
     return sae_lens.__version__
 
 
-def print_report(results: list[Result]) -> None:
-    header = ["variant", "SAEs", "timed steps", "s/step (all SAEs)", "tokens/s", "token·SAEs/s", "warm-up RSS growth MiB"]
-    rows = [
-        [r.name, r.n_saes, r.steps, f"{r.seconds_per_step:.3f}", f"{r.tokens_per_s:,.0f}",
-         f"{r.token_saes_per_s:,.0f}", mib(r.rss.growth)]
-        for r in results
-    ]
+def print_report(results: dict[str, Result]) -> None:
+    header = ["variant", "SAEs", "timed steps", "median s/step (all SAEs)", "token·SAEs/s", "peak RSS MiB",
+              "growth over imports MiB"]
+    rows = [[VARIANTS[key][0], r.n_saes, len(r.seconds), f"{sorted(r.seconds)[len(r.seconds) // 2]:.3f}",
+             f"{r.token_saes_per_s:,.0f}", mib(r.peak and r.peak[0]), mib(r.peak and r.peak[1])]
+            for key, r in sorted(results.items())]
     print()
     print(format_table(header, rows))
-    by_name = {r.name[:3]: r for r in results}
-    vec = by_name["(a)"]
     print()
-    for key, label in (("(b)", "vectorised / sequential (ours)"), ("(c)", "vectorised / SAELens")):
-        if key in by_name:
-            print(f"{label:32s} {vec.token_saes_per_s / by_name[key].token_saes_per_s:6.2f}x  (token·SAEs/s)")
-    if "(b)" in by_name and "(c)" in by_name:
-        ratio = by_name["(b)"].token_saes_per_s / by_name["(c)"].token_saes_per_s
-        print(f"{'sequential (ours) / SAELens':32s} {ratio:6.2f}x  (one SAE at a time, both)")
+    for fast, slow, label in (("a", "b", "vectorised / sequential (ours)"), ("a", "c", "vectorised / SAELens SAETrainer"),
+                              ("a", "d", "vectorised / SAELens MultiSAETrainer"),
+                              ("b", "c", "sequential (ours) / SAELens SAETrainer")):
+        if fast in results and slow in results:
+            print(f"{label:38s} {Ratio.of(results[slow].seconds, results[fast].seconds)}  (token·SAEs/s, per round)")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -371,7 +427,7 @@ def print_report(results: list[Result]) -> None:
 @click.option("--d_sae", type=int, default=None, show_default="4096 relu, 16384 topk", help="Latents per SAE.")
 @click.option("--batch_size", type=int, default=4096, help="Rows per step.")
 @click.option("--n_members", type=int, default=None, show_default="8 relu, 2 topk", help="SAEs trained (N).")
-@click.option("--steps", type=int, default=3, help="Timed steps per SAE.")
+@click.option("--steps", type=int, default=5, help="Timed steps per SAE (rounds of the interleaved timing).")
 @click.option("--warmup", type=int, default=1, help="Untimed steps per SAE before the timed ones.")
 @click.option("--lr", type=float, default=1e-4, help="Adam learning rate of every SAE.")
 @click.option("--device", default="cpu", help="Torch device.")
@@ -381,14 +437,16 @@ def print_report(results: list[Result]) -> None:
 @click.option("--n_sources", type=int, default=1, help="Crosscoders: sources read side by side (rows are n_sources × d_in wide).")
 @click.option("--widths", default="", help="Comma-separated d_sae values: a width sweep (members cycle through them).")
 @click.option("--quick", is_flag=True, help="Tiny sizes (k ≤ 8) and one timed step (smoke test); overrides the sizes.")
+@click.option("--only", type=click.Choice(list(VARIANTS)), default=None, hidden=True,
+              help="Train this variant alone and print the RSS after its imports (the memory measurement's child).")
 def main(arch, k, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, skip_saelens, force_auxk, n_sources,
-         widths, quick) -> None:
-    """Token·SAEs/s of our vectorised ensemble vs sequential training vs SAELens's trainer."""
+         widths, quick, only) -> None:
+    """Token·SAEs/s of our vectorised ensemble vs sequential training vs SAELens's trainers."""
     d_sae = DEFAULTS.get(arch, OTHER_DEFAULT)[0] if d_sae is None else d_sae
     n_members = DEFAULTS.get(arch, OTHER_DEFAULT)[1] if n_members is None else n_members
     width_list = tuple(int(w) for w in widths.split(",") if w.strip())
     if quick:
-        d_in, d_sae, batch_size, n_members, steps, warmup = 32, 128, 256, 3, 1, 1
+        d_in, d_sae, batch_size, n_members, steps, warmup = 32, 128, 256, 3, 2, 1
         k = min(k, 8)
         width_list = tuple(min(w, d_sae) for w in width_list)
     if width_list:
@@ -402,8 +460,11 @@ def main(arch, k, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device,
     cfg = BenchConfig(arch, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device, k, force_auxk, width_list,
                       n_sources)
     baseline = arch in SAELENS_BASELINES and not width_list and n_sources == 1
-    version = None if skip_saelens or not baseline else saelens_version()
     members = make_members(cfg)
+    batches = make_batches(warmup + steps, batch_size, d_in * n_sources, device)
+    if only:
+        return run_alone(only, cfg, members, batches)
+    version = None if skip_saelens or not baseline else saelens_version()
     arch_desc = f"arch={arch}" + (f" k={k}" if "k" in OUR_ARCHS[arch].knobs else "") + (" force_auxk" if force_auxk else "")
     arch_desc += f" widths={','.join(map(str, width_list))}" if width_list else ""
     arch_desc += f" n_sources={n_sources}" if n_sources > 1 else ""
@@ -411,19 +472,15 @@ def main(arch, k, d_in, d_sae, batch_size, n_members, steps, warmup, lr, device,
           f"lr={lr} adam_betas={our_betas(members[0])} torch {torch.__version__} threads={torch.get_num_threads()} "
           f"warmup={warmup} timed steps={steps} (per SAE) sae_lens={version or 'not run'}")
     print(our_code_version())
-    batches = make_batches(warmup + steps, batch_size, d_in * n_sources, device)
-    warm, timed = batches[:warmup], batches[warmup:]
-    # Smallest per-step footprint first, so each variant's RSS growth is its own.
-    plan = [("(b) ours, sequential", sequential_steps), ("(a) ours, vectorised", vectorised_steps)]
-    if version is not None:
-        plan.insert(1, ("(c) SAELens SAETrainer, sequential", saelens_steps))
-    elif not skip_saelens and baseline:
-        print("note: sae_lens is not installed; variant (c) skipped")
-    variants = [build_and_warm_up(name, lambda build=build: build(cfg, members), n_members, warm) for name, build in plan]
-    run_timed(variants, timed)
-    results = sorted((to_result(v, cfg) for v in variants), key=lambda r: r.name)
-    print_report(results)
-
+    if version is None and not skip_saelens and baseline:
+        print("note: sae_lens is not installed; variants (c) and (d) skipped")
+    keys = ["a", "b"] + (["c", "d"] if version is not None else [])
+    variants = [build_and_warm_up(key, cfg, members, batches[:warmup]) for key in keys]
+    ensemble = variants[0].steps[0].__self__  # (a)'s one step function is its Ensemble.step
+    print(f"(a) steps its {n_members} members in groups of {ensemble.group_sizes[batch_size]}")
+    seconds = run_timed(variants, batches[warmup:])
+    del variants
+    print_report({key: Result(n_members, batch_size, seconds[key], peak_rss(cfg, key)) for key in keys})
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """The GPU path, tested on the CPU: precision as a recorded choice (bf16 autocast agrees with
-fp32), torch.compile agrees with eager, groups sized from the device's free memory, both TopK
-decodes give the same members, and bench.gpu_suite's smoke run."""
+fp32), torch.compile agrees with eager, groups limited by the device's free memory and sized by
+their measured cost, both TopK decodes give the same members, and bench.gpu_suite's smoke run."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import train_sweep
-from training.ensemble import Ensemble, group_size, time_topk_decodes
+from training.ensemble import Ensemble, candidate_group_sizes, choose_group_size, group_size, time_topk_decodes
 from training.memory import step_bytes_per_member
 from training.members import MemberConfig
 
@@ -95,10 +95,53 @@ def test_gpu_groups_are_sized_from_the_free_memory_and_an_impossible_sweep_is_re
         group_size(members, 4096, cuda, free_bytes=int(weights / 0.8))  # the state alone fills it
 
 
+def test_groups_take_the_size_whose_measured_cost_per_member_is_lowest():
+    """On a fake cost model: one member per group where bigger groups cost more per member (a
+    CPU's caches overflowing), every member in one group where they cost less (a GPU filling up),
+    the middle where it is cheapest; never more than the memory limit, and nothing timed at 1."""
+    def cost(per_member):
+        asked = []
+
+        def seconds_per_member(sizes):
+            asked.extend(sizes)
+            return {g: per_member(g) for g in sizes}
+        return seconds_per_member, asked
+
+    growing, _ = cost(lambda g: 1.0 + 0.1 * g)
+    shrinking, asked = cost(lambda g: 1.0 / g)
+    assert choose_group_size(16, growing) == 1
+    assert choose_group_size(16, shrinking) == 16 and asked == [1, 4, 16] == candidate_group_sizes(16)
+    assert choose_group_size(9, cost(lambda g: abs(g - 3) + 1.0)[0]) == 3
+    assert choose_group_size(5, shrinking) == 5  # the limit memory sets, not every member
+    untimed, asked = cost(lambda g: 1.0)
+    assert choose_group_size(1, untimed) == 1 and asked == []
+
+
+def test_an_ensemble_times_its_groups_once_per_batch_size_unless_told():
+    x = _rows()
+    timed, fixed = Ensemble(_members("relu", 4)), Ensemble(_members("relu", 4), member_chunk=3)
+    timed.step(x), fixed.step(x)
+    assert timed.group_sizes[256] in candidate_group_sizes(4) and fixed.group_sizes == {256: 3}
+
+
 def test_the_gpu_suite_runs_at_toy_sizes():
     done = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--smoke", "--device", "cpu"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for part in ("(a) ensemble", "(b) 16 relu", "(b) 4 topk", "(c) seed demo job, fp32", "(c) seed demo job, bf16",
+    for part in ("(a) ensemble", "(b) 16 relu SAEs from a store: ours", "(b) 16 relu SAEs: SAELens MultiSAETrainer",
+                 "(b) 4 topk SAEs: SAELens MultiSAETrainer", "(c) seed demo job, fp32", "(c) seed demo job, bf16",
                  "(d) waiting", "(e) caching"):
         assert part in done.stdout, part
+    assert "rounds) SAELens MultiSAETrainer" in done.stdout  # the median ratio with its spread
+
+
+def test_the_training_throughput_bench_runs_against_saelens_multi_sae_trainer_at_toy_size():
+    """Every variant, SAELens's MultiSAETrainer among them, timed in interleaved rounds, and the
+    peak RSS of each from its own child process."""
+    done = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--arch", "topk"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line.split("  ")[0]: line.split() for line in done.stdout.splitlines() if line.startswith("(")}
+    assert {"(a) ours, vectorised", "(b) ours, sequential", "(d) SAELens MultiSAETrainer"} <= set(rows)
+    assert all(float(row[-2].replace(",", "")) > 100 for name, row in rows.items() if name.startswith("(d)"))  # MiB
+    assert "vectorised / SAELens MultiSAETrainer" in done.stdout

@@ -22,7 +22,7 @@ from training.sweep import axis_scope, parse_axis
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
 RUNTIME_FIELDS = ("output_dir", "device", "overwrite", "checkpoint_every", "prefetch", "storage_options", "cache_dir",
-                  "data_parallel", "break_lock", "compile", "topk_decode")
+                  "data_parallel", "break_lock", "compile", "topk_decode", "group_members")
 SHORTHAND_DEFAULTS = (-4.0, -2.0, 8)  # --l1_min, --l1_max, --n_models when the shorthand applies by default
 
 
@@ -295,6 +295,9 @@ class SweepConfig:
     topk_decode: Literal["auto", "sparse", "dense"] = "auto"
     """TopK members' decode: the k active decoder rows gathered (sparse) or a dense product [default: sparse on a CPU,
     on a GPU whichever a timed step finds faster]."""
+    group_members: int | None = None
+    """Members per forward/backward group (members never interact: it changes speed and memory only) [default: timed
+    on the first batch: of 1, a middle number and as many as fit in memory, the cheapest per member]."""
 
     def __post_init__(self):
         from runtime.devices import check_device
@@ -302,6 +305,8 @@ class SweepConfig:
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint_every must be positive, got {self.checkpoint_every}")
         check_device(self.device)
+        if self.group_members is not None and self.group_members < 1:
+            raise ValueError(f"--group_members must be positive, got {self.group_members}")
         if self.precision == "tf32" and not self.device.startswith("cuda"):
             raise ValueError(f"--precision tf32 is a CUDA matmul mode; on {self.device} use fp32 (or bf16)")
         archs = self.grid.arch

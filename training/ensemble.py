@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
+import time
+from functools import partial
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +21,8 @@ from torch.func import functional_call
 
 from training.dictionary import Dictionary, Stats, default_columns
 from training.members import MemberConfig
+
+K = TypeVar("K")
 
 
 class BatchedAdam:
@@ -74,7 +78,7 @@ class StepOutput(NamedTuple):
     l0: torch.Tensor  # [E]
 
 
-GPU_HEADROOM = 0.8  # of a GPU's free memory a sweep plans to use (the allocator, kernels' workspaces keep the rest)
+HEADROOM = 0.8  # of a device's free memory a sweep plans to use (the allocator, kernels' workspaces keep the rest)
 
 
 def cuda_free_bytes(device: torch.device) -> int:
@@ -86,39 +90,77 @@ def cuda_free_bytes(device: torch.device) -> int:
 
 def group_size(members: list[MemberConfig], batch_size: int, device: torch.device, member_chunk: int | None = None,
                free_bytes: int | None = None, resident_bytes: int | None = None) -> int:
-    """Members per forward/backward group. On a GPU: as many as fit in GPU_HEADROOM of its free
-    memory (`free_bytes`, default what CUDA reports) beside `resident_bytes` still to be placed
-    there (default every member's weights, gradients and Adam moments); a sweep that cannot fit
-    one member's step is refused. On a CPU: as many as keep one group's [B, F] activations near
-    64 MB (beyond that, caches overflow and it runs slower)."""
-    from training.memory import parameter_count, step_bytes_per_member
+    """The most members one forward/backward group may hold: as many as fit in HEADROOM of the
+    device's free memory (`free_bytes`, default what CUDA reports, or the host's available
+    memory) beside `resident_bytes` still to be placed there (default every member's weights,
+    gradients and Adam moments); a sweep that cannot fit one member's step is refused. Which
+    size up to this one runs fastest is measured (`choose_group_size`)."""
+    from training.memory import available_bytes, parameter_count, step_bytes_per_member
 
     if member_chunk is not None:
         return member_chunk
     per_member = step_bytes_per_member(members, batch_size)
-    if device.type == "cuda":
-        free = free_bytes if free_bytes is not None else cuda_free_bytes(device)
-        resident = resident_bytes if resident_bytes is not None else 16 * parameter_count(members)
-        room = GPU_HEADROOM * free - resident
-        if room < per_member:
-            raise ValueError(f"{len(members)} × {members[0].arch} ({max(m.d_sae for m in members):,} latents) do not fit on "
-                             f"{device}: {free / 2**30:.1f} GiB free, {resident / 2**30:.1f} GiB for the weights and "
-                             f"Adam, {per_member / 2**30:.2f} GiB for one member's step: fewer members per process "
-                             "(torchrun), fewer latents or a smaller --batch_size")
-        return max(1, min(len(members), int(room // per_member)))
-    bytes_per_member = batch_size * max(m.d_sae for m in members) * members[0].n_groups * 4
-    return max(1, (64 * 2**20) // bytes_per_member)
+    free = free_bytes if free_bytes is not None else (cuda_free_bytes(device) if device.type == "cuda"
+                                                      else available_bytes(device))
+    if free is None:
+        return len(members)
+    resident = resident_bytes if resident_bytes is not None else 16 * parameter_count(members)
+    room = HEADROOM * free - resident
+    if room < per_member:
+        raise ValueError(f"{len(members)} × {members[0].arch} ({max(m.d_sae for m in members):,} latents) do not fit on "
+                         f"{device}: {free / 2**30:.1f} GiB free, {resident / 2**30:.1f} GiB for the weights and "
+                         f"Adam, {per_member / 2**30:.2f} GiB for one member's step: fewer members per process "
+                         "(torchrun), fewer latents or a smaller --batch_size")
+    return max(1, min(len(members), int(room // per_member)))
+
+
+def candidate_group_sizes(limit: int) -> list[int]:
+    """The group sizes a run times: one member, the geometric middle and `limit`."""
+    return sorted({1, round(math.sqrt(limit)), limit})
+
+
+def choose_group_size(limit: int, seconds_per_member: Callable[[list[int]], dict[int, float]]) -> int:
+    """Of `candidate_group_sizes(limit)`, the one whose step costs least per member, as
+    `seconds_per_member` (sizes → seconds of a group's forward/backward ÷ its members) measures."""
+    if limit <= 1:
+        return 1
+    cost = seconds_per_member(candidate_group_sizes(limit))
+    return min(cost, key=cost.get)
+
+
+def time_best(calls: dict[K, Callable[[], object]], device: torch.device, repeats: int = 3) -> dict[K, float]:
+    """Seconds of each call: the best of `repeats` rounds after a warm-up call each, the calls
+    taking turns within a round (their order rotating), so a slow spell of a shared machine
+    falls on all of them alike."""
+    def timed(call: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    keys = list(calls)
+    for key in keys:
+        calls[key]()
+    best = dict.fromkeys(keys, math.inf)
+    for r in range(repeats):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            best[key] = min(best[key], timed(calls[key]))
+    return best
 
 
 class Ensemble:
     """E members of one architecture, trained together on shared batches (members of different
     widths as masks inside the widest, see training.dictionary).
 
-    The forward/backward runs over groups of `member_chunk` members at a time (the optimiser
-    step always covers all of them). On a GPU groups are as large as its free memory allows;
-    on a CPU the [E, B, F] intermediates of a whole ensemble overflow the caches, and groups of
-    a few members (about 64 MB of activations each, the default there) run faster. The result
-    does not depend on the grouping: members never interact.
+    The forward/backward runs over groups of members (the optimiser step always covers all of
+    them). Larger groups are not always faster: on a CPU the [E, B, F] intermediates of a whole
+    ensemble overflow the caches. So unless `member_chunk` fixes it, the group size is measured
+    on the first batch of each size: the forward/backward of 1, a middle number and as many
+    members as memory allows is timed, and the cheapest per member is kept (`choose_group_size`).
+    The result does not depend on the grouping: members never interact.
     """
 
     def __init__(self, members: list[MemberConfig], device: str | torch.device = "cpu", member_chunk: int | None = None,
@@ -166,19 +208,12 @@ class Ensemble:
         the optimiser step, so a step is applied whole or not at all. Data-parallel: x is this
         rank's part of a batch of `batch_rows` rows."""
         params = dict(self.dictionary.named_parameters())
-        buffers = dict(self.dictionary.named_buffers())
         for p in params.values():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         outputs, stats = [], []
-        for group in self._groups(len(x_BC)):
-            # Detached slices are leaves of their own: the backward of one group writes only
-            # that group's gradients, with no full-size zero-filled gradient per group.
-            leaves = {n: p[group].detach().requires_grad_() for n, p in params.items()}
-            with self._autocast():
-                out = self._forward({**leaves, **{n: b[group] for n, b in buffers.items()}}, x_BC)
-            # a tied encoder (matching pursuit) leaves W_enc, b_enc out of the loss: zero gradient
-            grads = torch.autograd.grad(out.total.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True)
+        for group in self._groups(x_BC):
+            out, grads = self._loss_and_grads(group, x_BC)
             for p, g in zip(params.values(), grads):
                 p.grad[group] = g
             outputs.append(StepOutput(out.total.detach(), out.mse.detach(), out.sparsity.detach(), out.l0.detach()))
@@ -193,6 +228,17 @@ class Ensemble:
         self.dictionary.after_step_()
         self.dictionary.observe_(observed, rows)
         return StepOutput(*(torch.cat(parts) for parts in zip(*outputs)))
+
+    def _loss_and_grads(self, group: slice, x_BC: torch.Tensor) -> tuple:
+        """The loss of the members in `group` on x and its gradients, one per parameter (no state
+        changes). Detached slices are leaves of their own: the backward of one group writes only
+        that group's gradients, with no full-size zero-filled gradient per group."""
+        leaves = {n: p[group].detach().requires_grad_() for n, p in self.dictionary.named_parameters()}
+        buffers = {n: b[group] for n, b in self.dictionary.named_buffers()}
+        with self._autocast():
+            out = self._forward({**leaves, **buffers}, x_BC)
+        # a tied encoder (matching pursuit) leaves W_enc, b_enc out of the loss: zero gradient
+        return out, torch.autograd.grad(out.total.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True)
 
     def _functional_loss(self, tensors: dict[str, torch.Tensor], x_BC: torch.Tensor):
         return functional_call(self.dictionary, (tensors,), (x_BC,))
@@ -217,14 +263,29 @@ class Ensemble:
         for p in params:
             p.grad.mul_(factor_E.view(-1, *([1] * (p.dim() - 1))))
 
-    def _groups(self, batch_size: int) -> list[slice]:
-        """Sized once per batch size: on a GPU, from the memory left once this ensemble's own
-        weights, gradients and moments are in place (they are by the first step)."""
-        if batch_size not in self._group_sizes:
-            self._group_sizes[batch_size] = group_size(self.members, batch_size, self.device, self.member_chunk,
-                                                       resident_bytes=0)
-        E, chunk = len(self.members), self._group_sizes[batch_size]
+    def _groups(self, x_BC: torch.Tensor) -> list[slice]:
+        """Sized once per batch size, on the first batch x of that size (`fastest_group_size`)."""
+        if len(x_BC) not in self._group_sizes:
+            self._group_sizes[len(x_BC)] = self.member_chunk or self.fastest_group_size(x_BC)
+        E, chunk = len(self.members), self._group_sizes[len(x_BC)]
         return [slice(i, min(i + chunk, E)) for i in range(0, E, chunk)]
+
+    @property
+    def group_sizes(self) -> dict[int, int]:
+        """Members per forward/backward group, by batch size (those stepped so far)."""
+        return dict(self._group_sizes)
+
+    def fastest_group_size(self, x_BC: torch.Tensor, repeats: int = 3) -> int:
+        """The group size whose forward/backward on x costs least per member, of 1, a middle
+        number and as many members as fit in memory once this ensemble's own weights,
+        gradients and moments are in place (they are by the first step)."""
+        limit = group_size(self.members, len(x_BC), self.device, resident_bytes=0)
+
+        def seconds_per_member(sizes: list[int]) -> dict[int, float]:
+            seconds = time_best({g: partial(self._loss_and_grads, slice(0, g), x_BC) for g in sizes}, self.device, repeats)
+            return {g: s / g for g, s in seconds.items()}
+
+        return choose_group_size(limit, seconds_per_member)
 
     @torch.no_grad()
     def resample_dead_(self, pool_ND: torch.Tensor, window: int, step: int, row_batch: int = 4096) -> torch.Tensor:
@@ -251,7 +312,7 @@ class Ensemble:
         if not n_dead_E.any():
             return n_dead_E
         alive_EF = d.width_mask & ~dead_EF
-        for group in self._groups(min(row_batch, len(pool_ND))):
+        for group in self._groups(pool_ND[:row_batch]):
             loss_EN = torch.cat([(self._reconstruct(rows, group) - rows).pow(2).sum(-1)
                                  for rows in pool_ND.split(row_batch)], dim=1)
             for i, e in enumerate(range(group.start, group.stop)):
@@ -322,24 +383,8 @@ def matmul_precision(device: str | torch.device, precision: str):
 def time_topk_decodes(members: list[MemberConfig], device: str, batch_size: int, columns: dict | None,
                       repeats: int = 3) -> dict[str, float]:
     """Seconds of one training step of `members` with the sparse and with the dense TopK decode,
-    on random rows (the best of `repeats`, after a warm-up step)."""
-    import time
-
+    on seeded random rows (`time_best`)."""
     width = max(start + w for start, w in (columns or default_columns(members[0])).values())
-    x = torch.randn(batch_size, width, device=device)
-    times = {}
-    for decode in ("sparse", "dense"):
-        ensemble = Ensemble(members, device, columns=columns, topk_decode=decode)
-        ensemble.step(x)
-        best = float("inf")
-        for _ in range(repeats):
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            ensemble.step(x)
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
-        times[decode] = best
-    return times
-
+    x = torch.randn(batch_size, width, generator=torch.Generator().manual_seed(0)).to(device)
+    ensembles = {decode: Ensemble(members, device, columns=columns, topk_decode=decode) for decode in ("sparse", "dense")}
+    return time_best({decode: partial(e.step, x) for decode, e in ensembles.items()}, torch.device(device), repeats)

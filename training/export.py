@@ -283,6 +283,7 @@ def export_run(cfg, held: list, parts: list, stream, store, tokens_seen: int, ou
             "precision": cfg.resolved_precision(),
             "topk_decode": {h.part.arch: "sparse" if h.ensemble.dictionary.sparse_topk else "dense"
                             for h in held if h.ensemble.dictionary.rule.sparse_decode},
+            "group_members": {h.part.arch: h.ensemble.group_sizes.get(cfg.data.batch_size) for h in held},
             "loss_convention": LOSS_CONVENTION,
             "archs": [p.arch for p in parts],
             "swept": parts[0].axes if len(parts) == 1 else {p.arch: p.axes for p in parts},

@@ -132,7 +132,8 @@ def train_sweep(cfg: SweepConfig, tracker=None, layout: Layout | None = None,
     members = [m for p in parts for m in p.members]
     mine = layout.members(len(members))
     rows_per_step = len(layout.rows(cfg.data.batch_size))
-    need = _estimate(parts, mine, rows_per_step, torch.device(cfg.device), stream, cfg.data.prefetch)
+    need = _estimate(parts, mine, rows_per_step, torch.device(cfg.device), stream, cfg.data.prefetch,
+                     cfg.group_members)
     if evaluation_bytes is not None and lead:  # rank 0 evaluates
         parameters = sum(memory.parameter_count(p.members) for p in parts)
         need = replace(need, evaluation_bytes=evaluation_bytes(store, parameters))
@@ -190,8 +191,8 @@ def _build(cfg: SweepConfig, parts: list[Part], mine: range, columns: dict) -> l
         if len(share):
             members = [part.members[i - first] for i in share]
             decode = _topk_decode(cfg, members, columns) if rule_of(members[0].spec).sparse_decode else "sparse"
-            ensemble = Ensemble(members, cfg.device, dead_tokens=part.resolved.dead_window, columns=columns,
-                                precision=cfg.resolved_precision(), compile=cfg.compile, topk_decode=decode)
+            ensemble = Ensemble(members, cfg.device, cfg.group_members, dead_tokens=part.resolved.dead_window,
+                                columns=columns, precision=cfg.resolved_precision(), compile=cfg.compile, topk_decode=decode)
             held.append(Held(part, ensemble, share, first))
         first += len(part.members)
     return held
@@ -212,9 +213,10 @@ def _topk_decode(cfg: SweepConfig, members: list, columns: dict) -> str:
 
 
 def _estimate(parts: list[Part], mine: range, rows: int, device: torch.device, stream: ActivationStream,
-              prefetch: int) -> memory.Estimate:
+              prefetch: int, group_members: int | None) -> memory.Estimate:
     """The memory of this rank's ensembles: their weights and states together, the largest one
-    group's step (the ensembles step one after another), one stream's batches."""
+    group's step (the ensembles step one after another; the largest group memory allows, or
+    `group_members`), one stream's batches."""
     shares, first = [], 0
     for part in parts:
         own = [part.members[i - first] for i in range(max(first, mine.start), min(first + len(part.members), mine.stop))]
@@ -222,7 +224,7 @@ def _estimate(parts: list[Part], mine: range, rows: int, device: torch.device, s
             shares.append(own)
         first += len(part.members)
     resident = 16 * sum(memory.parameter_count(own) for own in shares)  # every ensemble's state, on the device at once
-    estimates = [memory.estimate(own, rows, group_size(own, rows, device, resident_bytes=resident), stream.width, prefetch)
+    estimates = [memory.estimate(own, rows, group_size(own, rows, device, group_members, resident_bytes=resident), stream.width, prefetch)
                  for own in shares]
     return memory.combine(estimates)
 
