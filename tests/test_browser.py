@@ -188,6 +188,12 @@ def test_logit_effects_never_hold_the_whole_product():
     assert largest < F * V * 4 / 64
 
 
+def test_contexts_show_line_breaks_as_marks():
+    from evaluation.browser.site import visible
+
+    assert visible("a\n\tb\r\n") == "a↵⇥b␍↵"
+
+
 def test_neuronpedia_batches_follow_its_upload_layout(run):
     target = build_browser(BrowserConfig(run_dir=str(run), format="neuronpedia", shard_latents=16))
     member = json.loads((run / "sweep.json").read_text())["members"][1]["name"]
@@ -230,8 +236,22 @@ def test_the_browser_in_a_real_browser(run, tmp_path):
         page.screenshot(path=str(tmp_path / "latent-card.png"), full_page=True)
         shutil.copy(tmp_path / "latent-card.png", run / "latent-card.png")  # kept beside the run as an artefact
         densities = [float(t) for t in page.locator("#latents tr.latent td:nth-child(2)").all_inner_texts()[:5]]
+        first_context = page.locator("#top .ctx").first
+        score_first = first_context.evaluate("e => e.firstElementChild.className")
+        subtitle, unit = page.inner_text("#subtitle"), page.inner_text("#logit-unit")
+        link = page.locator(f"#latents tr.latent[data-i='{latent}'] a").get_attribute("href")
+        shared = browser.new_page()  # the latent's own address, as a new tab opens it
+        shared.goto((site / "member.html").as_uri() + link.removeprefix("member.html"))
+        shared.wait_for_selector(f"#latent-card[data-latent='{latent}'] #top .ctx")
+        shared_peak = shared.locator("#top .ctx").first.locator(".tok.peak").get_attribute("data-act")
+        shared.goto((site / "index.html").as_uri())
+        dead = shared.locator("#members tr").nth(2).locator("td").last.inner_text()  # the TopK member's row
         browser.close()
     assert densities == sorted(densities, reverse=True)
+    assert link == f"member.html?m={member['name']}#latent={latent}" and float(shared_peak) == shown_value
+    assert score_first == "score" and "logit change per unit activation" in unit
+    assert subtitle.startswith(f"{member['d_sae']:,} latents; ") and "% dead" in subtitle and not subtitle.endswith(";")
+    assert dead == f"{100 * member['dead_fraction']:.1f}%"
     sae = SAE.load_from_disk(run / member["dir"])
     with torch.no_grad():
         f = sae.encode(rows)[:, latent]

@@ -18,7 +18,8 @@ import torch
 
 TILE_ELEMENTS = 2**24  # the largest logits block held: 64 MiB in float32
 RESIDUAL_WRITERS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")  # a decoder direction W_U can read
-UNIT = "logit change per unit activation: W_dec·W_U through the final norm's weight, centred over the vocabulary"
+UNIT = ("logit change per unit activation: W_dec·W_U, through the final norm's weight (not its 1/RMS scale), "
+        "centred over the vocabulary")
 
 
 class LogitEffects(NamedTuple):

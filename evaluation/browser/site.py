@@ -3,7 +3,8 @@ scripts that hand their content to the page (`SAE.load(key, data)`), added on de
 
     browser/index.html                 one row per member (architecture, knob, L0, FVU, CE recovered, dead)
     browser/member.html?m=NAME         its latents: a sortable, filterable table and the density histogram;
-                                       #latent=I opens a latent's card
+                                       member.html?m=NAME#latent=I opens latent I's card (each latent is a
+                                       link to that address: shareable, opens in a new tab)
     browser/data/index.js              the members
     browser/data/NAME/summary.js       per latent: density, max, mean when active (and r for a crosscoder)
     browser/data/NAME/shard_N.js       the cards of latents N·shard … (N+1)·shard − 1, with the token strings they use
@@ -21,6 +22,9 @@ from pathlib import Path
 import torch
 
 from evaluation.browser.collect import HALF, bin_edges
+from evaluation.browser.logit_effects import UNIT
+
+VISIBLE = str.maketrans({"\n": "↵", "\r": "␍", "\t": "⇥"})  # a token's line breaks and tabs, as marks in one line
 
 
 def write_site(target: Path, data: list, summary: dict, store, decode, shard: int, about: dict) -> None:
@@ -41,16 +45,22 @@ def write_site(target: Path, data: list, summary: dict, store, decode, shard: in
             cards, used = [], set()
             for i in range(first, min(first + shard, rec.F)):
                 cards.append(_card(d, i, bands[i], used))
-            vocab = {t: decode(t) for t in sorted(used)}
+            vocab = {t: visible(decode(t)) for t in sorted(used)}
             _script(directory / f"shard_{first // shard}.js", f"{d.row['name']}/shard_{first // shard}",
                     {"first": first, "cards": cards, "vocab": vocab})
     _script(target / "data" / "index.js", "index",
             {"members": members, "store": summary["store"].get("path"), "hook": summary["store"].get("hook"),
              "rows": about["rows"], "split": about["split"], "note": about.get("logits_note"),
-             "bins": bin_edges(), "half": HALF})
+             "bins": bin_edges(), "half": HALF, "logit_unit": UNIT})
     for name, text in (("index.html", _page("index")), ("member.html", _page("member")), ("app.js", APP_JS),
                        ("style.css", STYLE)):
         (target / name).write_text(text)
+
+
+def visible(text: str) -> str:
+    """A token's text as a context shows it: line breaks and tabs as marks (↵ ␍ ⇥), so that an
+    example stays one line of tokens."""
+    return text.translate(VISIBLE)
 
 
 def _member_row(d) -> dict:
@@ -112,7 +122,8 @@ STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse}th,td{padding:2px 8px;border-bottom:1px solid #eee;text-align:right}
 th{cursor:pointer;background:#f6f6f6;position:sticky;top:0}td:first-child,th:first-child{text-align:left}
 tr.latent:hover{background:#fff3e0;cursor:pointer}.tok{white-space:pre;border-radius:2px;font-family:monospace}
-.peak{outline:1px solid #e65100}.ctx{margin:2px 0}.card{border:1px solid #ddd;padding:1em;margin:1em 0;max-width:70em}
+.peak{outline:1px solid #e65100}.ctx{display:block;margin:2px 0;padding:2px 0;border-bottom:1px solid #f3f3f3}
+.score{display:inline-block;min-width:13em;color:#888}.card{border:1px solid #ddd;padding:1em;margin:1em 0;max-width:70em}
 .cols{display:flex;gap:2em;flex-wrap:wrap}.muted{color:#888}svg{background:#fafafa}input{margin:0 1em 0 .3em}
 """
 
@@ -130,6 +141,8 @@ const SAE = {waiting: {}, data: {},
     });
   }};
 const fmt = v => v === undefined || v === null ? '-' : (Math.abs(v) >= 1000 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : (+v).toPrecision(3));
+const pct = v => typeof v === 'number' ? (100 * v).toFixed(1) + '%' : '-';
+const latentUrl = (name, i) => `member.html?m=${encodeURIComponent(name)}#latent=${i}`;
 const esc = s => String(s).replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'})[c]);
 const main = () => document.getElementById('main');
 
@@ -146,7 +159,7 @@ async function indexPage() {
   const shown = cols.filter(c => idx.members.some(m => m[c] !== undefined));
   main().innerHTML = `<h1>Members</h1><p class="muted">${idx.members.length} members of ${esc(idx.store)} (${esc(idx.hook)}); latents from ${idx.rows.toLocaleString()} ${idx.split} rows.${idx.note ? ' ' + esc(idx.note) : ''}</p>
   <table id="members"><tr>${shown.map(c => `<th>${head[c] || c}</th>`).join('')}</tr>${idx.members.map(m => `<tr>${shown.map(c =>
-    `<td>${c === 'name' ? `<a href="member.html?m=${encodeURIComponent(m.name)}">${esc(m.name)}</a>` : (typeof m[c] === 'number' ? fmt(m[c]) : esc(m[c] ?? '-'))}</td>`).join('')}</tr>`).join('')}</table>`;
+    `<td>${c === 'name' ? `<a href="member.html?m=${encodeURIComponent(m.name)}">${esc(m.name)}</a>` : (c === 'dead_fraction' ? pct(m[c]) : typeof m[c] === 'number' ? fmt(m[c]) : esc(m[c] ?? '-'))}</td>`).join('')}</tr>`).join('')}</table>`;
 }
 
 async function memberPage() {
@@ -154,10 +167,11 @@ async function memberPage() {
   const [idx, s] = [await SAE.need('index'), await SAE.need(name + '/summary')];
   const L = s.latents, n = s.n, cols = ['density', 'max', 'mean'].concat(L.r ? ['r'] : []);
   let order = [...Array(n).keys()], key = null, desc = true, shown = 200;
-  const logd = L.density.map(d => d > 0 ? Math.log10(d) : null), bins = Array(25).fill(0);
+  const logd = L.density.map(d => d > 0 ? Math.log10(d) : null), bins = Array(25).fill(0), dead = logd.filter(v => v === null).length;
   logd.forEach(v => bins[v === null ? 0 : Math.min(24, 1 + Math.floor((v + 8) * 3))]++);
   main().innerHTML = `<p><a href="index.html">← members</a></p><h1>${esc(name)}</h1>
-    <p class="muted">${n} latents; ${s.extra.input_hooks ? 'reads ' + esc(s.extra.input_hooks.join(', ')) + ', writes ' + esc(s.extra.output_hooks.join(', ')) : ''}</p>
+    <p class="muted" id="subtitle">${[`${n.toLocaleString()} latents`, `${pct(dead / n)} dead (never fired in the ${idx.rows.toLocaleString()} ${idx.split} rows)`,
+      ...(s.extra.input_hooks ? ['reads ' + esc(s.extra.input_hooks.join(', ')), 'writes ' + esc(s.extra.output_hooks.join(', '))] : [])].join('; ')}</p>
     <div>${histogram(bins, 500, 120, 'log10 density: first bar = dead (never fired), then −8 … 0')}</div>
     <div id="card"></div>
     <p>density ≥ <input id="mind" size="6" value="0"> latent <input id="find" size="6" placeholder="index"></p>
@@ -167,11 +181,11 @@ async function memberPage() {
     const minD = parseFloat(document.getElementById('mind').value) || 0, find = document.getElementById('find').value.trim();
     const rows = order.filter(i => L.density[i] >= minD && (find === '' || String(i) === find)).slice(0, shown);
     table.innerHTML = `<tr><th data-k="i">latent</th>${cols.map(c => `<th data-k="${c}">${c}${key === c ? (desc ? ' ▼' : ' ▲') : ''}</th>`).join('')}</tr>` +
-      rows.map(i => `<tr class="latent" data-i="${i}"><td>${i}</td>${cols.map(c => `<td>${fmt(L[c][i])}</td>`).join('')}</tr>`).join('');
+      rows.map(i => `<tr class="latent" data-i="${i}"><td><a href="${latentUrl(name, i)}">${i}</a></td>${cols.map(c => `<td>${fmt(L[c][i])}</td>`).join('')}</tr>`).join('');
     table.querySelectorAll('th').forEach(th => th.onclick = () => {
       const k = th.dataset.k; desc = key === k ? !desc : true; key = k;
       order.sort((a, b) => k === 'i' ? (desc ? b - a : a - b) : (desc ? L[k][b] - L[k][a] || a - b : L[k][a] - L[k][b] || a - b)); render(); });
-    table.querySelectorAll('tr.latent').forEach(tr => tr.onclick = () => { location.hash = 'latent=' + tr.dataset.i; });
+    table.querySelectorAll('tr.latent').forEach(tr => tr.onclick = e => { if (!e.target.closest('a')) location.hash = 'latent=' + tr.dataset.i; });
   }
   document.getElementById('mind').oninput = render; document.getElementById('find').oninput = render;
   document.getElementById('more').onclick = () => { shown += 500; render(); };
@@ -182,17 +196,17 @@ async function memberPage() {
 
 function context(ex, vocab, max, half) {
   const [value, seq, pos, tokens, acts] = ex;
-  return `<div class="ctx" data-value="${value}">` + tokens.map((t, j) => t < 0 ? '' :
-    `<span class="tok${j === half ? ' peak' : ''}" title="${fmt(acts[j])}" data-act="${acts[j]}" style="background:rgba(251,140,0,${max > 0 ? Math.max(0, acts[j]) / max : 0})">${esc(vocab[t] ?? '#' + t)}</span>`).join('') +
-    ` <span class="muted">${fmt(value)} (sequence ${seq})</span></div>`;
+  return `<div class="ctx" data-value="${value}"><span class="score">${fmt(value)} (sequence ${seq})</span>` + tokens.map((t, j) => t < 0 ? '' :
+    `<span class="tok${j === half ? ' peak' : ''}" title="${fmt(acts[j])}" data-act="${acts[j]}" style="background:rgba(251,140,0,${max > 0 ? Math.max(0, acts[j]) / max : 0})">${esc(vocab[t] ?? '#' + t)}</span>`).join('') + '</div>';
 }
 
 async function card(name, s, idx, i) {
   const shard = await SAE.need(`${name}/shard_${Math.floor(i / s.shard)}`), c = shard.cards[i - shard.first], V = shard.vocab;
-  const logits = c.logits ? `<div><h3>promotes</h3>${c.logits.pos.map(([t, v]) => `<div><span class="tok">${esc(V[t])}</span> ${fmt(v)}</div>`).join('')}</div>
-    <div><h3>suppresses</h3>${c.logits.neg.map(([t, v]) => `<div><span class="tok">${esc(V[t])}</span> ${fmt(v)}</div>`).join('')}</div>` : `<p class="muted">${esc(idx.note || 'no logit effects for this hook')}</p>`;
+  const effects = (title, list) => `<div><h3>${title}</h3>${list.map(([t, v]) => `<div><span class="tok">${esc(V[t])}</span> ${v > 0 ? '+' : ''}${fmt(v)}</div>`).join('')}</div>`;
+  const logits = c.logits ? `<div><div class="cols">${effects('promotes', c.logits.pos)}${effects('suppresses', c.logits.neg)}</div>
+    <p class="muted" id="logit-unit">${esc(idx.logit_unit)}</p></div>` : `<p class="muted">${esc(idx.note || 'no logit effects for this hook')}</p>`;
   const nonzero = c.hist.map((v, b) => [b, v]).filter(([b, v]) => v > 0), b0 = nonzero.length ? nonzero[0][0] : 0, b1 = nonzero.length ? nonzero[nonzero.length - 1][0] : 0;
-  document.getElementById('card').innerHTML = `<div class="card" id="latent-card" data-latent="${i}"><h2>latent ${i}</h2>
+  document.getElementById('card').innerHTML = `<div class="card" id="latent-card" data-latent="${i}"><h2><a href="${latentUrl(name, i)}">latent ${i}</a></h2>
     <p>density ${fmt(c.density)}, max ${fmt(c.max)}, mean when active ${fmt(c.mean)}${c.norms ? ', decoder norm per source ' + c.norms.map(fmt).join(' / ') : ''}</p>
     <div class="cols"><div>${histogram(c.hist.slice(b0, b1 + 1), 300, 100, `activations, 2^${b0 - 20} … 2^${b1 - 19}`)}</div>${logits}</div>
     <h3>top activations</h3><div id="top">${c.top.map(ex => context(ex, V, c.max, idx.half)).join('')}</div>
