@@ -35,19 +35,15 @@ def write_site(target: Path, data: list, summary: dict, store, decode, shard: in
         directory = target / "data" / d.row["name"]
         directory.mkdir(exist_ok=True)
         rec = d.recorder
-        latents = {"density": _round(rec.density()), "max": _round(rec.max), "mean": _round(rec.mean_active())}
+        latents = {"density": _rounded(rec.density()), "max": _rounded(rec.max), "mean": _rounded(rec.mean_active())}
         if "r" in d.extra:
-            latents["r"] = _round(d.extra["r"])
+            latents["r"] = _rounded(d.extra["r"])
         _script(directory / "summary.js", f"{d.row['name']}/summary",
                 {"name": d.row["name"], "n": rec.F, "shard": shard, "latents": latents, "extra": _about_extra(d.extra)})
         bands = rec.bands()
         for first in range(0, rec.F, shard):
-            cards, used = [], set()
-            for i in range(first, min(first + shard, rec.F)):
-                cards.append(_card(d, i, bands[i], used))
-            vocab = {t: visible(decode(t)) for t in sorted(used)}
             _script(directory / f"shard_{first // shard}.js", f"{d.row['name']}/shard_{first // shard}",
-                    {"first": first, "cards": cards, "vocab": vocab})
+                    _shard(d, first, min(first + shard, rec.F), bands, decode))
     _script(target / "data" / "index.js", "index",
             {"members": members, "store": summary["store"].get("path"), "hook": summary["store"].get("hook"),
              "rows": about["rows"], "split": about["split"], "note": about.get("logits_note"),
@@ -70,28 +66,39 @@ def _member_row(d) -> dict:
     return {k: r.get(k) for k in keys if r.get(k) is not None}
 
 
-def _card(d, i: int, bands: list[dict], used: set) -> dict:
-    rec = d.recorder
-
-    def example(slot, j) -> list:
-        tokens = slot.tokens[i, j].tolist()
-        used.update(t for t in tokens if t >= 0)
-        return [_r(float(slot.value[i, j])), int(slot.where[i, j, 0]), int(slot.where[i, j, 1]), tokens,
-                [_r(float(a)) for a in slot.acts[i, j]]]
-
-    top = [example(rec.top, j) for j in range(rec.top_k) if math.isfinite(float(rec.top.value[i, j]))]
-    card = {"i": i, "density": _r(float(rec.density()[i])), "max": _r(float(rec.max[i])),
-            "mean": _r(float(rec.mean_active()[i])), "top": top, "hist": rec.hist[i].tolist(),
-            "bands": [{"lo": _r(b["lo"]), "hi": _r(b["hi"]), "samples": [example(rec.sample, j) for j in b["samples"]]}
-                      for b in bands]}
+def _shard(d, first: int, last: int, bands: list[list[dict]], decode) -> dict:
+    """The cards of latents first … last − 1 and the token strings they use, each tensor turned
+    into lists once for the whole shard (a 65,536-latent member has 256 shards)."""
+    rec, rows = d.recorder, slice(first, last)
+    top, sample = _examples(rec.top, rows), _examples(rec.sample, rows)
+    stats = {"density": _rounded(rec.density()[rows]), "max": _rounded(rec.max[rows]), "mean": _rounded(rec.mean_active()[rows])}
+    hist = rec.hist[rows].tolist()
+    used = [rec.top.tokens[rows], rec.sample.tokens[rows]]
+    cards = []
+    for n, i in enumerate(range(first, last)):
+        cards.append({"i": i, **{k: v[n] for k, v in stats.items()}, "top": [e for e in top[n] if e is not None],
+                      "hist": hist[n], "bands": [{"lo": _r(b["lo"]), "hi": _r(b["hi"]), "samples": [sample[n][j] for j in b["samples"]]}
+                                                 for b in bands[i]]})
     if d.logits is not None:
-        pos_ids, pos_values, neg_ids, neg_values = (t[i] for t in d.logits)
-        used.update(pos_ids.tolist() + neg_ids.tolist())
-        card["logits"] = {"pos": [[int(t), _r(float(v))] for t, v in zip(pos_ids, pos_values)],
-                          "neg": [[int(t), _r(float(v))] for t, v in zip(neg_ids, neg_values)]}
+        pos_ids, pos_values, neg_ids, neg_values = (t[rows] for t in d.logits)
+        used += [pos_ids, neg_ids]
+        for card, *effects in zip(cards, pos_ids.tolist(), _rounded(pos_values), neg_ids.tolist(), _rounded(neg_values)):
+            card["logits"] = {"pos": [list(p) for p in zip(effects[0], effects[1])], "neg": [list(p) for p in zip(effects[2], effects[3])]}
     if "norms" in d.extra:
-        card["norms"] = [_r(float(v)) for v in d.extra["norms"][i]]
-    return card
+        for card, norms in zip(cards, _rounded(d.extra["norms"][rows])):
+            card["norms"] = norms
+    ids = torch.cat([u.reshape(-1).long() for u in used]).unique().tolist()
+    return {"first": first, "cards": cards, "vocab": {t: visible(decode(t)) for t in ids if t >= 0}}
+
+
+def _examples(slots, rows: slice) -> list[list[list | None]]:
+    """Per latent of `rows`, per slot: [value, sequence, position, token ids, activations], or
+    None for an empty slot."""
+    value, acts = _rounded(slots.value[rows]), _rounded(slots.acts[rows])
+    filled = torch.isfinite(slots.value[rows]).tolist()
+    where, tokens = slots.where[rows].tolist(), slots.tokens[rows].tolist()
+    return [[[value[i][j], *where[i][j], tokens[i][j], acts[i][j]] if filled[i][j] else None for j in range(len(filled[i]))]
+            for i in range(len(filled))]
 
 
 def _about_extra(extra: dict) -> dict:
@@ -102,8 +109,19 @@ def _script(path: Path, key: str, payload: dict) -> None:
     path.write_text(f"SAE.load({json.dumps(key)}, {json.dumps(payload, separators=(',', ':'))});\n")
 
 
-def _round(t: torch.Tensor) -> list:
-    return [_r(float(v)) for v in t]
+_POWERS = torch.tensor([10.0 ** k for k in range(23)], dtype=torch.float64)  # exact in float64
+
+
+def _rounded(t: torch.Tensor) -> list:
+    """`t` to 4 significant digits as nested lists of floats that print short (0.1234, not
+    0.12340000000000001): rounded in float64 by an exact power of ten; non-finite values as 0."""
+    x = t.double()
+    finite = torch.isfinite(x) & (x != 0)
+    e = torch.where(finite, torch.floor(torch.log10(x.abs().where(finite, 1.0))), 0.0).long()
+    up = (3 - e).clamp(0, 22)  # digits after the point: x · 10^up, rounded, / 10^up
+    down = (e - 3).clamp(0, 22)  # large values: x / 10^down, rounded, · 10^down
+    r = torch.round(x * _POWERS[up] / _POWERS[down]) / _POWERS[up] * _POWERS[down]
+    return torch.where(finite, r, 0.0).tolist()
 
 
 def _r(v: float) -> float:
