@@ -82,11 +82,13 @@ def build_browser(cfg: BrowserConfig) -> Path:
     recorders, n_rows = collect(cfg, store, summary, members)
     seconds = time.perf_counter() - started
     W_U_DV, centre_input, tokenizer, note = _unembedding(store, cfg.device)
+    loaded = time.perf_counter()
     if not store.tokens_recorded:
         note = "; ".join(filter(None, [note, "no token texts in contexts: the store records no token ids (write_store "
                                              "without tokens), so a context shows only where a latent fires"]))
     logits = {m.name: member_logit_effects(m, store, W_U_DV, centre_input) if W_U_DV is not None else None for m in members}
     del W_U_DV
+    effects = time.perf_counter()
     data = [MemberData(r, recorders[m.name], logits[m.name], _extra(m, store)) for r, m in zip(rows, members)]
     decode = _decoder(tokenizer)
     target = out / ("neuronpedia" if cfg.format == "neuronpedia" else "browser")
@@ -101,7 +103,9 @@ def build_browser(cfg: BrowserConfig) -> Path:
             write_site(target, data, summary, store, decode, cfg.shard_latents,
                        {"rows": n_rows, "split": "held-out" if cfg.rows is None else "training", "seconds": seconds,
                         "logits_note": note})
-    print(f"browser: {len(members)} members from {n_rows:,} rows in {seconds:.1f} s" + (f"; {note}" if note else ""))
+    print(f"browser: {len(members)} members from {n_rows:,} rows in {seconds:.1f} s; unembedding read in "
+          f"{loaded - started - seconds:.1f} s, logit effects {effects - loaded:.1f} s, pages {time.perf_counter() - effects:.1f} s"
+          + (f"; {note}" if note else ""))
     return target
 
 
