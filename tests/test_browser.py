@@ -16,6 +16,7 @@ import evaluate
 import train_sweep
 from evaluation.browser import BrowserConfig, build_browser, collect
 from evaluation.browser.collect import HALF, LatentRecorder
+from tests.conftest import RMS_NAME, TINY_NAME
 
 SOURCE = "blocks.1.hook_resid_post"
 
@@ -131,9 +132,21 @@ def test_quantile_samples_fall_in_their_bands_and_memory_does_not_grow_with_rows
             assert exact / 2 <= band["hi"] <= exact * 2
 
 
+@pytest.mark.parametrize("name", [TINY_NAME, RMS_NAME])  # a LayerNorm GPT-NeoX, an RMSNorm Qwen2
+def test_the_unembedding_read_alone_equals_the_loaded_models(name):
+    """W_U from the checkpoint's output embedding and final norm alone equals the loaded
+    model's processed W_U (norm folded, centred)."""
+    from cache.models import load_model
+    from cache.unembed import load_unembedding
+
+    unembedding = load_unembedding({"model": name, "model_path": None, "backend": "transformer_lens"}, "float32")
+    model = load_model(name, None, device="cpu")
+    torch.testing.assert_close(unembedding.W_U, model.W_U, atol=1e-5, rtol=1e-5)
+    assert unembedding.centre_input == (model.cfg.normalization_type in ("LN", "LNPre"))
+
+
 def test_logit_effects_are_the_decoder_through_the_unembedding(run):
-    """The unembedding read alone from the checkpoint equals the loaded model's processed W_U (norm
-    folded, centred), and the logit effects are W_dec · W_U's top and bottom 10."""
+    """The logit effects are W_dec · W_U's top and bottom 10."""
     from cache.models import load_model
     from cache.unembed import load_unembedding
     from evaluation.browser.logit_effects import member_logit_effects
@@ -144,8 +157,6 @@ def test_logit_effects_are_the_decoder_through_the_unembedding(run):
     entry = store.info["models"][0]
     unembedding = load_unembedding(entry, "float32")
     model = load_model(entry["model"], entry["model_path"], device="cpu")
-    torch.testing.assert_close(unembedding.W_U, model.W_U, atol=1e-5, rtol=1e-5)
-    assert unembedding.centre_input == (model.cfg.normalization_type in ("LN", "LNPre"))
     member = _load(run / summary["members"][0]["dir"], summary["members"][0], summary, "cpu")
     pos_ids, pos_values, neg_ids, neg_values = member_logit_effects(member, store, unembedding.W_U, unembedding.centre_input)
     W_dec = member.weights["W_dec"]
@@ -260,6 +271,5 @@ def test_the_browser_in_a_real_browser(run, tmp_path):
     tokens = store.read_sequences(int(seq[best]), int(seq[best]) + 1)[0]
     token = int(tokens[int(pos[best]) + (1 if store.info["exclude_bos"] else 0)])
     from cache.models import load_model
-    from tests.conftest import TINY_NAME
 
     assert shown_token == load_model(TINY_NAME, None, device="cpu").tokenizer.decode([token])
