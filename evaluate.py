@@ -1,6 +1,7 @@
 """Evaluation CLI: measure the members of a trained sweep and write its report.
 
     python evaluate.py --run_dir runs/l1-sweep --n_sequences 128
+    python evaluate.py --run_dir runs/l1-sweep --browser      # the browser only, from the finished evaluation
     python evaluate.py --compare runs/relu runs/topk --out runs/compared
     python evaluate.py --run_dir runs/l1-sweep --push USER/NAME     # then upload it to the Hugging Face Hub
 
@@ -8,6 +9,11 @@ Held-out reconstruction metrics (L0, MSE, FVU, explained variance, cosine, L2 ra
 dense fractions, per-latent density), the spliced CE/KL with zero- and mean-ablation baselines,
 plots and report.md. train_sweep.py runs the same at the end of training unless --no_eval.
 The evaluation's options are generated from evaluation/config.py's fields.
+
+--browser (or --push) on an evaluated run (report.md and every member's figures in sweep.json) builds the
+browser (or uploads) only and leaves report.md, sweep.json and the plots as they are; on a run without
+results it evaluates first; --reevaluate evaluates again first. Evaluating a run evaluated
+before prints each figure that changed and keeps the previous report as report.previous.md.
 """
 from __future__ import annotations
 
@@ -23,7 +29,12 @@ from evaluation.config import EvalConfig
               help="Instead: several finished run directories, drawn in one set of plots and one table (--out).")
 @click.option("--out", "--output_dir", "out", default=None, help="With --compare: where compare.md, compare.csv and the plots go.")
 @click.option("--force", is_flag=True, help="With --compare: compare runs of different models or hooks anyway.")
-@click.option("--browser", is_flag=True, help="Also write browser/: a static feature browser of every latent (file://).")
+@click.option("--browser", is_flag=True,
+              help="Write browser/: a static feature browser of every latent (file://). On an evaluated run, the "
+                   "browser only: report.md and sweep.json stay as they are (evaluation options are not used).")
+@click.option("--reevaluate", is_flag=True,
+              help="With --browser: evaluate the run again first (prints the figures that change; the previous "
+                   "report is kept as report.previous.md).")
 @click.option("--browser_rows", type=int, default=None,
               help="Build the browser from the first N training rows [default: the store's held-out rows].")
 @click.option("--browser_format", type=click.Choice(["site", "neuronpedia"]), default="site",
@@ -31,9 +42,9 @@ from evaluation.config import EvalConfig
 @click.option("--serve", is_flag=True, help="After writing the browser, serve it on http://127.0.0.1:8000 (Ctrl-C stops).")
 @click.option("--push", default=None, metavar="USER/NAME", callback=lambda ctx, param, value: repo_id_option(value),
               help="Then upload the run to this Hugging Face Hub repository (members, sweep.json, report.md, plots, "
-                   "a model card); needs a token (HF_TOKEN or `hf auth login`).")
-def main(compare: tuple[str, ...], out: str | None, force: bool, browser: bool, browser_rows: int | None,
-         browser_format: str, serve: bool, push: str | None, **options) -> None:
+                   "a model card); needs a token (HF_TOKEN or `hf auth login`). On an evaluated run, the upload only.")
+def main(compare: tuple[str, ...], out: str | None, force: bool, browser: bool, reevaluate: bool,
+         browser_rows: int | None, browser_format: str, serve: bool, push: str | None, **options) -> None:
     """Evaluate every member of a sweep and write report.md; or compare several sweeps."""
     import time
     from pathlib import Path
@@ -48,18 +59,36 @@ def main(compare: tuple[str, ...], out: str | None, force: bool, browser: bool, 
         click.echo(f"error: {options['run_dir']} holds no finished sweep (no sweep.json): run train_sweep.py first", err=True)
         raise SystemExit(1)
 
+    browser = browser or browser_rows is not None or browser_format != "site" or serve
+    if reevaluate and not (browser or push):
+        raise click.UsageError("--reevaluate goes with --browser or --push (without them, evaluate.py always evaluates)")
+    if not (browser or push) or reevaluate or not evaluated(Path(options["run_dir"])):
+        _evaluate(options)
+    else:
+        click.echo("using the run's evaluation as it is (report.md, sweep.json unchanged; --reevaluate "
+                   "evaluates again first)")
+    if browser:
+        write_browser(options["run_dir"], browser_rows, browser_format, options["device"], serve, push)
+    if push:
+        push_to_hub(options["run_dir"], push)
+    click.echo(f"\ndone {took(start)}: open {options['run_dir']}/report.md")
+
+
+def evaluated(run_dir: Path) -> bool:
+    """Whether the run holds an evaluation's results: report.md, and every member's figures."""
+    import json
+
+    rows = json.loads((run_dir / "sweep.json").read_text())["members"]
+    return (run_dir / "report.md").is_file() and all("fvu" in r for r in rows)
+
+
+def _evaluate(options: dict) -> None:
     from runtime.location import parse_storage_options
     from evaluation.report import format_table
     from evaluation.runner import evaluate_run
 
     options["storage_options"] = run_or_exit(lambda: parse_storage_options(options["storage_options"]))
-    rows = run_or_exit(lambda: evaluate_run(EvalConfig(**options)))
-    click.echo(format_table(rows))
-    if browser or browser_rows is not None or browser_format != "site":
-        write_browser(options["run_dir"], browser_rows, browser_format, options["device"], serve, push)
-    if push:
-        push_to_hub(options["run_dir"], push)
-    click.echo(f"\ndone {took(start)}: open {options['run_dir']}/report.md")
+    click.echo(format_table(run_or_exit(lambda: evaluate_run(EvalConfig(**options)))))
 
 
 def repo_id_option(value: str | None) -> str | None:

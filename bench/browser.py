@@ -4,12 +4,14 @@ and MB on disk per member, so that how each grows with members, latents and rows
     python generate_activations.py --n_tokens 200_000 --out caches/gemma-l6
     python -m bench.browser --cache caches/gemma-l6          # 8 members × 4,096 latents, and smaller variants
 
+    python -m bench.browser --cache caches/gemma-l6 --sizes 1x65536,2x65536   # the widest members
+
 The members are ReLU SAEs trained for a few steps (what they learned does not change the cost of
-either pass). Each pass runs in a fresh process, timed by the process itself around the call
-("its pass": the streaming pass alone, as the browser reports it; the rest is loading the model
-for W_U, the logit effects and writing the pages); peak RSS is that process's ru_maxrss
-(os.wait4), imports included, printed beside the peak of a process that only imports the same
-modules.
+either pass). Each pass runs in a fresh process, timed by the process itself around the call;
+the browser's own phases as it reports them: its streaming pass, reading the unembedding, the
+logit effects, writing the pages. "besides" is the browser without its logit effects, the part
+that does not grow with the vocabulary. Peak RSS is that process's ru_maxrss (os.wait4),
+imports included, printed beside the peak of a process that only imports the same modules.
 """
 from __future__ import annotations
 
@@ -42,14 +44,17 @@ print(json.dumps({{"seconds": time.perf_counter() - start}}))
 '''
 
 
-def child(what: str, run: Path, rows: int | None = None) -> tuple[float, int, float | None]:
-    """(seconds of the whole call, peak RSS bytes of the process that ran it, seconds of the
-    browser's streaming pass alone as it reports them)."""
+PHASES = re.compile(r"rows in ([0-9.]+) s; unembedding read in ([0-9.]+) s, logit effects ([0-9.]+) s, pages ([0-9.]+) s")
+
+
+def child(what: str, run: Path, rows: int | None = None) -> tuple[float, int, list[float]]:
+    """(seconds of the whole call, peak RSS bytes of the process that ran it, the browser's phases
+    as it reports them: pass, unembedding, logit effects, pages)."""
     code = _CHILD.format(root=str(ROOT), what=what, run=str(run), rows=rows)
     out, _, peak = run_measured([sys.executable, "-c", code], cwd=ROOT)
     lines = out.strip().splitlines()
-    passes = [re.search(r" in ([0-9.]+) s", line) for line in lines if line.startswith("browser:")]
-    return json.loads(lines[-1])["seconds"], peak, float(passes[0].group(1)) if passes and passes[0] else None
+    phases = [m for m in map(PHASES.search, lines) if m]
+    return json.loads(lines[-1])["seconds"], peak, [float(x) for x in phases[0].groups()] if phases else []
 
 
 def train(cache: str, out: Path, members: int, d_sae: int, steps: int) -> None:
@@ -84,13 +89,16 @@ def main(cache: str, steps: int, sizes: str) -> None:
             if not run.exists():
                 train(cache, run, members, d_sae, steps)
             metrics_s, metrics_rss, _ = child("metrics", run)
-            browser_s, browser_rss, pass_s = child("browser", run, browser_rows)
+            browser_s, browser_rss, (pass_s, unembed_s, logits_s, pages_s) = child("browser", run, browser_rows)
             rows.append([f"{members} × {d_sae:,}", "held-out" if browser_rows is None else f"{browser_rows:,} training",
-                         f"{metrics_s:.1f}", f"{browser_s:.1f}", f"{pass_s:.1f}", f"{browser_s / metrics_s:.1f}×",
+                         f"{metrics_s:.1f}", f"{browser_s:.1f}", f"{pass_s:.1f}", f"{unembed_s:.1f}", f"{logits_s:.1f}",
+                         f"{pages_s:.1f}", f"{browser_s / metrics_s:.1f}×", f"{(browser_s - logits_s) / metrics_s:.1f}×",
                          f"{metrics_rss / 2**30:.2f}", f"{browser_rss / 2**30:.2f}", f"{mb(run / 'browser') / members:.1f}"])
             shutil.rmtree(run / "browser")
-    print(format_table(["members × latents", "browser rows", "metrics s", "browser s", "its pass s", "browser / metrics",
-                        "metrics peak GiB", "browser peak GiB", "MB per member"], rows))
+            print(" | ".join(rows[-1]), flush=True)
+    print(format_table(["members × latents", "browser rows", "metrics s", "browser s", "pass s", "W_U s", "logit effects s",
+                        "pages s", "browser / metrics", "besides / metrics", "metrics peak GiB", "browser peak GiB",
+                        "MB per member"], rows))
     print(f"a process importing the same modules and doing nothing: peak {imports / 2**30:.2f} GiB")
 
 

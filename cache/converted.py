@@ -92,6 +92,16 @@ def load_converted(entry: Path, device: str, tokenizer=None):
     return model
 
 
+def read_kept_tensor(entry: Path, key: str):
+    """One tensor of the model kept at `entry` (e.g. "unembed.W_U"), as the model holds it,
+    without reading the others."""
+    from safetensors import safe_open
+
+    with safe_open(str(entry / WEIGHTS), "pt") as file:
+        orders = json.loads((file.metadata() or {}).get(ORDERS, "{}"))
+        return _in_layout(file.get_tensor(key), orders.get(key))
+
+
 def save_converted(model, entry: Path) -> None:
     """Keep `model` at `entry` (best effort: a full disk or a failed write says so and goes on)."""
     from safetensors.torch import save_file

@@ -117,6 +117,24 @@ def _per_source_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def changed_figures(before: dict, after: dict) -> list[tuple[str, str, str, str]]:
+    """(member, metric, old, new) for every number of two sweep summaries that differs: each
+    member's figures, then the evaluation's baselines (as member "(baselines)"); "-" where absent."""
+    pairs = [(new["name"], old, new) for old, new in zip(before["members"], after["members"])]
+    pairs.append(("(baselines)", before.get("eval", {}), after.get("eval", {})))
+    return [(name, key, _figure(old.get(key)), _figure(new.get(key)))
+            for name, old, new in pairs for key in dict.fromkeys([*old, *new])
+            if _is_figure(old.get(key)) and _is_figure(new.get(key)) and _figure(old.get(key)) != _figure(new.get(key))]
+
+
+def _is_figure(value) -> bool:
+    return value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -13,7 +13,9 @@ hook at a time by its reconstruction from the clean activations of all sources; 
 replaces its target hook by its output computed from its input hook in the same forward pass.
 Crosscoders also get the model-diff analysis of their decoders (evaluation/model_diff.py).
 Writes per-latent density (sparsity.safetensors), sweep.json/csv, plots and report.md, and
-prints each phase's progress and time.
+prints each phase's progress and time. Evaluating a run that was evaluated before prints every
+figure that changed (member, metric, old → new) and keeps the previous report.md, sweep.json and
+sweep.csv beside the new ones as report.previous.md, sweep.previous.json, sweep.previous.csv.
 
 Dimension key: B rows, F latents of a member, N sequences, T context.
 """
@@ -37,7 +39,7 @@ from evaluation.config import EvalConfig
 from evaluation.metrics import MetricAccumulator
 from evaluation.model_diff import write_diff_analysis
 from evaluation.plots import plot_sweep
-from evaluation.report import write_report
+from evaluation.report import changed_figures, write_report
 from evaluation.splice import Splice, recovered, single, spliced_losses, spliced_losses_hf
 from formats import load_any
 from formats.saelens import save_density
@@ -95,7 +97,8 @@ def _evaluate_run(cfg: EvalConfig) -> list[dict]:
     out = Path(cfg.run_dir)
     if not (out / "sweep.json").exists():
         raise FileNotFoundError(f"{out} holds no finished sweep (no sweep.json): run train_sweep.py first")
-    summary = json.loads((out / "sweep.json").read_text())
+    previous = {name: (out / name).read_bytes() for name in KEPT if (out / name).is_file()}
+    summary = json.loads(previous["sweep.json"])
     rows = summary["members"]
     store = open_run_store(summary, out, cfg.storage_options, cfg.cache_dir)
     members = [_load(out / r["dir"], r, summary, cfg.device) for r in rows]
@@ -119,7 +122,27 @@ def _evaluate_run(cfg: EvalConfig) -> list[dict]:
     plots = phases.run("plots", plot_sweep, rows, out, log10)
     write_report(out, summary, plots)
     print(phases.summary())
+    if "report.md" in previous:
+        _keep_previous(out, previous, json.loads(previous["sweep.json"]), summary)
     return rows
+
+
+KEPT = {"report.md": "report.previous.md", "sweep.json": "sweep.previous.json", "sweep.csv": "sweep.previous.csv"}
+
+
+def _keep_previous(out: Path, previous: dict[str, bytes], before: dict, after: dict) -> None:
+    """A run evaluated again: print the figures that changed; where any did, keep the previous
+    report and summary beside the new ones (KEPT)."""
+    changes = changed_figures(before, after)
+    if not changes:
+        print("evaluation: every figure equals the previous evaluation's (to 6 significant digits)")
+        return
+    for name, data in previous.items():
+        (out / KEPT[name]).write_bytes(data)
+    print(f"evaluation: {len(changes)} figures differ from the previous evaluation (kept as {KEPT['report.md']}, "
+          f"{KEPT['sweep.json']}):")
+    for member, metric, old, new in changes:
+        print(f"  {member}  {metric}  {old} → {new}")
 
 
 def open_run_store(summary: dict, run_dir: Path, storage_options: dict | None = None,

@@ -16,6 +16,7 @@ import evaluate
 import train_sweep
 from evaluation.browser import BrowserConfig, build_browser, collect
 from evaluation.browser.collect import HALF, LatentRecorder
+from tests.conftest import RMS_NAME, TINY_NAME
 
 SOURCE = "blocks.1.hook_resid_post"
 
@@ -30,6 +31,32 @@ def run(small_store, tmp_path_factory) -> Path:
     result = CliRunner().invoke(train_sweep.main, args)
     assert result.exit_code == 0, result.output
     return out
+
+
+RESULTS = ("sweep.json", "sweep.csv", "report.md")
+
+
+def test_browser_on_an_evaluated_run_leaves_its_results_as_they_are(run):
+    """--browser builds the browser only: sweep.json, report.md and the plots stay byte for byte,
+    whatever evaluation options come with it."""
+    before = {p.name: p.read_bytes() for p in [*(run / n for n in RESULTS), *run.glob("*.png")]}
+    result = CliRunner().invoke(evaluate.main, ["--run_dir", str(run), "--n_sequences", "1", "--browser"])
+    assert result.exit_code == 0, result.output
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert "report.md, sweep.json unchanged" in result.output and (run / "browser" / "index.html").is_file()
+
+
+def test_evaluating_again_says_what_changed_and_keeps_the_previous_report(run, tmp_path):
+    again = tmp_path / "run"
+    shutil.copytree(run, again)
+    before = {name: (again / name).read_bytes() for name in RESULTS}
+    result = CliRunner().invoke(evaluate.main, ["--run_dir", str(again), "--n_sequences", "1", "--browser", "--reevaluate"])
+    assert result.exit_code == 0, result.output
+    member = json.loads(before["sweep.json"])["members"][0]
+    changed = [line.split() for line in result.output.splitlines() if "→" in line]
+    assert [member["name"], "ce_spliced", f"{member['ce_spliced']:.6g}", "→"] in [line[:4] for line in changed]
+    assert all((again / name.replace(".", ".previous.")).read_bytes() == data for name, data in before.items())
+    assert (again / "sweep.json").read_bytes() != before["sweep.json"]
 
 
 def _held_out(run: Path):
@@ -105,23 +132,77 @@ def test_quantile_samples_fall_in_their_bands_and_memory_does_not_grow_with_rows
             assert exact / 2 <= band["hi"] <= exact * 2
 
 
+@pytest.mark.parametrize("name", [TINY_NAME, RMS_NAME])  # a LayerNorm GPT-NeoX, an RMSNorm Qwen2
+def test_the_unembedding_read_alone_equals_the_loaded_models(name):
+    """W_U from the checkpoint's output embedding and final norm alone equals the loaded
+    model's processed W_U (norm folded, centred)."""
+    from cache.models import load_model
+    from cache.unembed import load_unembedding
+
+    unembedding = load_unembedding({"model": name, "model_path": None, "backend": "transformer_lens"}, "float32")
+    model = load_model(name, None, device="cpu")
+    torch.testing.assert_close(unembedding.W_U, model.W_U, atol=1e-5, rtol=1e-5)
+    assert unembedding.centre_input == (model.cfg.normalization_type in ("LN", "LNPre"))
+
+
 def test_logit_effects_are_the_decoder_through_the_unembedding(run):
-    from evaluation.browser import _member_logits, _model
+    """The logit effects are W_dec · W_U's top and bottom 10."""
+    from cache.models import load_model
+    from cache.unembed import load_unembedding
+    from evaluation.browser.logit_effects import member_logit_effects
     from evaluation.runner import _load, open_run_store
 
     summary = json.loads((run / "sweep.json").read_text())
     store = open_run_store(summary, run)
-    model, _, note = _model(store, "cpu")
-    assert note is None
+    entry = store.info["models"][0]
+    unembedding = load_unembedding(entry, "float32")
+    model = load_model(entry["model"], entry["model_path"], device="cpu")
     member = _load(run / summary["members"][0]["dir"], summary["members"][0], summary, "cpu")
-    pos_ids, pos_values, neg_ids, neg_values = _member_logits(member, store, model)
+    pos_ids, pos_values, neg_ids, neg_values = member_logit_effects(member, store, unembedding.W_U, unembedding.centre_input)
     W_dec = member.weights["W_dec"]
-    if model.cfg.normalization_type in ("LN", "LNPre"):
+    if unembedding.centre_input:
         W_dec = W_dec - W_dec.mean(-1, keepdim=True)
     by_hand = W_dec @ model.W_U  # [F, V]
-    torch.testing.assert_close(pos_values, by_hand.topk(10, dim=-1).values)
-    torch.testing.assert_close(neg_values, by_hand.topk(10, dim=-1, largest=False).values)
-    assert torch.equal(by_hand.gather(1, pos_ids), pos_values)
+    torch.testing.assert_close(pos_values, by_hand.topk(10, dim=-1).values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(neg_values, by_hand.topk(10, dim=-1, largest=False).values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(by_hand.gather(1, pos_ids), pos_values, atol=1e-4, rtol=1e-4)
+
+
+def test_tiled_logit_effects_equal_the_whole_product():
+    """Tiles of 3 × 64 logits give the same top and bottom k (values and token ids) as one topk
+    over the plain [F, V] product."""
+    from evaluation.browser.logit_effects import top_logit_effects
+
+    g = torch.Generator().manual_seed(0)
+    W_dec_FD, W_U_DV = torch.randn(50, 16, generator=g), torch.randn(16, 1000, generator=g)
+    got = top_logit_effects(W_dec_FD, W_U_DV, k=7, tile_elements=200)
+    plain = W_dec_FD @ W_U_DV  # [F, V]
+    top, bottom = plain.topk(7, dim=1), plain.topk(7, dim=1, largest=False)
+    assert torch.equal(got.pos_ids, top.indices) and torch.equal(got.neg_ids, bottom.indices)
+    torch.testing.assert_close(got.pos_values, top.values)
+    torch.testing.assert_close(got.neg_values, bottom.values)
+
+
+def test_logit_effects_never_hold_the_whole_product():
+    """At 4,096 latents × 65,536 tokens the plain product is 1 GiB; the tiled one allocates at
+    most a few tiles (2^20 logits, 4 MiB, here) beyond its inputs and outputs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from evaluation.browser.logit_effects import top_logit_effects
+
+    F, D, V, tile = 4096, 8, 65536, 2**20
+    W_dec_FD, W_U_DV = torch.randn(F, D), torch.randn(D, V)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        top_logit_effects(W_dec_FD, W_U_DV, k=10, tile_elements=tile)
+    largest = max(e.cpu_memory_usage for e in prof.events())  # the largest single allocation of any op
+    assert largest <= tile * 4, largest
+    assert largest < F * V * 4 / 64
+
+
+def test_contexts_show_line_breaks_as_marks():
+    from evaluation.browser.site import visible
+
+    assert visible("a\n\tb\r\n") == "a↵⇥b␍↵"
 
 
 # Neuronpedia's bulk-import records, field by field: the dataclasses its exporter writes them from
@@ -268,8 +349,22 @@ def test_the_browser_in_a_real_browser(run, tmp_path):
         page.screenshot(path=str(tmp_path / "latent-card.png"), full_page=True)
         shutil.copy(tmp_path / "latent-card.png", run / "latent-card.png")  # kept beside the run as an artefact
         densities = [float(t) for t in page.locator("#latents tr.latent td:nth-child(2)").all_inner_texts()[:5]]
+        first_context = page.locator("#top .ctx").first
+        score_first = first_context.evaluate("e => e.firstElementChild.className")
+        subtitle, unit = page.inner_text("#subtitle"), page.inner_text("#logit-unit")
+        link = page.locator(f"#latents tr.latent[data-i='{latent}'] a").get_attribute("href")
+        shared = browser.new_page()  # the latent's own address, as a new tab opens it
+        shared.goto((site / "member.html").as_uri() + link.removeprefix("member.html"))
+        shared.wait_for_selector(f"#latent-card[data-latent='{latent}'] #top .ctx")
+        shared_peak = shared.locator("#top .ctx").first.locator(".tok.peak").get_attribute("data-act")
+        shared.goto((site / "index.html").as_uri())
+        dead = shared.locator("#members tr").nth(2).locator("td").last.inner_text()  # the TopK member's row
         browser.close()
     assert densities == sorted(densities, reverse=True)
+    assert link == f"member.html?m={member['name']}#latent={latent}" and float(shared_peak) == shown_value
+    assert score_first == "score" and "logit change per unit activation" in unit
+    assert subtitle.startswith(f"{member['d_sae']:,} latents; ") and "% dead" in subtitle and not subtitle.endswith(";")
+    assert dead == f"{100 * member['dead_fraction']:.1f}%"
     sae = SAE.load_from_disk(run / member["dir"])
     with torch.no_grad():
         f = sae.encode(rows)[:, latent]
@@ -278,6 +373,5 @@ def test_the_browser_in_a_real_browser(run, tmp_path):
     tokens = store.read_sequences(int(seq[best]), int(seq[best]) + 1)[0]
     token = int(tokens[int(pos[best]) + (1 if store.info["exclude_bos"] else 0)])
     from cache.models import load_model
-    from tests.conftest import TINY_NAME
 
     assert shown_token == load_model(TINY_NAME, None, device="cpu").tokenizer.decode([token])

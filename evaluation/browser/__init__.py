@@ -9,8 +9,10 @@ fixed amount per latent (evaluation/browser/collect.py).
 The pass reads the store's held-out rows (`rows=None`; no member trained on them), or the first
 `rows` rows of its training split, a block at a time, arranged as whole sequences, and encodes
 them with each member as exported (formats.load_any). Logit effects (each latent's decoder
-direction through the final norm and the unembedding, W_dec[i] · W_U) need only the model's
-weights; a store whose model cannot be loaded gets pages without them, and says so. The site
+direction through the final norm and the unembedding, W_dec[i] · W_U,
+evaluation/browser/logit_effects.py) read the unembedding alone from disk (cache/unembed.py),
+never the whole model; a store whose unembedding cannot be read gets pages without them, and
+says why (a GGUF model without its kept converted copy is loaded once instead, which keeps it). The site
 (evaluation/browser/site.py) is static and works from file://; `neuronpedia` writes Neuronpedia's
 bulk-import layout instead (evaluation/browser/neuronpedia.py).
 """
@@ -26,12 +28,10 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime.disk import writing
-from store.hooks import hook_kind
 from store.stream import ActivationStream, StreamConfig
 from store.zarr_store import NO_TOKEN
 from evaluation.browser.collect import LatentRecorder
-
-RESIDUAL_WRITERS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")  # a decoder direction W_U can read
+from evaluation.browser.logit_effects import LogitEffects, member_logit_effects
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class MemberData:
 
     row: dict  # its sweep.json row
     recorder: LatentRecorder
-    logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # (pos ids, pos values, neg ids, neg values) [F, 10]
+    logits: LogitEffects | None  # each latent's 10 most promoted and suppressed tokens
     extra: dict  # per member: hooks (transcoders), per-source decoder norms and r (crosscoders)
 
 
@@ -83,11 +83,15 @@ def build_browser(cfg: BrowserConfig) -> Path:
     started = time.perf_counter()
     recorders, n_rows = collect(cfg, store, summary, members)
     seconds = time.perf_counter() - started
-    model, tokenizer, note = _model(store, cfg.device)
+    W_U_DV, centre_input, tokenizer, note = _unembedding(store, cfg.device)
+    loaded = time.perf_counter()
     if not store.tokens_recorded:
         note = "; ".join(filter(None, [note, "no token texts in contexts: the store records no token ids (write_store "
                                              "without tokens), so a context shows only where a latent fires"]))
-    data = [MemberData(r, recorders[m.name], _member_logits(m, store, model), _extra(m, store)) for r, m in zip(rows, members)]
+    logits = {m.name: member_logit_effects(m, store, W_U_DV, centre_input) if W_U_DV is not None else None for m in members}
+    del W_U_DV
+    effects = time.perf_counter()
+    data = [MemberData(r, recorders[m.name], logits[m.name], _extra(m, store)) for r, m in zip(rows, members)]
     decode = _decoder(tokenizer)
     target = out / ("neuronpedia" if cfg.format == "neuronpedia" else "browser")
     with writing(target, "writing the browser"):
@@ -102,7 +106,9 @@ def build_browser(cfg: BrowserConfig) -> Path:
             write_site(target, data, summary, store, decode, cfg.shard_latents,
                        {"rows": n_rows, "split": "held-out" if cfg.rows is None else "training", "seconds": seconds,
                         "logits_note": note})
-    print(f"browser: {len(members)} members from {n_rows:,} rows in {seconds:.1f} s" + (f"; {note}" if note else ""))
+    print(f"browser: {len(members)} members from {n_rows:,} rows in {seconds:.1f} s; unembedding read in "
+          f"{loaded - started - seconds:.1f} s, logit effects {effects - loaded:.1f} s, pages {time.perf_counter() - effects:.1f} s"
+          + (f"; {note}" if note else ""))
     return target
 
 
@@ -145,45 +151,33 @@ def _sequences(rows_NC: torch.Tensor, ids_N3: torch.Tensor, store, first_pos: in
         yield grid, tokens[a: a + per_batch], seqs[a: a + per_batch]
 
 
-def _model(store, device: str):
-    """(the store's first model, its tokenizer, a note): the model for W_U only, never run."""
+def _unembedding(store, device: str) -> tuple[torch.Tensor | None, bool, object, str | None]:
+    """(W_U [D, V] on `device` or None, whether a direction is centred first, the tokenizer or
+    None, a note where there are no logit effects) for the store's first model."""
     from cache.models import load_model
+    from cache.unembed import UnembeddingError, load_unembedding
 
-    entry = store.info["models"][0]
     if not store.model_recorded:
-        return None, None, "no logit effects: the store records no model (written by write_store)"
-    if entry.get("backend") == "transformers":
-        from transformers import AutoTokenizer
-
-        return (None, AutoTokenizer.from_pretrained(entry["model_path"] or entry["model"]),
-                "no logit effects: not yet for stores cached through transformers (module-path hooks)")
+        return None, False, None, "no logit effects: the store records no model (written by write_store)"
+    entry = store.info["models"][0]
+    dtype = store.identity.get("model_dtype", "float32")
     try:
-        model = load_model(entry["model"], entry["model_path"], device=device, dtype=store.identity.get("model_dtype", "float32"))
-        return model, model.tokenizer, None
+        unembedding = load_unembedding(entry, dtype)
+        print(f"browser: logit effects from {unembedding.read_from}")
+        return unembedding.W_U.to(device), unembedding.centre_input, unembedding.tokenizer, None
+    except UnembeddingError as err:
+        if entry.get("backend") == "transformers":
+            from transformers import AutoTokenizer
+
+            return None, False, AutoTokenizer.from_pretrained(entry["model_path"] or entry["model"]), f"no logit effects: {err}"
+        if not str(entry.get("model_path")).endswith(".gguf"):
+            return None, False, None, f"no logit effects: {err}"
+        print(f"browser: {err}; loading the whole model once for it (its converted copy is kept for the next time)")
+    try:
+        model = load_model(entry["model"], entry["model_path"], device=device, dtype=dtype)
     except Exception as err:  # a model that is not here: pages without logit effects, said so
-        return None, None, f"no logit effects: the store's model {entry.get('model_name')} cannot be loaded ({str(err).splitlines()[0]})"
-
-
-@torch.no_grad()
-def _member_logits(member, store, model) -> tuple | None:
-    """Top and bottom 10 tokens of W_dec[i] · W_U per latent, for decoders that write where the
-    unembedding reads (the residual stream and what adds to it); through the final norm: centred
-    for a LayerNorm model (its scale is positive and leaves the ranking as it is)."""
-    if model is None or "W_dec" not in member.weights or len(member.targets) > 1 and member.wiring != "crosscoder":
-        return None
-    if hook_kind(store.source(member.targets[0]).hook)[1] not in RESIDUAL_WRITERS:
-        return None
-    W_dec = member.weights["W_dec"]
-    W_dec_FD = (W_dec[:, 0] if W_dec.dim() == 3 else W_dec).float()  # a crosscoder: its first source's model
-    if model.cfg.normalization_type in ("LN", "LNPre"):
-        W_dec_FD = W_dec_FD - W_dec_FD.mean(-1, keepdim=True)
-    W_U = model.W_U.float()
-    parts = []
-    for chunk in W_dec_FD.split(256):
-        logits = chunk.to(W_U.device) @ W_U  # [chunk, V]
-        top, bottom = logits.topk(10, dim=-1), logits.topk(10, dim=-1, largest=False)
-        parts.append((top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), bottom.values.cpu()))
-    return tuple(torch.cat(p) for p in zip(*parts))
+        return None, False, None, f"no logit effects: the store's model {entry.get('model_name')} cannot be loaded ({str(err).splitlines()[0]})"
+    return model.W_U.detach().float(), model.cfg.normalization_type in ("LN", "LNPre"), model.tokenizer, None
 
 
 def _extra(member, store) -> dict:
