@@ -35,10 +35,10 @@ import click
 # connections ~1 min, fine-tuning and evaluation per setting ~15 min.
 FULL = {"layers": "0 1 2 3", "n_tokens": 160_000, "context_length": 128, "k": 32, "ratio": 4, "connections": 100,
         "batch_size": 512, "train_epochs": 2, "connection_tokens": 100_000, "finetune_tokens": 150_000,
-        "eval_tokens": 8_000, "eval_sequences": 32, "lr": "1e-3", "sweep": "c=1"}
+        "eval_tokens": 8_000, "eval_sequences": 32, "lr": "1e-3"}
 SMALL = {"layers": "0 1", "n_tokens": 6_000, "context_length": 16, "k": 4, "ratio": 2, "connections": 8,
          "batch_size": 64, "train_epochs": 1, "connection_tokens": 2_000, "finetune_tokens": 2_000,
-         "eval_tokens": 600, "eval_sequences": 8, "lr": "1e-3", "sweep": "c=1"}
+         "eval_tokens": 600, "eval_sequences": 8, "lr": "1e-3"}
 
 
 def commands(out: Path, sizes: dict, model: str | None, dataset: str | None) -> tuple[list[str], list[str]]:
@@ -56,7 +56,7 @@ def commands(out: Path, sizes: dict, model: str | None, dataset: str | None) -> 
     for name in ("k", "ratio", "connections", "batch_size", "train_epochs", "connection_tokens", "finetune_tokens",
                  "eval_tokens", "eval_sequences", "lr"):
         suite += [f"--{name}", str(sizes[name])]
-    return gen, suite + ["--sweep", sizes["sweep"]]
+    return gen, suite
 
 
 def kept_fraction(n_layers: int, parallel: bool, C: int, F: int) -> float:
