@@ -34,6 +34,10 @@ class SuiteConfig:
     """A complete store with attn_out, mlp_in_normalized and mlp_out at every layer."""
     output_dir: str
     """Directory of the suite's stages and report."""
+    layers: tuple[str, ...] = ("all",)
+    """Layers of the suite: all, or a consecutive block from layer 0 (--layers 0 1 2 3); the pruned
+    pass starts from the token embedding, so a block cannot start later. Evaluation splices that
+    block only; the layers above it run as they are."""
     k: int = 32
     """Active latents per row of every module (TopK)."""
     ratio: float = 8.0

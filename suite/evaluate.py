@@ -5,12 +5,16 @@ suite spliced in, under names a reader cannot mix up:
 
     ce_clean               the model as it is
     ce_zero_ablation       every MLP output zeroed
+    ce_zero_ablation_block every attention and MLP output of the suite's layers zeroed (what the
+                           whole suite stands in for)
     ce_vanilla_mlp         every MLP output replaced by its transcoder (on the input it sees)
     ce_vanilla_suite       … and every attention output by its SAE's reconstruction
     ce_pruned_suite        … with every transcoder on its pruned input: its active latents from
                            the embedding and their C connections to the suite's upstream latents
                            in the same forward pass
-with KL(clean ‖ spliced) beside each and BOS (positions the cache dropped) kept clean.
+with KL(clean ‖ spliced) beside each and BOS (positions the cache dropped) kept clean; with the
+suite before fine-tuning given, `ce_vanilla_suite_untuned` and `ce_pruned_suite_untuned` too.
+Recovery is reported against both zero ablations (`…_vs_block` against the block's).
 
 The explained fraction of latent i: 1 − Σ_t (pre_all − pre_C)² / Σ_t (pre_all − mean pre_all)² over
 the tokens where i is active, pre_all being the pre-activation with every upstream latent
@@ -100,19 +104,20 @@ def _explained_summary(explained: torch.Tensor, C: int) -> dict:
 
 @torch.no_grad()
 def spliced(suite: Suite, model, sequences: torch.Tensor, embed_tokens, indices: list[torch.Tensor], first_pos: int,
-            batch_size: int, hooks: dict[str, list[str]]) -> dict:
-    """The CE/KL figures named in the module docstring."""
+            batch_size: int, hooks: dict[str, list[str]], untuned: Suite | None = None) -> dict:
+    """The CE/KL figures named in the module docstring; with `untuned` (the suite before
+    fine-tuning, same connections) also its vanilla and pruned CE, in the same stacked passes."""
     L = suite.layout.n_layers
     zero = lambda x, rec, b: torch.zeros_like(x)  # noqa: E731
 
-    def attn_replace(layer):
+    def attn_replace(suite, layer):
         def replace(x, recorded, batch):
             values, index = suite.encode("attn", layer, x)
             recorded[("attn", layer)] = _dense(values, index, suite.d_sae)
             return suite.decode("attn", layer, values, index)
         return replace
 
-    def mlp_replace(layer, pruned: bool):
+    def mlp_replace(suite, layer, pruned: bool):
         def replace(x, recorded, batch):
             x_in = recorded[hooks["mlp_in"][layer]]
             values, index = suite.encode("mlp", layer, x_in)
@@ -128,21 +133,28 @@ def spliced(suite: Suite, model, sequences: torch.Tensor, embed_tokens, indices:
         return replace
 
     records = (*hooks["mlp_in"], *hooks["scale"])
-    mlps = lambda pruned: tuple((hooks["mlp_out"][m], mlp_replace(m, pruned)) for m in range(L))  # noqa: E731
-    attns = tuple((hooks["attn"][layer], attn_replace(layer)) for layer in range(L))
+    mlps = lambda s, pruned: tuple((hooks["mlp_out"][m], mlp_replace(s, m, pruned)) for m in range(L))  # noqa: E731
+    attns = lambda s: tuple((hooks["attn"][layer], attn_replace(s, layer)) for layer in range(L))  # noqa: E731
     splices = {
         "zero_ablation": Splice(tuple((h, zero) for h in hooks["mlp_out"])),
-        "vanilla_mlp": Splice(mlps(False), record=records),
-        "vanilla_suite": Splice(attns + mlps(False), record=records),
-        "pruned_suite": Splice(attns + mlps(True), record=records),
+        "zero_ablation_block": Splice(tuple((h, zero) for h in (*hooks["attn"], *hooks["mlp_out"]))),
+        "vanilla_mlp": Splice(mlps(suite, False), record=records),
+        "vanilla_suite": Splice(attns(suite) + mlps(suite, False), record=records),
+        "pruned_suite": Splice(attns(suite) + mlps(suite, True), record=records),
     }
+    if untuned is not None:
+        splices["vanilla_suite_untuned"] = Splice(attns(untuned) + mlps(untuned, False), record=records)
+        splices["pruned_suite_untuned"] = Splice(attns(untuned) + mlps(untuned, True), record=records)
     losses = spliced_losses(model, sequences, splices, first_pos=first_pos, batch_size=batch_size, desc="suite CE/KL")
     out = {"ce_clean": losses["clean"]["ce"]}
     for name in splices:
         out[f"ce_{name}"], out[f"kl_{name}"] = losses[name]["ce"], losses[name]["kl"]
-    gap = out["ce_zero_ablation"] - out["ce_clean"]
-    for name in ("vanilla_mlp", "vanilla_suite", "pruned_suite"):
-        out[f"ce_recovered_{name}"] = (out["ce_zero_ablation"] - out[f"ce_{name}"]) / gap if gap else math.nan
+    for baseline in ("zero_ablation", "zero_ablation_block"):
+        gap = out[f"ce_{baseline}"] - out["ce_clean"]
+        suffix = "" if baseline == "zero_ablation" else "_vs_block"
+        for name in splices:
+            if not name.startswith("zero"):
+                out[f"ce_recovered_{name}{suffix}"] = (out[f"ce_{baseline}"] - out[f"ce_{name}"]) / gap if gap else math.nan
     return out
 
 

@@ -7,9 +7,12 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 CE_ROWS = (("ce_clean", "the model as it is"), ("ce_zero_ablation", "every MLP output zeroed"),
+           ("ce_zero_ablation_block", "every attention and MLP output zeroed"),
            ("ce_vanilla_mlp", "every MLP replaced by its transcoder"),
            ("ce_vanilla_suite", "… and every attention output by its SAE"),
-           ("ce_pruned_suite", "… with every transcoder on its pruned input"))
+           ("ce_pruned_suite", "… with every transcoder on its pruned input"),
+           ("ce_vanilla_suite_untuned", "the vanilla suite before fine-tuning"),
+           ("ce_pruned_suite_untuned", "the pruned suite before fine-tuning"))
 
 
 def write(out: Path, summary: dict) -> Path:
@@ -36,12 +39,14 @@ def _setting(out: Path, result: dict) -> list[str]:
         fraction = result["explained_fraction"].get(name, {}).get("median")
         lines.append(f"| {name} | {_f(entry['vanilla']['fvu'])} | {_f(pruned)} | {_f(fraction)} |")
     if "ce" in result:
-        lines += ["", "| loss | CE | KL(clean ‖ ·) | recovered vs zero ablation |", "| --- | ---: | ---: | ---: |"]
+        lines += ["", "| loss | CE | KL(clean ‖ ·) | recovered vs MLP zero ablation | vs block zero ablation |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
         ce = result["ce"]
         for key, meaning in CE_ROWS:
             name = key[3:]
-            lines.append(f"| `{key}`: {meaning} | {_f(ce[key])} | {_f(ce.get('kl_' + name))} | "
-                         f"{_f(ce.get('ce_recovered_' + name))} |")
+            if key in ce:
+                lines.append(f"| `{key}`: {meaning} | {_f(ce[key])} | {_f(ce.get('kl_' + name))} | "
+                             f"{_f(ce.get('ce_recovered_' + name))} | {_f(ce.get('ce_recovered_' + name + '_vs_block'))} |")
     plot = _plot(out / result["dir"] / "pruned_fvu_vs_C.png", result)
     lines += ["", f"![pruned FVU against C]({plot.relative_to(out)})", "",
               f"Exports (SAELens directories, a circuit-tracer transcoder set, the connection index): `{result['dir']}/export/`.", ""]

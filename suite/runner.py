@@ -23,6 +23,7 @@ import torch
 
 from runtime.disk import writing
 from runtime.lock import OutputLock
+from store.hooks import parse_layers
 from store.zarr_store import ActivationStore, StoreError
 from store.stream import ActivationStream, StreamConfig
 from formats.saelens import load_saelens
@@ -48,7 +49,7 @@ def run_suite(cfg: SuiteConfig) -> dict:
 
 def _run_suite(cfg: SuiteConfig) -> dict:
     store = ActivationStore.open(cfg.cache)
-    layout = suite_layout(store)
+    layout = suite_layout(store, cfg.layers)
     out = Path(cfg.output_dir)
     model = _load_model(store, cfg.device)
     layout = replace(layout, centred=model.cfg.normalization_type in ("LN", "LNPre"), parallel=bool(model.cfg.parallel_attn_mlp))
@@ -73,23 +74,28 @@ def _run_suite(cfg: SuiteConfig) -> dict:
         finetune(tuned, setting, lambda start: _batches_from(stream, start), lambda ids: embed(ids[:, 0], ids[:, 1]),
                  indices, directory)
         _export(store, stream, tuned, out / "connections", setting, directory / "export")
-        results.append(_evaluate(cfg, store, stream, tuned, model, embed, indices, setting, directory))
+        untuned = build_suite(cfg, store, layout, stream, trained)
+        results.append(_evaluate(cfg, store, stream, tuned, model, embed, indices, setting, directory, untuned))
     summary = {"config": asdict(cfg), "layout": asdict(layout), "settings": results}
     (out / "suite.json").write_text(json.dumps(summary, indent=2))
     report.write(out, summary)
     return summary
 
 
-def suite_layout(store: ActivationStore) -> SuiteLayout:
-    """The store's sources per layer, or one line saying what is missing and how to cache it."""
-    n_layers = store.info.get("n_layers")
+def suite_layout(store: ActivationStore, layers: tuple = ("all",)) -> SuiteLayout:
+    """The store's sources per layer of the suite, or one line saying what is missing and how to cache it."""
+    block = parse_layers(tuple(layers), store.info.get("n_layers"))
+    if block != list(range(len(block))):
+        raise ValueError(f"--layers {' '.join(map(str, layers))}: a suite covers consecutive layers from layer 0 "
+                         "(its pruned pass starts from the token embedding), e.g. --layers 0 1 2 3")
     sources = {(s.layer, s.kind): s.name for s in store.sources if "/" not in s.name}
     columns = {"attn_out": [], "mlp_in_normalized": [], "mlp_in_scale": [], "mlp_out": []}
-    for layer in range(n_layers):
+    for layer in block:
         for kind, found in columns.items():
             if (layer, kind) not in sources:
-                raise StoreError(f"store {store.path} has no {kind} at layer {layer}, which a suite needs at every layer: "
-                                 "cache with generate_activations.py --layers all --hook attn_out mlp_in_normalized mlp_out "
+                raise StoreError(f"store {store.path} has no {kind} at layer {layer}, which a suite needs at each of its layers: "
+                                 f"cache with generate_activations.py --layers {' '.join(map(str, layers))} "
+                                 "--hook attn_out mlp_in_normalized mlp_out "
                                  "(a model whose attention output cannot be hooked cannot carry a suite)")
             found.append(sources[layer, kind])
     return SuiteLayout(tuple(columns["attn_out"]), tuple(columns["mlp_in_normalized"]), tuple(columns["mlp_in_scale"]),
@@ -100,7 +106,7 @@ def _train(cfg: SuiteConfig, out: Path, part: str) -> list[dict]:
     """One train_sweep run (all layers' modules of one part in one ensemble), or its finished rows."""
     wiring = {"kind": "attn_out"} if part == "attn" else {"transcoder": True}
     sweep = SweepConfig.from_flat(cache=cfg.cache, output_dir=str(out), arch="topk", k=cfg.k, ratio=cfg.ratio,
-                                  d_sae=cfg.d_sae, layers=("all",), batch_size=cfg.batch_size, n_epochs=cfg.train_epochs,
+                                  d_sae=cfg.d_sae, layers=cfg.layers, batch_size=cfg.batch_size, n_epochs=cfg.train_epochs,
                                   eval_tokens=cfg.eval_tokens, device=cfg.device, seed=cfg.seed, **wiring)
     return train_sweep(sweep)
 
@@ -177,7 +183,8 @@ def _export(store: ActivationStore, stream: ActivationStream, suite: Suite, inde
         connections.save_index(out / "connections", m, indices, scores, suite)
 
 
-def _evaluate(cfg: SuiteConfig, store, stream, suite: Suite, model, embed, indices, setting, directory: Path) -> dict:
+def _evaluate(cfg: SuiteConfig, store, stream, suite: Suite, model, embed, indices, setting, directory: Path,
+              untuned: Suite) -> dict:
     if (directory / "result.json").exists():
         return json.loads((directory / "result.json").read_text())
     counts = sorted({min(2 ** i, setting.n_connections) for i in range(int(math.log2(setting.n_connections)) + 1)}
@@ -194,7 +201,8 @@ def _evaluate(cfg: SuiteConfig, store, stream, suite: Suite, model, embed, indic
                  "scale": [store.source(s).hook for s in suite.layout.scale],
                  "mlp_out": [store.source(s).hook for s in suite.layout.mlp_out]}
         first_pos = 1 if store.info["exclude_bos"] else 0
-        result["ce"] = evaluate.spliced(suite, model, sequences, embed, indices, first_pos, cfg.eval_batch_size, hooks)
+        result["ce"] = evaluate.spliced(suite, model, sequences, embed, indices, first_pos, cfg.eval_batch_size, hooks,
+                                         untuned)
     (directory / "result.json").write_text(json.dumps(result, indent=2))
     return result
 

@@ -215,3 +215,31 @@ def test_virtual_weights_of_the_connected_pairs_equal_the_dense_product_with_exa
     assert torch.allclose(ConnectionWeights.apply(E, W, idx), (E.T @ W.T).gather(1, idx))
     assert torch.autograd.gradcheck(lambda e, w: ConnectionWeights.apply(e, w, idx), (E, W))
 
+
+
+def test_a_suite_over_a_block_must_start_at_layer_0(suite_store, tmp_path):
+    result = CliRunner().invoke(train_suite.main, ["--cache", str(suite_store), "--output_dir", str(tmp_path / "s"),
+                                                   "--layers", "1", "2"])
+    assert_one_line_error(result, "consecutive layers from layer 0", "--layers 0 1 2 3")
+
+
+def test_the_real_model_bench_runs_at_toy_size_over_a_block(trained_model, tmp_path):
+    """bench/suite_real.py --small: layers 0-1 of the 3-layer model, every CE of its table."""
+    from bench import suite_real
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for i, doc in enumerate(corpus(300, seed=5)):
+        (text / f"doc{i:03d}.txt").write_text(doc)
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(suite_real.main, ["--small", "--model", trained_model, "--dataset", str(text),
+                                                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "suite" / "suite.json").read_text())
+    assert len(summary["layout"]["attn"]) == 2 and "blocks.1.hook_attn_out" in summary["layout"]["attn"][1]
+    ce = summary["settings"][0]["ce"]
+    for key in ("clean", "zero_ablation_block", "vanilla_suite", "vanilla_suite_untuned", "pruned_suite",
+                "pruned_suite_untuned"):
+        assert ce[f"ce_{key}"] > 0
+    assert ce["ce_zero_ablation_block"] > ce["ce_clean"]
+    assert "connections kept" in result.output
