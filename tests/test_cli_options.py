@@ -23,7 +23,8 @@ CLIS = [
     (train_sweep.main, SweepConfig,
      {"run_eval", "eval_sequences", "eval_budget", "eval_batch_size", "browser", "wandb_project", "hf_repo_id", "dist_timeout"}),
     (generate_activations.main, GenerateConfig, {"dist_timeout", "verify"}),
-    (evaluate.main, EvalConfig, {"compare", "out", "force", "browser", "browser_rows", "browser_format", "serve", "push"}),
+    (evaluate.main, EvalConfig, {"compare", "out", "force", "browser", "reevaluate", "browser_rows", "browser_format", "serve",
+                                 "push"}),
     (train_suite.main, SuiteConfig, set()),
 ]
 

@@ -233,12 +233,14 @@ class Ensemble:
         """The loss of the members in `group` on x and its gradients, one per parameter (no state
         changes). Detached slices are leaves of their own: the backward of one group writes only
         that group's gradients, with no full-size zero-filled gradient per group."""
-        leaves = {n: p[group].detach().requires_grad_() for n, p in self.dictionary.named_parameters()}
-        buffers = {n: b[group] for n, b in self.dictionary.named_buffers()}
-        with self._autocast():
-            out = self._forward({**leaves, **buffers}, x_BC)
-        # a tied encoder (matching pursuit) leaves W_enc, b_enc out of the loss: zero gradient
-        return out, torch.autograd.grad(out.total.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True)
+        with torch.enable_grad():  # also when first called under no_grad (the group timing of resampling's losses)
+            leaves = {n: p[group].detach().requires_grad_() for n, p in self.dictionary.named_parameters()}
+            buffers = {n: b[group] for n, b in self.dictionary.named_buffers()}
+            with self._autocast():
+                out = self._forward({**leaves, **buffers}, x_BC)
+            # a tied encoder (matching pursuit) leaves W_enc, b_enc out of the loss: zero gradient
+            return out, torch.autograd.grad(out.total.sum(), list(leaves.values()), allow_unused=True,
+                                            materialize_grads=True)
 
     def _functional_loss(self, tensors: dict[str, torch.Tensor], x_BC: torch.Tensor):
         return functional_call(self.dictionary, (tensors,), (x_BC,))

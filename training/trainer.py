@@ -224,9 +224,18 @@ def _estimate(parts: list[Part], mine: range, rows: int, device: torch.device, s
             shares.append(own)
         first += len(part.members)
     resident = 16 * sum(memory.parameter_count(own) for own in shares)  # every ensemble's state, on the device at once
-    estimates = [memory.estimate(own, rows, group_size(own, rows, device, group_members, resident_bytes=resident), stream.width, prefetch)
-                 for own in shares]
+    estimates = [memory.estimate(own, rows, _group_for_estimate(own, rows, device, group_members, resident), stream.width,
+                                 prefetch) for own in shares]
     return memory.combine(estimates)
+
+
+def _group_for_estimate(own: list, rows: int, device: torch.device, group_members: int | None, resident: int) -> int:
+    """The largest group memory allows; 1 where not even one member's step fits, so that
+    memory.check_fits refuses the sweep with the whole estimate and the ways out."""
+    try:
+        return group_size(own, rows, device, group_members, resident_bytes=resident)
+    except ValueError:
+        return 1
 
 
 def _claim(layout: Layout, out: Path, identity: dict, overwrite: bool, lock: OutputLock | None) -> bool:
