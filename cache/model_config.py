@@ -1,7 +1,7 @@
 """What a model's configuration says before any weights load: its number of blocks, read from a
 local config.json, a GGUF file's header, or the config.json of a hub name already in the local
 Hugging Face cache. Torch-free, so that `generate_activations.py` refuses a layer out of range in
-about a second instead of after loading the model (`check_layers_early`).
+about a second instead of after loading the model (`check_layers`).
 
 A GGUF header is read key by key and the read stops at the block count: `gguf.GGUFReader` parses
 every field first, the 262,144-token vocabulary of the demo model included, which took over a

@@ -42,11 +42,9 @@ def saelens_has(activation: str, transcoder: bool = False, skip: bool = False) -
 
 
 def saelens_tensors(activation: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our tensors under SAELens's names for this inference rule (gated: b_enc is its b_gate;
-    matching pursuit has no encoder of its own)."""
+    """Our tensors under SAELens's names for this inference rule (gated: b_enc is its b_gate)."""
     names = _TENSOR_NAMES.get(activation, {})
-    dropped = ("W_enc", "b_enc") if activation in _TIED else ()
-    return {names.get(name, name): t for name, t in tensors.items() if name not in dropped}
+    return {names.get(name, name): t for name, t in tensors.items()}
 
 
 def saelens_architecture(activation: str, transcoder: bool = False, skip: bool = False) -> str:
